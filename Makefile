@@ -1,0 +1,42 @@
+# The two commands: `make demo` and `make test` set up everything they need on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU wheel of torch 2.13.0 lies on this kind of machine; installing it first keeps pip from
+# pulling the CUDA build (several GB of nvidia-* packages) to satisfy `torch>=...`.
+TORCH_PIN ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint format bench-loss bench-ranks docs clean
+
+$(VENV)/.installed: pyproject.toml setup.cfg
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIN)
+	$(PY) -m pip install -e '.[test,docs]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m cpd_mtp.demo
+
+lint: install
+	$(VENV)/bin/ruff check cpd_mtp kernels tests benchmarks
+	$(VENV)/bin/ruff format --check cpd_mtp kernels tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff check --fix cpd_mtp kernels tests benchmarks
+	$(VENV)/bin/ruff format cpd_mtp kernels tests benchmarks
+
+bench-loss: install
+	$(PY) benchmarks/bench_loss.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

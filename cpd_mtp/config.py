@@ -1,0 +1,91 @@
+"""Configuration of a CP-MTP head."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+ExpertType = Literal["linear", "resblock", "lowrank"]
+BalanceType = Literal["switch", "importance", "none"]
+LossImpl = Literal["auto", "reference", "chunked", "triton"]
+
+EXPERT_TYPES = ("linear", "resblock", "lowrank")
+BALANCE_TYPES = ("switch", "importance", "none")
+LOSS_IMPLS = ("auto", "reference", "chunked", "triton")
+
+
+@dataclass
+class CPDMTPConfig:
+    """Hyper-parameters of a rank-r CP multi-token prediction head.
+
+    Args:
+        hidden_size: d, the trunk's hidden size.
+        vocab_size: V, the size of the shared unembedding.
+        n_future: n, how many future tokens are predicted jointly (n = 1 is a plain LM head).
+        rank: r, the number of mixture components (experts). Rank 1 is independent heads.
+        expert_type: ``linear`` (u = A h), ``resblock`` (u = h + A SiLU(B h)) or
+            ``lowrank`` (u = h + B A h with inner size ``expert_inner_size``).
+        expert_inner_size: k for ``lowrank`` experts; ignored by the others.
+        expert_init_noise: std of the noise that breaks the symmetry between experts.
+        balance: load-balancing loss, ``switch`` (r·Σ f_a P_a), ``importance`` (r·Σ P_a²)
+            or ``none``.
+        balance_coef: weight of the balancing loss in ``loss``.
+        router_z_coef: weight of the router z-loss mean_t (logsumexp_a z_{t,a})².
+        ignore_index: label value whose target is marginalised out.
+        loss_impl: ``auto`` (``triton`` on CUDA, ``chunked`` elsewhere), ``reference``,
+            ``chunked`` or ``triton``.
+        chunk_bytes: memory budget of one chunk of logits in the ``chunked`` loss.
+    """
+
+    hidden_size: int
+    vocab_size: int
+    n_future: int = 4
+    rank: int = 4
+    expert_type: ExpertType = "resblock"
+    expert_inner_size: int = 64
+    expert_init_noise: float = 1e-2
+    balance: BalanceType = "switch"
+    balance_coef: float = 0.01
+    router_z_coef: float = 0.0
+    ignore_index: int = -100
+    loss_impl: LossImpl = "auto"
+    chunk_bytes: int = 64 * 2**20
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "vocab_size", "n_future", "rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CPDMTPConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.expert_type not in EXPERT_TYPES:
+            raise ValueError(
+                f"CPDMTPConfig.expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}"
+            )
+        if self.expert_type == "lowrank" and not (self.expert_inner_size >= 1):
+            raise ValueError(
+                f"CPDMTPConfig.expert_inner_size must be >= 1, got {self.expert_inner_size!r}"
+            )
+        if self.balance not in BALANCE_TYPES:
+            raise ValueError(
+                f"CPDMTPConfig.balance must be one of {BALANCE_TYPES}, got {self.balance!r}"
+            )
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(
+                f"CPDMTPConfig.loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}"
+            )
+        for name in ("balance_coef", "router_z_coef", "expert_init_noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CPDMTPConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"CPDMTPConfig.chunk_bytes must be >= 1, got {self.chunk_bytes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CPDMTPConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown CPDMTPConfig keys: {sorted(unknown)}")
+        return cls(**values)

@@ -1,0 +1,288 @@
+"""The CP-MTP head: n future tokens as a mixture of r products of per-token distributions.
+
+    log w_t        = log_softmax(W_g h_t + b_g)                         (r,)
+    u_{t,s,a}      = phi_{s,a}(h_t)                                      (n, r, d)
+    log p_{s,a}(v) = log_softmax(W_U u_{t,s,a})_v                        (n, r, V)
+    P(x_{t+1..t+n}) = sum_a w_a prod_s p_{s,a}(x_{t+s})
+
+``forward(hidden)`` returns the next-token marginal log P(x_{t+1}), a drop-in for
+``lm_head(hidden)`` logits. ``forward(hidden, labels=labels)`` also returns the exact CP loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cpd_mtp import ops
+from cpd_mtp.balance import balance_loss, expert_statistics, router_z_loss
+from cpd_mtp.config import CPDMTPConfig
+from cpd_mtp.experts import ExpertStates
+from cpd_mtp.ops.checks import accumulation_dtype
+
+
+@dataclass
+class CPDMTPHeadOutput:
+    """What ``CPDMTPHead.forward(hidden, labels=...)`` returns.
+
+    Attributes:
+        loss: scalar training objective, ``joint_nll + aux_loss``.
+        logits: (..., T, V) next-token marginal log-probabilities, or None if not asked for.
+        joint_nll: scalar, -sum_t l_t / (positions with at least one target).
+        joint_nll_per_target: scalar, -sum_t l_t / (number of targets), nats per token.
+        per_head_nll: (n,) NLL of the marginal at each offset, over its observed targets;
+            entry 0 is the next-token NLL.
+        aux_loss: scalar, balance_coef · balance + router_z_coef · z-loss.
+        expert_weight: (r,) mean gate weight per expert.
+        expert_responsibility: (r,) mean posterior responsibility per expert.
+        gate_entropy: scalar, mean entropy of the gate in nats.
+        position_nll: (..., T) -l_t per position (0 where a position has no target), detached.
+        num_positions: positions with at least one target.
+        num_targets: observed targets summed over positions and offsets.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor | None
+    joint_nll: torch.Tensor
+    joint_nll_per_target: torch.Tensor
+    per_head_nll: torch.Tensor
+    aux_loss: torch.Tensor
+    expert_weight: torch.Tensor
+    expert_responsibility: torch.Tensor
+    gate_entropy: torch.Tensor
+    position_nll: torch.Tensor
+    num_positions: torch.Tensor
+    num_targets: torch.Tensor
+
+
+def shift_targets(labels: torch.Tensor, n_future: int, ignore_index: int) -> torch.Tensor:
+    """Future targets per position: out[..., t, s-1] = labels[..., t+s], past the end ignored.
+
+    Args:
+        labels: (..., T) token ids aligned with the input ids (the Hugging Face convention:
+            ``labels = input_ids``, the model shifts).
+
+    Returns:
+        (..., T, n) targets; ``ignore_index`` where t+s >= T.
+    """
+    seq_len = labels.shape[-1]
+    pad = labels.new_full((*labels.shape[:-1], n_future), ignore_index)
+    padded = torch.cat([labels, pad], dim=-1)  # (..., T + n)
+    return torch.stack([padded[..., s : s + seq_len] for s in range(1, n_future + 1)], dim=-1)
+
+
+class CPDMTPHead(nn.Module):
+    """Rank-r CP multi-token prediction head over a shared unembedding W_U.
+
+    Args:
+        config: the head's hyper-parameters.
+        unembedding: an existing (V, d) parameter to use as W_U (shared, not copied);
+            a new one is created when None.
+
+    Label convention: ``labels`` has the shape of ``hidden`` without its last dimension and is
+    aligned with the input ids (``labels = input_ids`` as in Hugging Face); the target of
+    position t at offset s is ``labels[..., t + s]``. Targets past the end of the sequence and
+    those equal to ``ignore_index`` are marginalised out, not counted.
+    """
+
+    def __init__(self, config: CPDMTPConfig, unembedding: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d, vocab = config.hidden_size, config.vocab_size
+        self.gate = nn.Linear(d, config.rank)
+        nn.init.normal_(self.gate.weight, std=0.02 / d**0.5)
+        nn.init.zeros_(self.gate.bias)
+        self.experts = ExpertStates(config)
+        if unembedding is None:
+            unembedding = nn.Parameter(torch.randn(vocab, d) * 0.02)
+        elif tuple(unembedding.shape) != (vocab, d):
+            raise ValueError(
+                f"unembedding must have shape (vocab_size, hidden_size) = {(vocab, d)}, "
+                f"got {tuple(unembedding.shape)}"
+            )
+        self.weight = unembedding
+
+    @classmethod
+    def from_linear(
+        cls, lm_head: nn.Linear, n_future: int, rank: int, **config_kwargs
+    ) -> CPDMTPHead:
+        """A head whose W_U *is* ``lm_head.weight`` (shared, so tying is preserved).
+
+        Args:
+            lm_head: a bias-free ``nn.Linear(d, V)``.
+            n_future, rank, **config_kwargs: the rest of ``CPDMTPConfig``.
+        """
+        if not isinstance(lm_head, nn.Linear):
+            raise ValueError(f"lm_head must be an nn.Linear, got {type(lm_head).__name__}")
+        if lm_head.bias is not None:
+            raise ValueError("lm_head has a bias; a CP-MTP head shares only a bias-free W_U")
+        vocab, d = lm_head.weight.shape
+        config = CPDMTPConfig(
+            hidden_size=d, vocab_size=vocab, n_future=n_future, rank=rank, **config_kwargs
+        )
+        head = cls(config, unembedding=lm_head.weight)
+        head.gate.to(lm_head.weight.device, lm_head.weight.dtype)
+        head.experts.to(lm_head.weight.device, lm_head.weight.dtype)
+        return head
+
+    # ------------------------------------------------------------------ pieces
+    def _check_hidden(self, hidden: torch.Tensor) -> None:
+        if not hidden.dtype.is_floating_point:
+            raise ValueError(f"hidden must be a floating tensor, got dtype {hidden.dtype}")
+        if hidden.dim() < 1 or hidden.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden must have last dimension hidden_size={self.config.hidden_size}, "
+                f"got shape {tuple(hidden.shape)}"
+            )
+
+    def gate_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """z = W_g h + b_g: (..., d) -> (..., r)."""
+        return self.gate(hidden)
+
+    def log_gate(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log w = log_softmax(W_g h + b_g): (..., d) -> (..., r), float32 (float64 for float64)."""
+        return torch.log_softmax(self.gate_logits(hidden).to(accumulation_dtype(hidden.dtype)), -1)
+
+    def _unembedding_for(self, u: torch.Tensor) -> torch.Tensor:
+        return self.weight if self.weight.dtype == u.dtype else self.weight.to(u.dtype)
+
+    def expert_log_probs(self, hidden: torch.Tensor, offsets: slice | None = None) -> torch.Tensor:
+        """log p_{s,a}(v) for the selected offsets: (..., d) -> (..., n', r, V), float32.
+
+        Materialises n'·r·V numbers per position: meant for decoding, not for training.
+        """
+        u = self.experts(hidden, offsets)  # (..., n', r, d)
+        logits = (u @ self._unembedding_for(u).T).to(accumulation_dtype(u.dtype))
+        return torch.log_softmax(logits, dim=-1)
+
+    def marginal_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log P(x_{t+1} = v) = logsumexp_a(log w_a + log p_{1,a}(v)): (..., d) -> (..., V)."""
+        log_w = self.log_gate(hidden)  # (..., r)
+        log_p1 = self.expert_log_probs(hidden, slice(0, 1))[..., 0, :, :]  # (..., r, V)
+        return torch.logsumexp(log_w[..., None] + log_p1, dim=-2)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        return_logits: bool = True,
+    ) -> torch.Tensor | CPDMTPHeadOutput:
+        """Next-token marginal, or the CP loss with statistics when ``labels`` is given.
+
+        Args:
+            hidden: (..., T, d) final hidden states of the trunk.
+            labels: (..., T) token ids aligned with the input (see the class docstring).
+            return_logits: with labels, whether to also compute the (..., T, V) marginal.
+
+        Returns:
+            Without labels: (..., T, V) float32 normalised log-probabilities. With labels: a
+            ``CPDMTPHeadOutput``.
+        """
+        self._check_hidden(hidden)
+        if labels is None:
+            return self.marginal_log_probs(hidden)
+        cfg = self.config
+        if hidden.dim() < 2 or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])} "
+                f"(hidden needs a sequence dimension), got labels {tuple(labels.shape)}"
+            )
+        ops.check_targets(labels, cfg.vocab_size, cfg.ignore_index, "labels")
+
+        h = hidden.reshape(-1, cfg.hidden_size)  # (N, d)
+        targets = shift_targets(labels, cfg.n_future, cfg.ignore_index).reshape(-1, cfg.n_future)
+        valid = targets != cfg.ignore_index  # (N, n)
+        has_target = valid.any(dim=-1)  # (N,)
+
+        gate_logits = self.gate_logits(h)  # (N, r)
+        log_w = torch.log_softmax(gate_logits.to(accumulation_dtype(h.dtype)), dim=-1)
+        u = self.experts(h)  # (N, n, r, d)
+        if torch.is_autocast_enabled(u.device.type):
+            u = u.to(torch.get_autocast_dtype(u.device.type))
+        row_lp = ops.row_logprobs(
+            u,
+            self._unembedding_for(u),
+            targets,
+            ignore_index=cfg.ignore_index,
+            impl=cfg.loss_impl,
+            chunk_bytes=cfg.chunk_bytes,
+        )  # (N, n, r)
+        nll, gamma = ops.mixture_logsumexp(row_lp, log_w)  # (N,), (N, r)
+
+        num_positions = has_target.sum()
+        num_targets = valid.sum()
+        nll_sum = nll.sum()
+        joint_nll = nll_sum / num_positions.clamp(min=1)
+
+        pos_log_w, pos_gamma = log_w[has_target], gamma[has_target]
+        aux = cfg.balance_coef * balance_loss(pos_log_w, pos_gamma, cfg.balance)
+        if cfg.router_z_coef > 0:
+            aux = aux + cfg.router_z_coef * router_z_loss(gate_logits[has_target])
+
+        with torch.no_grad():
+            head_lp = torch.logsumexp(log_w[:, None, :] + row_lp, dim=-1)  # (N, n)
+            per_head_nll = -(head_lp * valid).sum(0) / valid.sum(0).clamp(min=1)
+            stats = expert_statistics(pos_log_w, pos_gamma)
+
+        logits = self.marginal_log_probs(hidden) if return_logits else None
+        return CPDMTPHeadOutput(
+            loss=joint_nll + aux,
+            logits=logits,
+            joint_nll=joint_nll,
+            joint_nll_per_target=(nll_sum / num_targets.clamp(min=1)).detach(),
+            per_head_nll=per_head_nll,
+            aux_loss=aux,
+            position_nll=nll.detach().view(labels.shape),
+            num_positions=num_positions,
+            num_targets=num_targets,
+            **stats,
+        )
+
+    # ------------------------------------------------------------------ drafting
+    @torch.no_grad()
+    def draft_state(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything the conditionals need at one position per row.
+
+        Args:
+            hidden: (B, d) hidden state at the last accepted position.
+
+        Returns:
+            log_w: (B, r) log gate weights; log_p: (B, n, r, V) per-expert log-probabilities.
+        """
+        self._check_hidden(hidden)
+        log_w = self.log_gate(hidden)
+        return log_w, self.expert_log_probs(hidden)
+
+    @staticmethod
+    def conditional(
+        log_w: torch.Tensor, log_p: torch.Tensor, chosen: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior over experts given the chosen tokens, and the next offset's conditional.
+
+        With k = chosen.shape[-1] tokens x_{t+1..t+k} already chosen:
+
+            log pi_a = log_softmax_a(log w_a + sum_{s<=k} log p_{s,a}(x_{t+s}))
+            log q_{k+1}(v) = logsumexp_a(log pi_a + log p_{k+1,a}(v))
+
+        Args:
+            log_w: (B, r) log gate weights.
+            log_p: (B, n, r, V) per-expert log-probabilities.
+            chosen: (B, k) token ids, 0 <= k < n.
+
+        Returns:
+            log_pi: (B, r); log_q: (B, V), the log-probabilities of x_{t+k+1}.
+        """
+        k, n_future = chosen.shape[-1], log_p.shape[1]
+        if not 0 <= k < n_future:
+            raise ValueError(f"chosen must hold 0..{n_future - 1} tokens, got {k}")
+        joint = log_w
+        if k > 0:
+            index = chosen[:, :, None, None].expand(-1, -1, log_p.shape[2], 1)  # (B, k, r, 1)
+            joint = joint + log_p[:, :k].gather(-1, index).squeeze(-1).sum(dim=1)
+        log_pi = torch.log_softmax(joint, dim=-1)
+        log_q = torch.logsumexp(log_pi[:, :, None] + log_p[:, k], dim=1)
+        return log_pi, log_q

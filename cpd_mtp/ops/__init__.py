@@ -1,0 +1,128 @@
+"""The CP-MTP mixture loss, one contract with several implementations.
+
+``mixture_nll(u, weight, log_w, targets)`` returns -l_t per token, where
+
+    l_t = logsumexp_a( log w_{t,a} + sum_{s in S_t} log softmax(W_U u_{t,s,a})[x_{t+s}] )
+
+and S_t holds the offsets whose target is not ``ignore_index``. Implementations:
+
+- ``reference``: materialises the (N, n, r, V) logits; the oracle for tests.
+- ``chunked``: an ``autograd.Function`` that keeps O(chunk·V) logits alive; any device.
+- ``triton``: fused Triton kernels in ``cpd_mtp.kernels``; CUDA (or ``TRITON_INTERPRET=1``).
+- ``auto``: ``triton`` on CUDA tensors, ``chunked`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cpd_mtp.ops.checks import check_mixture_args, check_targets
+from cpd_mtp.ops.chunked import row_logprobs_chunked
+from cpd_mtp.ops.mixture import mixture_logsumexp
+from cpd_mtp.ops.reference import row_logprobs_reference
+
+IMPLS = ("auto", "reference", "chunked", "triton")
+
+__all__ = [
+    "IMPLS",
+    "check_targets",
+    "mixture_logsumexp",
+    "mixture_nll",
+    "resolve_impl",
+    "row_logprobs",
+]
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` stands for on ``device``; raises for an impossible pair."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "chunked"
+    if impl == "triton":
+        if not _triton_available():
+            raise ValueError("impl='triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors, got {device.type}; on CPU set "
+                "TRITON_INTERPRET=1 before importing triton, or use impl='chunked'"
+            )
+    return impl
+
+
+def row_logprobs(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_bytes: int = 64 * 2**20,
+) -> torch.Tensor:
+    """log p_{s,a}(x_{t+s}) per expert row, differentiable in ``u`` and ``weight``.
+
+    Args:
+        u: expert states, (N, n, r, d).
+        weight: shared unembedding W_U, (V, d).
+        targets: (N, n) token ids or ``ignore_index``.
+
+    Returns:
+        (N, n, r) float32; 0 where the target is ignored (the factor is marginalised out).
+    """
+    check_mixture_args(u, weight, None, targets, ignore_index)
+    impl = resolve_impl(impl, u.device)
+    if impl == "reference":
+        return row_logprobs_reference(u, weight, targets, ignore_index)
+    if impl == "chunked":
+        return row_logprobs_chunked(u, weight, targets, ignore_index, chunk_bytes)
+    from cpd_mtp.kernels import row_logprobs_triton
+
+    return row_logprobs_triton(u, weight, targets, ignore_index)
+
+
+def mixture_nll(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    log_w: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_bytes: int = 64 * 2**20,
+) -> torch.Tensor:
+    """Per-token negative log-likelihood -l_t of the observed future tokens.
+
+    Args:
+        u: expert states u_{t,s,a}, (N, n, r, d).
+        weight: shared unembedding W_U, (V, d), same dtype and device as ``u``.
+        log_w: log mixture weights, (N, r); normalised over r.
+        targets: (N, n) ids of x_{t+1..t+n}; ``ignore_index`` marks a missing target.
+        ignore_index: the id of a missing target.
+        impl: ``auto``, ``reference``, ``chunked`` or ``triton``.
+        chunk_bytes: memory budget of one chunk for ``chunked``.
+
+    Returns:
+        (N,) float32. A token with no target gets 0. Gradients flow to ``u``, ``weight``
+        and ``log_w``.
+    """
+    check_mixture_args(u, weight, log_w, targets, ignore_index)
+    impl = resolve_impl(impl, u.device)
+    if impl == "triton":
+        from cpd_mtp.kernels import mixture_nll_triton
+
+        return mixture_nll_triton(u, weight, log_w, targets, ignore_index)
+    lp = row_logprobs(
+        u, weight, targets, ignore_index=ignore_index, impl=impl, chunk_bytes=chunk_bytes
+    )
+    nll, _ = mixture_logsumexp(lp, log_w)
+    return nll

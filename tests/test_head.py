@@ -1,0 +1,251 @@
+"""CPDMTPHead against brute-force enumeration and torch's own cross-entropy."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpd_mtp import CPDMTPConfig, CPDMTPHead
+
+EXPERT_TYPES = ["linear", "resblock", "lowrank"]
+
+
+def make_head(seed=0, dtype=torch.float64, **kwargs) -> CPDMTPHead:
+    torch.manual_seed(seed)
+    defaults = dict(
+        hidden_size=6, vocab_size=5, n_future=3, rank=4, expert_type="linear",
+        expert_init_noise=1.0, expert_inner_size=3, balance="none",
+    )  # fmt: skip
+    head = CPDMTPHead(CPDMTPConfig(**{**defaults, **kwargs})).to(dtype)
+    with torch.no_grad():  # a spread-out gate and W_U so every expert matters
+        head.gate.weight.normal_(0, 1.0)
+        head.weight.normal_(0, 1.0)
+    return head
+
+
+def enumerated_joint(head: CPDMTPHead, h: torch.Tensor) -> torch.Tensor:
+    """P(x_1..x_n | h) for every continuation, by explicit products: shape (V,) * n."""
+    log_w, log_p = head.draft_state(h[None])  # (1, r), (1, n, r, V)
+    w, p = log_w[0].exp(), log_p[0].exp()
+    n, vocab = p.shape[0], p.shape[-1]
+    joint = torch.zeros((vocab,) * n, dtype=p.dtype)
+    for xs in itertools.product(range(vocab), repeat=n):
+        prod = w.clone()
+        for s, x in enumerate(xs):
+            prod = prod * p[s, :, x]
+        joint[xs] = prod.sum()
+    return joint
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_brute_force_enumeration(expert_type):
+    head = make_head(expert_type=expert_type)
+    vocab, n = 5, 3
+    torch.manual_seed(1)
+    h = torch.randn(6, dtype=torch.float64)
+    joint = enumerated_joint(head, h)
+    torch.testing.assert_close(joint.sum(), torch.tensor(1.0, dtype=torch.float64))
+    # The next-token marginal is exp(head(hidden)).
+    torch.testing.assert_close(joint.sum(dim=(1, 2)), head(h[None, None])[0, 0].exp())
+    # The loss of every continuation is -log of its enumerated probability. A sequence of
+    # length n+1 puts all n targets on position 0; later positions only see fewer targets.
+    conts = torch.tensor(list(itertools.product(range(vocab), repeat=n)))
+    labels = torch.cat([torch.zeros(len(conts), 1, dtype=torch.long), conts], dim=1)
+    hidden = torch.randn(len(conts), n + 1, 6, dtype=torch.float64)
+    hidden[:, 0] = h
+    out = head(hidden, labels=labels)
+    assert (out.num_targets, out.num_positions) == (len(conts) * 6, len(conts) * 3)
+    nll = out.position_nll[:, 0]
+    torch.testing.assert_close(nll, -joint.log().flatten(), rtol=1e-9, atol=1e-9)
+
+
+def test_sequence_end_marginalises_missing_targets():
+    """At the last-but-one position only x_{t+1} exists: its loss is the enumerated marginal."""
+    head = make_head()
+    torch.manual_seed(2)
+    hidden = torch.randn(1, 2, 6, dtype=torch.float64)
+    joint = enumerated_joint(head, hidden[0, 0])
+    for x in range(5):
+        out = head(hidden, labels=torch.tensor([[0, x]]))
+        assert int(out.num_positions) == 1 and int(out.num_targets) == 1
+        torch.testing.assert_close(out.joint_nll, -joint.sum(dim=(1, 2))[x].log())
+
+
+def test_ignore_index_marginalises_a_middle_target():
+    head = make_head()
+    torch.manual_seed(3)
+    hidden = torch.randn(1, 4, 6, dtype=torch.float64)
+    joint = enumerated_joint(head, hidden[0, 0])
+    labels = torch.tensor([[0, 2, -100, 4]])
+    # Position 0 has targets (2, ·, 4); positions 1 and 2 have other targets: isolate position 0.
+    pos0 = head(hidden, labels=labels).position_nll[0, 0]
+    torch.testing.assert_close(pos0, -joint[2, :, 4].sum().log())
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_conditionals_match_enumerated_joint(expert_type):
+    head = make_head(expert_type=expert_type, seed=4)
+    torch.manual_seed(5)
+    h = torch.randn(6, dtype=torch.float64)
+    joint = enumerated_joint(head, h)
+    log_w, log_p = head.draft_state(h[None])
+    for prefix in [(), (3,), (1, 4)]:
+        _, log_q = CPDMTPHead.conditional(log_w, log_p, torch.tensor([prefix], dtype=torch.long))
+        slice_ = joint[prefix]
+        while slice_.dim() > 1:  # marginalise the offsets after the next one
+            slice_ = slice_.sum(dim=-1)
+        torch.testing.assert_close(log_q[0].exp(), slice_ / slice_.sum())
+
+
+def test_n1_r1_equals_cross_entropy():
+    head = make_head(n_future=1, rank=1, vocab_size=11, balance="switch", balance_coef=0.5)
+    torch.manual_seed(6)
+    hidden = torch.randn(2, 7, 6, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 7))
+    labels[1, 3] = -100
+    out = head(hidden, labels=labels)
+    logits = head.experts(hidden)[..., 0, 0, :] @ head.weight.T  # (B, T, V)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.joint_nll, ce)
+    torch.testing.assert_close(out.per_head_nll[0], ce)
+    torch.testing.assert_close(out.logits, torch.log_softmax(logits, -1))
+    torch.testing.assert_close(out.aux_loss, torch.tensor(0.5, dtype=torch.float64))  # r=1: 1
+
+
+def test_rank1_equals_sum_of_independent_cross_entropies():
+    head = make_head(rank=1, n_future=3, vocab_size=9)
+    torch.manual_seed(7)
+    hidden = torch.randn(3, 8, 6, dtype=torch.float64)
+    labels = torch.randint(0, 9, (3, 8))
+    labels[0, 5] = -100
+    out = head(hidden, labels=labels)
+    logits = head.experts(hidden)[..., 0, :] @ head.weight.T  # (B, T, n, V)
+    total, positions = 0.0, torch.zeros(3, 8, dtype=torch.bool)
+    for s in range(1, 4):
+        tgt = labels[:, s:]
+        ce = F.cross_entropy(logits[:, :-s, s - 1].reshape(-1, 9), tgt.reshape(-1), reduction="sum")
+        total = total + ce
+        positions[:, :-s] |= tgt != -100
+        per_head = F.cross_entropy(logits[:, :-s, s - 1].reshape(-1, 9), tgt.reshape(-1))
+        torch.testing.assert_close(out.per_head_nll[s - 1], per_head)
+    torch.testing.assert_close(out.joint_nll, total / positions.sum())
+
+
+def test_identical_experts_equal_rank1():
+    one = make_head(rank=1, seed=8)
+    many = make_head(rank=4, seed=9)
+    with torch.no_grad():
+        many.weight.copy_(one.weight)
+        many.experts.proj.copy_(one.experts.proj.repeat_interleave(4, dim=0))
+    torch.manual_seed(10)
+    hidden = torch.randn(2, 6, 6, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 6))
+    a, b = one(hidden, labels=labels), many(hidden, labels=labels)
+    torch.testing.assert_close(a.joint_nll, b.joint_nll)
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_permuting_experts_changes_nothing(expert_type):
+    head = make_head(expert_type=expert_type, seed=11, balance="switch")
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = make_head(expert_type=expert_type, seed=12, balance="switch")
+    permuted.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        permuted.gate.weight.copy_(head.gate.weight[perm])
+        permuted.gate.bias.copy_(head.gate.bias[perm])
+        for name, param in permuted.experts.named_parameters():
+            src = getattr(head.experts, name).view(3, 4, *param.shape[1:])
+            param.copy_(src[:, perm].reshape(param.shape))
+    torch.manual_seed(13)
+    hidden = torch.randn(2, 6, 6, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 6))
+    a, b = head(hidden, labels=labels), permuted(hidden, labels=labels)
+    for field in ("loss", "joint_nll", "per_head_nll", "aux_loss", "logits", "gate_entropy"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field))
+    torch.testing.assert_close(a.expert_weight[perm], b.expert_weight)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n_future=st.integers(1, 4),
+    rank=st.integers(1, 4),
+    expert_type=st.sampled_from(EXPERT_TYPES),
+    impl=st.sampled_from(["reference", "chunked"]),
+    seq=st.integers(1, 6),
+)
+def test_marginal_is_normalised_and_loss_matches_across_impls(
+    n_future, rank, expert_type, impl, seq
+):
+    head = make_head(n_future=n_future, rank=rank, expert_type=expert_type, vocab_size=13)
+    hidden = torch.randn(2, seq, 6, dtype=torch.float64)
+    labels = torch.randint(0, 13, (2, seq))
+    logp = head(hidden)
+    torch.testing.assert_close(logp.logsumexp(-1), torch.zeros(2, seq, dtype=torch.float64))
+    ref = head(hidden, labels=labels)
+    head.config.loss_impl = impl
+    out = head(hidden, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.logits, logp)
+
+
+def test_gradients_reach_every_parameter_and_shared_weight():
+    lm_head = torch.nn.Linear(6, 5, bias=False)
+    head = CPDMTPHead.from_linear(lm_head, n_future=2, rank=3, expert_type="resblock")
+    assert head.weight is lm_head.weight
+    hidden = torch.randn(2, 5, 6)
+    head(hidden, labels=torch.randint(0, 5, (2, 5))).loss.backward()
+    for name, param in head.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert lm_head.weight.grad is not None
+
+
+def test_from_linear_starts_near_the_original_lm_head():
+    torch.manual_seed(14)
+    lm_head = torch.nn.Linear(32, 50, bias=False)
+    head = CPDMTPHead.from_linear(lm_head, n_future=2, rank=1, expert_type="linear",
+                                  expert_init_noise=0.0)  # fmt: skip
+    hidden = torch.randn(3, 32)
+    torch.testing.assert_close(head(hidden), torch.log_softmax(lm_head(hidden), -1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "rank must be an integer >= 1"),
+        ({"n_future": 0}, "n_future must be an integer >= 1"),
+        ({"rank": 1.5}, "rank must be an integer"),
+        ({"expert_type": "mlp"}, "expert_type must be one of"),
+        ({"balance": "aux"}, "balance must be one of"),
+        ({"loss_impl": "cuda"}, "loss_impl must be one of"),
+        ({"balance_coef": -1.0}, "balance_coef must be >= 0"),
+    ],
+)
+def test_bad_config_is_a_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CPDMTPConfig(hidden_size=4, vocab_size=7, **kwargs)
+
+
+def test_bad_forward_input_is_a_value_error():
+    head = make_head(dtype=torch.float32)
+    hidden = torch.randn(2, 4, 6)
+    with pytest.raises(ValueError, match="hidden must be a floating tensor"):
+        head(torch.ones(2, 4, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="last dimension hidden_size=6"):
+        head(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        head(hidden, labels=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels holds 5, outside \[0, 5\)"):
+        head(hidden, labels=torch.full((2, 4), 5))
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        head(hidden, labels=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="lm_head has a bias"):
+        CPDMTPHead.from_linear(torch.nn.Linear(6, 5), n_future=2, rank=2)
+    with pytest.raises(ValueError, match="chosen must hold"):
+        log_w, log_p = head.draft_state(hidden[:, 0])
+        CPDMTPHead.conditional(log_w, log_p, torch.zeros(2, 3, dtype=torch.long))
