@@ -25,7 +25,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m cpd_mtp.demo
+	$(PY) -m cpd_mtp.synthetic
 
 lint: install
 	$(VENV)/bin/ruff check cpd_mtp kernels tests benchmarks

@@ -1,7 +1,7 @@
 """The chunked loss: logits live one row-chunk at a time. O(chunk·V) extra memory.
 
-Forward computes, per chunk of expert rows, the logits, their log-sum-exp and the target
-logit, then frees the logits. Backward recomputes each chunk's logits and turns them into
+Forward computes, per chunk of expert rows, the logits, their log-softmax at the target,
+then frees the logits. Backward recomputes each chunk's logits and turns them into
 ``g · (onehot - softmax)`` with the per-row upstream gradient ``g`` (which the mixture step
 makes ``-gamma``), accumulating dU and dW_U. Rows whose target is ignored are skipped in both.
 """
@@ -12,7 +12,7 @@ import torch
 
 from cpd_mtp.ops.checks import accumulation_dtype
 
-# Live fp32 buffers per row of a chunk in backward: logits, softmax, the cast for the matmul.
+# Live fp32 buffers per row of a chunk: logits, (log-)softmax, the cast for the matmul.
 _BUFFERS_PER_ROW = 3
 
 
@@ -31,26 +31,24 @@ class _ChunkedRowLogprobs(torch.autograd.Function):
         picked_targets = row_targets[rows]
         acc = accumulation_dtype(u.dtype)
         out = torch.zeros(u_rows.shape[0], dtype=acc, device=u.device)
-        lse = torch.empty(rows.shape[0], dtype=acc, device=u.device)
         for start in range(0, rows.shape[0], chunk_rows):
             idx = rows[start : start + chunk_rows]
             tgt = picked_targets[start : start + chunk_rows]
-            logits = (u_rows[idx] @ weight.T).to(acc)  # (chunk, V)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[start : start + chunk_rows] = chunk_lse
-            out[idx] = logits.gather(1, tgt[:, None]).squeeze(1) - chunk_lse
+            logits = (u_rows.index_select(0, idx) @ weight.T).to(acc)  # (chunk, V)
+            # log_softmax is one fused pass; torch.logsumexp takes several and is slower.
+            out[idx] = torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None]).squeeze(1)
             del logits
-        ctx.save_for_backward(u, weight, rows, picked_targets, lse)
+        ctx.save_for_backward(u, weight, rows, picked_targets)
         ctx.chunk_rows = chunk_rows
         return out.view(n_tokens, n_future, rank)
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, weight, rows, picked_targets, lse = ctx.saved_tensors
+        u, weight, rows, picked_targets = ctx.saved_tensors
         chunk_rows = ctx.chunk_rows
         dim = u.shape[-1]
         u_rows = u.reshape(-1, dim)
-        acc = lse.dtype
+        acc = accumulation_dtype(u.dtype)
         row_grad = grad_out.reshape(-1).to(acc)[rows]  # (K,)
         need_u, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_u = torch.zeros_like(u_rows) if need_u else None
@@ -58,18 +56,21 @@ class _ChunkedRowLogprobs(torch.autograd.Function):
         for start in range(0, rows.shape[0], chunk_rows):
             idx = rows[start : start + chunk_rows]
             tgt = picked_targets[start : start + chunk_rows]
-            x = u_rows[idx]  # (chunk, d)
+            x = u_rows.index_select(0, idx)  # (chunk, d)
             logits = (x @ weight.T).to(acc)  # (chunk, V)
-            # d lp / d logits = onehot - softmax, so d logits = -g · (softmax - onehot).
-            grad_logits = torch.exp_(logits.sub_(lse[start : start + chunk_rows, None]))
-            grad_logits[torch.arange(idx.shape[0], device=idx.device), tgt] -= 1.0
-            grad_logits.mul_(-row_grad[start : start + chunk_rows, None])
+            # d lp / d logits = onehot - softmax, so d logits = -g · softmax + g · onehot.
+            g = row_grad[start : start + chunk_rows]
+            grad_logits = torch.softmax(logits, dim=-1).mul_(-g[:, None])
+            del logits
+            grad_logits[torch.arange(idx.shape[0], device=idx.device), tgt] += g
             grad_logits = grad_logits.to(weight.dtype)
             if need_u:
                 grad_u[idx] = grad_logits @ weight
-            if need_w:
+            if need_w and grad_w.dtype == x.dtype:
+                grad_w.addmm_(grad_logits.T, x)
+            elif need_w:
                 grad_w += (grad_logits.T @ x).to(acc)
-            del logits, grad_logits
+            del grad_logits
         grad_u = grad_u.view_as(u) if need_u else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_u, grad_w, None, None, None
