@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from cpd_mtp import ops
 from cpd_mtp.balance import balance_loss, expert_statistics, router_z_loss
@@ -24,8 +25,11 @@ from cpd_mtp.ops.checks import accumulation_dtype
 
 
 @dataclass
-class CPDMTPHeadOutput:
+class CPDMTPHeadOutput(ModelOutput):
     """What ``CPDMTPHead.forward(hidden, labels=...)`` returns.
+
+    A ``transformers`` ``ModelOutput`` (a dataclass that is also a dict), so DeepSpeed ZeRO-3
+    finds its tensors and gathers the head's parameters again for backward.
 
     Attributes:
         loss: scalar training objective, ``joint_nll + aux_loss``.
@@ -43,18 +47,18 @@ class CPDMTPHeadOutput:
         num_targets: observed targets summed over positions and offsets.
     """
 
-    loss: torch.Tensor
-    logits: torch.Tensor | None
-    joint_nll: torch.Tensor
-    joint_nll_per_target: torch.Tensor
-    per_head_nll: torch.Tensor
-    aux_loss: torch.Tensor
-    expert_weight: torch.Tensor
-    expert_responsibility: torch.Tensor
-    gate_entropy: torch.Tensor
-    position_nll: torch.Tensor
-    num_positions: torch.Tensor
-    num_targets: torch.Tensor
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    joint_nll: torch.Tensor | None = None
+    joint_nll_per_target: torch.Tensor | None = None
+    per_head_nll: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    expert_weight: torch.Tensor | None = None
+    expert_responsibility: torch.Tensor | None = None
+    gate_entropy: torch.Tensor | None = None
+    position_nll: torch.Tensor | None = None
+    num_positions: torch.Tensor | None = None
+    num_targets: torch.Tensor | None = None
 
 
 def shift_targets(labels: torch.Tensor, n_future: int, ignore_index: int) -> torch.Tensor:

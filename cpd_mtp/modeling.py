@@ -1,0 +1,599 @@
+"""Hugging Face drop-in: any ``transformers`` causal LM with a CP-MTP head on top.
+
+``CPDMTPForCausalLM`` keeps the wrapped causal LM's body (its ``base_model``: ``LlamaModel``,
+``GPT2Model``, ...) as ``self.trunk`` and replaces its ``lm_head`` by a ``CPDMTPHead`` whose
+unembedding W_U *is* the LM's ``lm_head.weight`` (the same ``nn.Parameter``, so a tie between
+input and output embeddings survives). Its ``forward`` returns a ``CausalLMOutputWithPast``:
+
+- ``logits``: (B, T, V) next-token *marginal* log-probabilities of the CP mixture. They are
+  normalised (``logsumexp`` over V is 0), so HF ``generate``, cross-entropy and perplexity work
+  on them exactly as on raw logits.
+- ``loss``: the CP-MTP loss (exact joint NLL of the next n tokens plus the balancing terms).
+
+Label convention (the Hugging Face one): ``labels`` has the shape of ``input_ids`` and is
+*aligned* with it (``labels = input_ids``); the model shifts. The target of position t at
+offset s = 1..n is ``labels[:, t + s]``. Targets equal to ``-100`` (``ignore_index`` of the head
+config), e.g. padding, and targets past the end of the sequence are marginalised out exactly.
+Padding is not masked automatically from ``attention_mask``: set the padded labels to -100
+(``DataCollatorForLanguageModeling`` does).
+
+Weights, saving and loading: W_U is saved once. When the wrapped LM ties its embeddings, the
+model declares ``_tied_weights_keys = {"head.weight": "trunk.<embedding>.weight"}`` (the
+transformers 5 ``{target: source}`` form), so ``save_pretrained`` drops the alias and
+``from_pretrained`` re-ties it. The wrapped LM's config is stored as ``config.text_config``
+(rebuilt through ``AutoConfig`` from its ``model_type``) and the head's as
+``config.head_config`` (``CPDMTPConfig.to_dict()``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as hf_init
+from transformers.configuration_utils import SubConfigSpec
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from cpd_mtp.config import CPDMTPConfig
+from cpd_mtp.experts import ExpertStates
+from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput
+
+__all__ = [
+    "CPDMTPCausalLMOutputWithPast",
+    "CPDMTPForCausalLM",
+    "CPDMTPModelConfig",
+    "tiny_llama_config",
+]
+
+# Config attributes of models whose logits are not plain ``lm_head(last_hidden_state)``.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+)
+
+
+class CPDMTPModelConfig(PretrainedConfig):
+    """Configuration of ``CPDMTPForCausalLM``: the wrapped LM's config plus the head's.
+
+    Args:
+        text_config: the wrapped causal LM's config, a ``PretrainedConfig`` or a dict holding its
+            ``model_type`` (rebuilt through ``AutoConfig.for_model``). Defaults to a Llama config.
+        head_config: ``CPDMTPConfig.to_dict()`` of the head. Its ``hidden_size`` and
+            ``vocab_size`` must match ``text_config``; when None, the ``CPDMTPConfig`` defaults
+            for that size are used.
+        freeze_trunk: heads-only training. The trunk *and* the shared unembedding W_U get
+            ``requires_grad=False`` (after construction and after ``from_pretrained``); the
+            gate and the experts stay trainable.
+        tie_word_embeddings: mirrors ``text_config.tie_word_embeddings`` (set automatically); it
+            says whether W_U is the trunk's input embedding matrix.
+    """
+
+    model_type = "cpd_mtp"
+    sub_configs_defaults = {  # noqa: RUF012 (transformers reads it as a class attribute)
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+    # `cp_output` is not a tensor: keep it out of Trainer's prediction gathering.
+    keys_to_ignore_at_inference = ["past_key_values", "cp_output"]  # noqa: RUF012
+
+    text_config: dict | PretrainedConfig | None = None
+    head_config: dict | None = None
+    freeze_trunk: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        given = self.text_config
+        kernels = None
+        if isinstance(given, PretrainedConfig):
+            # The base __post_init__ pushes this config's (unset) attention / experts
+            # implementation down to the sub-config; keep the wrapped model's choice.
+            kernels = (given._attn_implementation, given._experts_implementation)
+        super().__post_init__(**kwargs)
+        text = self.text_config
+        if kernels is not None:
+            if self._attn_implementation is None:
+                text._attn_implementation_internal = kernels[0]
+            if self._experts_implementation is None:
+                text._experts_implementation_internal = kernels[1]
+        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+        hidden, vocab = int(text.hidden_size), int(text.vocab_size)
+        if self.head_config is None:
+            head = CPDMTPConfig(hidden_size=hidden, vocab_size=vocab)
+        else:
+            head = CPDMTPConfig.from_dict(dict(self.head_config))
+        if (head.hidden_size, head.vocab_size) != (hidden, vocab):
+            raise ValueError(
+                f"head_config has (hidden_size, vocab_size) = {(head.hidden_size, head.vocab_size)}"
+                f" but the wrapped {text.model_type!r} model has {(hidden, vocab)}"
+            )
+        self.head_config = head.to_dict()
+
+    @property
+    def cp_config(self) -> CPDMTPConfig:
+        """The head's hyper-parameters as a ``CPDMTPConfig``."""
+        return CPDMTPConfig.from_dict(dict(self.head_config))
+
+
+@dataclass
+class CPDMTPCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the head's full output.
+
+    Attributes:
+        loss: scalar CP-MTP loss (``cp_output.loss``), when labels are given.
+        logits: (B, T', V) float32 next-token marginal log-probabilities (T' = T unless
+            ``logits_to_keep`` selects fewer positions), or None with ``return_logits=False``.
+        past_key_values: the trunk's cache (``DynamicCache``) when ``use_cache``.
+        cp_output: with labels, the ``CPDMTPHeadOutput`` (joint NLL, per-head NLL, aux loss,
+            expert usage, ...) for metrics; None otherwise.
+    """
+
+    cp_output: CPDMTPHeadOutput | None = None
+
+
+def _slice_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """(B, T, d) -> (B, T', d): the positions whose logits are wanted (HF ``logits_to_keep``).
+
+    An int k keeps the last k positions (0 keeps all); a 1-D tensor holds the positions to keep.
+    """
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:, :]
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1:
+        return hidden[:, logits_to_keep.to(hidden.device), :]
+    raise ValueError(
+        "logits_to_keep must be an int or a 1-D tensor of positions, "
+        f"got {type(logits_to_keep).__name__}"
+        + (
+            f" of shape {tuple(logits_to_keep.shape)}"
+            if isinstance(logits_to_keep, torch.Tensor)
+            else ""
+        )
+    )
+
+
+def _mark_initialized(module: nn.Module) -> None:
+    """Flag every submodule, parameter and buffer as initialised, so ``post_init`` keeps them."""
+    for sub in module.modules():
+        sub._is_hf_initialized = True
+    for tensor in (*module.parameters(), *module.buffers()):
+        tensor._is_hf_initialized = True
+
+
+class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM whose ``lm_head`` is a rank-r CP multi-token prediction head.
+
+    Modules: ``trunk`` (the wrapped LM's ``base_model``, whose ``last_hidden_state`` is taken
+    after the final norm) and ``head`` (``CPDMTPHead``; ``head.weight`` is W_U, shared with the
+    wrapped LM's ``lm_head.weight``). There is no separate ``lm_head`` module: W_U is owned and
+    used only by ``head``, so ZeRO-3 gathers it inside ``head.forward``.
+
+    Build it with ``CPDMTPForCausalLM.from_causal_lm(model, n_future, rank)`` from an existing
+    LM, with ``CPDMTPForCausalLM(config)`` from a ``CPDMTPModelConfig``, or with
+    ``from_pretrained`` from a directory written by ``save_pretrained``.
+
+    Args:
+        config: the model's configuration.
+        causal_lm: an existing causal LM to wrap (its modules are taken over, not copied);
+            when None one is built from ``config.text_config``.
+    """
+
+    config_class = CPDMTPModelConfig
+    base_model_prefix = "trunk"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # The trunk decides which attention kernels it can run; do not veto them here.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The CP loss is a mean over positions and ignores `num_items_in_batch`, so the Trainer must
+    # scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CPDMTPModelConfig, causal_lm: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        built_here = causal_lm is None
+        if built_here:
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+            causal_lm = model_class(config.text_config)
+        _warn_on_logit_transforms(causal_lm.config)
+        trunk = causal_lm.base_model
+        if trunk is causal_lm:
+            raise ValueError(f"{type(causal_lm).__name__} has no base model to use as the trunk")
+        lm_head = causal_lm.get_output_embeddings()
+        if not isinstance(lm_head, nn.Linear):
+            raise ValueError(
+                f"the output embedding of {type(causal_lm).__name__} must be an nn.Linear, "
+                f"got {type(lm_head).__name__}"
+            )
+        if lm_head.bias is not None:
+            raise ValueError(
+                f"{type(causal_lm).__name__}.lm_head has a bias; a CP-MTP head shares only a "
+                "bias-free unembedding W_U"
+            )
+        # One config object for the trunk and this model, so later changes reach both.
+        config.text_config = causal_lm.config
+        config._attn_implementation_internal = causal_lm.config._attn_implementation
+        head_values = config.cp_config.to_dict()
+        hidden, vocab = head_values.pop("hidden_size"), head_values.pop("vocab_size")
+        if tuple(lm_head.weight.shape) != (vocab, hidden):
+            raise ValueError(
+                f"lm_head weight has shape {tuple(lm_head.weight.shape)}, the head config wants "
+                f"(vocab_size, hidden_size) = {(vocab, hidden)}"
+            )
+        n_future, rank = head_values.pop("n_future"), head_values.pop("rank")
+        head = CPDMTPHead.from_linear(lm_head, n_future, rank, **head_values)
+
+        embedding = trunk.get_input_embeddings()
+        if built_here:
+            # From the config; under from_pretrained the tie is only made after loading.
+            tied = bool(getattr(causal_lm.config, "tie_word_embeddings", False))
+        else:
+            # An existing model: its modules are the truth, whatever its config says.
+            weight = (
+                getattr(embedding, "weight", None) if isinstance(embedding, nn.Module) else None
+            )
+            tied = weight is head.weight
+            if tied != bool(getattr(causal_lm.config, "tie_word_embeddings", False)):
+                causal_lm.config.tie_word_embeddings = tied
+        config.tie_word_embeddings = tied
+        self._tied_weights_keys = (
+            {"head.weight": f"trunk.{_module_name(trunk, embedding)}.weight"} if tied else {}
+        )
+
+        self.trunk = trunk
+        self.head = head
+        self.vocab_size = vocab
+        deferred_init = head.weight.device.type == "meta" or (
+            built_here and is_deepspeed_zero3_enabled()
+        )
+        if not deferred_init:
+            # Built from existing (or just initialised) weights: post_init must not re-draw them.
+            # (On meta / under ZeRO-3 zero.Init, transformers initialises after construction.)
+            _mark_initialized(self)
+        self.post_init()
+        if config.freeze_trunk:
+            self._set_trunk_requires_grad(False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_causal_lm(
+        cls,
+        model: PreTrainedModel,
+        n_future: int = 4,
+        rank: int = 4,
+        freeze_trunk: bool = False,
+        **head_kwargs: Any,
+    ) -> CPDMTPForCausalLM:
+        """Convert an existing HF causal LM; its modules are taken over, not copied.
+
+        W_U is the model's ``lm_head.weight`` itself (so ``head.weight is
+        model.lm_head.weight``, and a tie with the input embedding survives). The head's gate
+        and experts are new, on the device and dtype of W_U; every expert type starts near the
+        identity, so the marginal starts near the LM's softmax.
+
+        Args:
+            model: a causal LM (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) whose output
+                embedding is a bias-free ``nn.Linear``.
+            n_future: n, tokens predicted jointly.
+            rank: r, mixture components.
+            freeze_trunk: heads-only training: the trunk and W_U get ``requires_grad=False``,
+                the gate and experts stay trainable. Stored in the config, so it is re-applied
+                by ``from_pretrained``.
+            **head_kwargs: the rest of ``CPDMTPConfig`` (``expert_type``, ``balance``, ...).
+
+        Raises:
+            ValueError: the output embedding has a bias or is not an ``nn.Linear``, the model
+                has no base model, or the head config is invalid.
+        """
+        if not isinstance(model, PreTrainedModel):
+            raise ValueError(
+                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
+            )
+        lm_head = model.get_output_embeddings()
+        if isinstance(lm_head, nn.Linear) and lm_head.bias is not None:
+            raise ValueError(
+                f"{type(model).__name__}.lm_head has a bias; a CP-MTP head shares only a "
+                "bias-free unembedding W_U"
+            )
+        text = model.config
+        head = CPDMTPConfig(
+            hidden_size=int(text.hidden_size),
+            vocab_size=int(text.vocab_size),
+            n_future=n_future,
+            rank=rank,
+            **head_kwargs,
+        )
+        config = CPDMTPModelConfig(
+            text_config=text, head_config=head.to_dict(), freeze_trunk=freeze_trunk
+        )
+        return cls(config, causal_lm=model)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> CPDMTPForCausalLM:
+        """``PreTrainedModel.from_pretrained``, then re-applies ``config.freeze_trunk``.
+
+        Loading creates fresh parameters (``requires_grad=True``); a frozen trunk stays frozen.
+        """
+        model = super().from_pretrained(*args, **kwargs)
+        inner = model[0] if isinstance(model, tuple) else model  # output_loading_info=True
+        if isinstance(inner, CPDMTPForCausalLM) and inner.config.freeze_trunk:
+            inner._set_trunk_requires_grad(False)
+        return model
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise head modules whose weights were missing from a checkpoint.
+
+        The trunk is a ``PreTrainedModel`` and initialises its own modules.
+        """
+        if isinstance(module, ExpertStates):
+            module.reset_parameters()
+        elif isinstance(module, CPDMTPHead):
+            hf_init.normal_(
+                module.gate.weight, mean=0.0, std=0.02 / math.sqrt(module.config.hidden_size)
+            )
+            hf_init.zeros_(module.gate.bias)
+            if not self.config.tie_word_embeddings:
+                std = getattr(self.config.text_config, "initializer_range", 0.02) or 0.02
+                hf_init.normal_(module.weight, mean=0.0, std=std)
+
+    # ------------------------------------------------------------------ freezing
+    def _set_trunk_requires_grad(self, requires_grad: bool) -> None:
+        for param in self.trunk.parameters():
+            param.requires_grad_(requires_grad)
+        self.head.weight.requires_grad_(requires_grad)
+
+    def set_freeze_trunk(self, frozen: bool = True) -> None:
+        """Freeze (heads-only training) or unfreeze the trunk and W_U; recorded in the config.
+
+        The gate and the experts always stay trainable.
+        """
+        self.config.freeze_trunk = bool(frozen)
+        self._set_trunk_requires_grad(not frozen)
+
+    # ------------------------------------------------------------------ HF plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        """The trunk's token embedding module."""
+        return self.trunk.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the trunk's token embedding (a tie with W_U is re-made by ``tie_weights``)."""
+        self.trunk.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> CPDMTPHead:
+        """The CP head: ``.weight`` is W_U (V, d) and calling it on (…, d) gives (…, V) log-probs."""
+        return self.head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        """Use ``new_embeddings.weight`` (V, d), same shape, no bias, as W_U."""
+        weight = getattr(new_embeddings, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.shape != self.head.weight.shape:
+            raise ValueError(
+                f"new output embeddings need a weight Parameter of shape "
+                f"{tuple(self.head.weight.shape)}"
+            )
+        if getattr(new_embeddings, "bias", None) is not None:
+            raise ValueError("a CP-MTP head shares only a bias-free unembedding W_U")
+        self.head.weight = weight
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """Not supported on the wrapper: the head config fixes V.
+
+        Resize the causal LM first, then convert it with ``from_causal_lm``.
+        """
+        raise NotImplementedError(
+            "CPDMTPForCausalLM cannot resize its vocabulary; resize the causal LM with "
+            "resize_token_embeddings first, then wrap it with CPDMTPForCausalLM.from_causal_lm"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def trunk_hidden(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any | None = None,
+        use_cache: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any | None]:
+        """One trunk forward: final hidden states (after the final norm) and the cache.
+
+        This is the entry point for decoders (e.g. self-speculative decoding): feed new tokens
+        with the cache of the previous call, then apply ``self.head`` (marginal),
+        ``self.head.draft_state`` or ``self.head.conditional`` to the returned states.
+
+        Args:
+            input_ids: (B, T) new token ids (or pass ``inputs_embeds`` (B, T, d)).
+            attention_mask: (B, T_past + T) 1 for real tokens, 0 for padding.
+            position_ids: (B, T) positions; the trunk derives them from the cache when None.
+            past_key_values: the trunk's cache (a ``DynamicCache``), or None. To drop k
+                rejected tokens call ``cache.crop(-k)``: transformers 5 rejects a positive
+                ``crop(new_length)``; ``cache.get_seq_length()`` gives the cached length.
+            use_cache: whether to build / extend and return the cache.
+            **kwargs: passed to the trunk (e.g. ``token_type_ids`` for GPT-2).
+
+        Returns:
+            hidden: (B, T, d) last hidden states; past_key_values: the updated cache, or None
+            when ``use_cache`` is False.
+        """
+        outputs = self.trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if isinstance(outputs, tuple):
+            hidden, cache = outputs[0], outputs[1] if use_cache and len(outputs) > 1 else None
+            return hidden, cache
+        return outputs.last_hidden_state, (outputs.past_key_values if use_cache else None)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = True,
+        return_logits: bool = True,
+        **kwargs: Any,
+    ) -> CPDMTPCausalLMOutputWithPast | tuple:
+        """Trunk, then the CP head: marginal logits and, with labels, the CP-MTP loss.
+
+        Args:
+            input_ids: (B, T) token ids (or ``inputs_embeds`` (B, T, d)).
+            attention_mask: (B, T_past + T) 1 for real tokens, 0 for padding.
+            position_ids: (B, T).
+            past_key_values: the trunk's cache.
+            labels: (B, T) aligned with ``input_ids`` (HF convention, the model shifts): the
+                target of position t at offset s is ``labels[:, t + s]``; -100 is
+                marginalised out. Values must lie in [0, V) or be -100.
+            use_cache: return the trunk's cache (default: the trunk config's ``use_cache``).
+            logits_to_keep: int k: logits for the last k positions only (0: all); or a 1-D
+                tensor of positions. The loss always uses every position.
+            return_dict: False returns the tuple ``(loss?, logits?, past_key_values?)``.
+            return_logits: False skips the (B, T', V) marginal (it costs r·V per position),
+                e.g. in training where only the loss is needed; ``logits`` is then None.
+            **kwargs: passed to the trunk (``output_hidden_states``, ``token_type_ids``, ...);
+                the Trainer's ``num_items_in_batch`` is dropped.
+
+        Returns:
+            ``CPDMTPCausalLMOutputWithPast`` with ``loss`` (scalar, with labels), ``logits``
+            (B, T', V) float32 normalised log-probabilities, ``past_key_values``,
+            ``hidden_states``/``attentions`` when asked for, and ``cp_output`` (the head's
+            ``CPDMTPHeadOutput``, with labels).
+
+        Raises:
+            ValueError: labels whose shape is not (B, T) or whose values are out of range.
+        """
+        kwargs.pop("num_items_in_batch", None)
+        if labels is not None:
+            reference = input_ids if input_ids is not None else inputs_embeds
+            expected = tuple(reference.shape[:2]) if reference is not None else None
+            if expected is not None and tuple(labels.shape) != expected:
+                raise ValueError(
+                    f"labels must have the shape of input_ids (B, T) = {expected} (aligned, the "
+                    f"model shifts), got {tuple(labels.shape)}"
+                )
+        outputs = self.trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs[0]  # (B, T, d)
+
+        loss, logits, cp_output = None, None, None
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is not None:
+            labels = labels.to(hidden.device)
+            cp_output = self.head(hidden, labels=labels, return_logits=return_logits and keep_all)
+            loss, logits = cp_output.loss, cp_output.logits
+        if return_logits and logits is None:
+            logits = self.head(_slice_positions(hidden, logits_to_keep))
+
+        past = getattr(outputs, "past_key_values", None)
+        if not return_dict:
+            return tuple(x for x in (loss, logits, past) if x is not None)
+        return CPDMTPCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+            cp_output=cp_output,
+        )
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+def _warn_on_logit_transforms(config: PretrainedConfig) -> None:
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1 and value != 1.0:
+            warnings.warn(
+                f"{type(config).__name__}.{name}={value!r}: this model transforms its lm_head "
+                "output; the CP head uses plain W_U h logits, so its marginal differs from the "
+                "original model's distribution even at n=1, r=1 with identity experts",
+                stacklevel=3,
+            )
+
+
+def tiny_llama_config(
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = False,
+    **kwargs: Any,
+) -> LlamaConfig:
+    """A small Llama-shaped config for tests and demos (no hub access needed).
+
+    Args:
+        vocab_size: V.
+        hidden_size: d (divisible by ``num_heads``).
+        num_layers: decoder layers.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads (grouped-query attention); defaults to ``num_heads``.
+        intermediate_size: MLP size; defaults to ``4 * hidden_size``, rounded up to 8.
+        max_position_embeddings: longest sequence.
+        tie_word_embeddings: tie input and output embeddings.
+        **kwargs: any other ``LlamaConfig`` field.
+
+    Returns:
+        A ``LlamaConfig``; build the model with ``AutoModelForCausalLM.from_config(config)``.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+    if intermediate_size is None:
+        intermediate_size = -(-4 * hidden_size // 8) * 8
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads if num_kv_heads is not None else num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        **kwargs,
+    )
+
+
+AutoConfig.register(CPDMTPModelConfig.model_type, CPDMTPModelConfig, exist_ok=True)
+AutoModelForCausalLM.register(CPDMTPModelConfig, CPDMTPForCausalLM, exist_ok=True)

@@ -1,0 +1,462 @@
+"""Train a CP-MTP model with DeepSpeed: one CPU, one GPU, or many GPUs across nodes.
+
+    python -m cpd_mtp.train --preset demo run.steps=500 head.rank=8
+    torchrun --nproc_per_node 2 -m cpd_mtp.train --preset tiny run.zero_stage=3  # CPU, gloo
+    deepspeed --num_gpus 8 -m cpd_mtp.train --preset small                      # GPUs
+
+Every run goes through a DeepSpeed engine (ZeRO stage 0-3 from ``configs/deepspeed/``) with
+AdamW, warmup + cosine LR, gradient accumulation and clipping. The data order is a pure
+function of (seed, step), so ``run.resume=true`` continues a killed run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cpd_mtp import checkpoint
+from cpd_mtp.head import shift_targets
+from cpd_mtp.train_config import CONFIG_DIR, TrainConfig, config_to_dict, load_train_config
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+# ---------------------------------------------------------------------- set-up
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU), also for a lone process."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # a plain `python -m cpd_mtp.train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if on_gpu:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def check_config(cfg: TrainConfig, on_gpu: bool) -> None:
+    """Fail before any work on settings that cannot run."""
+    run = cfg.run
+    if run.dtype not in DTYPES:
+        raise ValueError(f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
+    if run.dtype == "fp16" and not on_gpu:
+        raise ValueError(
+            "run.dtype=fp16 is not supported by DeepSpeed on CPU; use run.dtype=bf16 or fp32"
+        )
+    if run.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"run.zero_stage must be 0, 1, 2 or 3, got {run.zero_stage}")
+    for name in ("steps", "micro_batch_size", "grad_accum", "eval_every", "save_every"):
+        if getattr(run, name) < 1:
+            raise ValueError(f"run.{name} must be >= 1, got {getattr(run, name)}")
+    if cfg.trunk.init_from and not Path(cfg.trunk.init_from).is_dir():
+        raise FileNotFoundError(f"trunk.init_from={cfg.trunk.init_from!r} is not a directory")
+    source = cfg.data.source
+    if source != "stdlib":
+        for entry in [source] if isinstance(source, str) else list(source):
+            matches = list(Path().glob(entry)) if any(c in entry for c in "*?[") else []
+            if not matches and not Path(entry).exists():
+                raise FileNotFoundError(f"data.source entry {entry!r} does not exist")
+
+
+def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: the stage's file with every ``auto`` filled in."""
+    run, opt = cfg.run, cfg.optim
+    path = Path(run.deepspeed_config or CONFIG_DIR / "deepspeed" / f"zero{run.zero_stage}.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = run.micro_batch_size
+    ds["gradient_accumulation_steps"] = run.grad_accum
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world
+    ds["gradient_clipping"] = opt.grad_clip
+    ds.setdefault("zero_optimization", {})["stage"] = run.zero_stage
+    ds["bf16"] = {"enabled": run.dtype == "bf16"}
+    ds["fp16"] = {"enabled": run.dtype == "fp16"}
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": opt.lr,
+            "betas": list(opt.betas),
+            "eps": 1e-8,
+            "weight_decay": opt.weight_decay,
+            # FusedAdam would spend minutes compiling on CPU; torch's AdamW is the same math.
+            "torch_adam": True,
+        },
+    }
+    warmup = max(1, min(opt.warmup_steps, run.steps))
+    ds["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": run.steps,
+            "warmup_min_ratio": 0.0,
+            "warmup_num_steps": warmup,
+            "cos_min_ratio": opt.min_lr_ratio,
+            "warmup_type": "linear",
+        },
+    }
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def build_model(cfg: TrainConfig, vocab_size: int):
+    """A Llama-shaped trunk from the preset (or a local model) with a CP head on top."""
+    from transformers import AutoModelForCausalLM
+
+    from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
+
+    t, h = cfg.trunk, cfg.head
+    head_kwargs = dict(
+        expert_type=h.expert_type, expert_inner_size=h.expert_inner_size,
+        expert_init_noise=h.expert_init_noise, balance=h.balance, balance_coef=h.balance_coef,
+        router_z_coef=h.router_z_coef, loss_impl=h.loss_impl,
+    )  # fmt: skip
+    if t.init_from:
+        base = load_causal_lm(t.init_from)
+    else:
+        if t.vocab_size is not None and t.vocab_size != vocab_size:
+            raise ValueError(
+                f"trunk.vocab_size={t.vocab_size} does not match the tokenizer's {vocab_size} "
+                "tokens; drop trunk.vocab_size or use a matching tokenizer"
+            )
+        config = tiny_llama_config(
+            vocab_size=vocab_size, hidden_size=t.hidden_size, num_layers=t.num_layers,
+            num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+            intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings,
+            tie_word_embeddings=t.tie_word_embeddings,
+        )  # fmt: skip
+        base = AutoModelForCausalLM.from_config(config)
+    if base.config.vocab_size != vocab_size:
+        raise ValueError(
+            f"the model has vocab_size={base.config.vocab_size} but the tokenizer has "
+            f"{vocab_size} tokens; they must match"
+        )
+    return CPDMTPForCausalLM.from_causal_lm(
+        base, n_future=h.n_future, rank=h.rank, freeze_trunk=t.freeze_trunk, **head_kwargs
+    )
+
+
+def load_causal_lm(path: str):
+    """A local HF causal LM; from a cpd_mtp export, its trunk and W_U as a plain causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cpd_mtp.modeling import CPDMTPForCausalLM
+
+    if AutoConfig.from_pretrained(path, local_files_only=True).model_type != "cpd_mtp":
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    source = CPDMTPForCausalLM.from_pretrained(path, local_files_only=True)
+    base = AutoModelForCausalLM.from_config(source.config.text_config)
+    base.base_model.load_state_dict(source.trunk.state_dict())
+    with torch.no_grad():
+        base.get_output_embeddings().weight.copy_(source.head.weight)
+    return base
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices, not biases or norm gains; frozen parameters are left out."""
+    seen, decay, no_decay = set(), [], []
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+# ---------------------------------------------------------------------- data order
+def micro_batch_indices(
+    step: int, micro: int, rank: int, world: int, micro_batch_size: int, accum: int,
+    num_blocks: int, seed: int,
+) -> np.ndarray:  # fmt: skip
+    """Block ids of micro-batch ``micro`` of optimizer step ``step`` on ``rank``.
+
+    Step k's global batch is positions [k·G, (k+1)·G), G = world·accum·micro_batch_size, of the
+    endless sequence of per-epoch permutations. Any (world, accum, micro-batch) split with the
+    same G sees the same global batch, and the order depends only on (seed, step).
+    """
+    offset = ((step * accum + micro) * world + rank) * micro_batch_size
+    out = np.empty(micro_batch_size, dtype=np.int64)
+    for i in range(micro_batch_size):
+        epoch, within = divmod(offset + i, num_blocks)
+        out[i] = _permutation(num_blocks, seed, epoch)[within]
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    from cpd_mtp.data import epoch_permutation
+
+    return epoch_permutation(num_blocks, seed, epoch)
+
+
+# ---------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run: corpus, model, DeepSpeed engine, loop, checkpoints, logging."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from cpd_mtp.data import DataConfig, build_corpus
+
+        self.cfg = cfg
+        on_gpu = torch.cuda.is_available()
+        check_config(cfg, on_gpu)
+        self.rank, self.world, self.device = init_distributed()
+        self.out_dir = Path(cfg.run.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        d = cfg.data
+        data_config = DataConfig(
+            source=d.source, vocab_size=d.vocab_size, tokenizer=d.tokenizer,
+            block_size=d.block_size, val_fraction=d.val_fraction, cache_dir=d.cache_dir,
+            max_files=d.max_files, text_field=d.text_field,
+            progress=cfg.run.progress and self.rank == 0,
+        )  # fmt: skip
+        # Rank 0 builds the caches first; the others then read them.
+        if self.rank != 0:
+            torch.distributed.barrier()
+        self.corpus = build_corpus(data_config)
+        if self.rank == 0:
+            torch.distributed.barrier()
+        if len(self.corpus.train) == 0:
+            raise ValueError("the training split has no full block; lower data.block_size")
+
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg, self.corpus.vocab_size)
+        import deepspeed
+
+        self.ds_config = deepspeed_config(cfg, on_gpu)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=self.ds_config,
+        )
+        self.step = 0
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        if cfg.run.resume:
+            self._resume()
+        elif self.rank == 0 and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self.wandb = self._init_wandb()
+
+    # ------------------------------------------------------------------ pieces
+    def _batch(self, step: int, micro: int, dataset) -> torch.Tensor:
+        run = self.cfg.run
+        idx = micro_batch_indices(step, micro, self.rank, self.world, run.micro_batch_size,
+                                  run.grad_accum, len(dataset), run.seed)  # fmt: skip
+        return torch.stack([dataset[int(i)] for i in idx]).to(self.device)
+
+    def _init_wandb(self):
+        run = self.cfg.run
+        if self.rank != 0 or run.wandb_project is None:
+            return None
+        mode = run.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
+        if mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(project=run.wandb_project, mode=mode, dir=str(self.out_dir),
+                          config=config_to_dict(self.cfg), resume="allow")  # fmt: skip
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def _all_reduce(self, values: list[float], op=torch.distributed.ReduceOp.SUM) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def _resume(self) -> None:
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            raise FileNotFoundError(f"run.resume=true but {self.ckpt_dir} holds no checkpoint")
+        try:
+            path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        except Exception as err:  # torch/DeepSpeed raise many types on a broken file
+            raise checkpoint.CheckpointError(f"cannot load checkpoint {tag}: {err}") from err
+        if path is None or client is None:
+            raise checkpoint.CheckpointError(
+                f"DeepSpeed found no checkpoint {tag} in {self.ckpt_dir}"
+            )
+        self.step = int(client["step"])
+        torch.set_rng_state(client["torch_rng"])
+        if self.rank == 0 and self.metrics_path.exists():  # drop records past the checkpoint
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if json.loads(line)["step"] <= self.step]  # fmt: skip
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def save(self) -> None:
+        tag = checkpoint.tag_for_step(self.step)
+        client = {"step": self.step, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client,
+                                    save_latest=False)  # fmt: skip
+        torch.distributed.barrier()
+        if self.rank == 0:
+            checkpoint.seal(self.ckpt_dir, tag, self.step)
+            checkpoint.prune(self.ckpt_dir, self.cfg.run.keep_checkpoints)
+        torch.distributed.barrier()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation joint NLL, next-token NLL of the marginal, per-head NLL, expert usage."""
+        run, n_future = self.cfg.run, self.cfg.head.n_future
+        dataset = self.corpus.validation
+        per_rank = run.micro_batch_size
+        batches = min(run.eval_batches, max(1, len(dataset) // (per_rank * self.world)))
+        sums = np.zeros(5 + 2 * n_future + self.cfg.head.rank)
+        self.engine.eval()
+        for b in range(batches):
+            start = (b * self.world + self.rank) * per_rank
+            idx = [i % len(dataset) for i in range(start, start + per_rank)]
+            ids = torch.stack([dataset[i] for i in idx]).to(self.device)
+            out = self.engine(input_ids=ids, labels=ids, return_logits=False).cp_output
+            counts = (shift_targets(ids, n_future, -100) != -100).sum(dim=(0, 1)).cpu().numpy()
+            pos = float(out.num_positions)
+            sums[:5] += [float(out.joint_nll) * pos, pos, float(out.joint_nll_per_target) *
+                         float(out.num_targets), float(out.num_targets),
+                         float(out.gate_entropy) * pos]  # fmt: skip
+            sums[5 : 5 + n_future] += out.per_head_nll.cpu().numpy() * counts
+            sums[5 + n_future : 5 + 2 * n_future] += counts
+            sums[5 + 2 * n_future :] += out.expert_weight.cpu().numpy() * pos
+        self.engine.train()
+        s = np.array(self._all_reduce(sums.tolist()))
+        per_head = s[5 : 5 + n_future] / np.maximum(s[5 + n_future : 5 + 2 * n_future], 1)
+        result = {
+            "val/joint_nll": s[0] / s[1],
+            "val/joint_nll_per_target": s[2] / s[3],
+            "val/next_token_nll": per_head[0],
+            "val/gate_entropy": s[4] / s[1],
+        }
+        result.update({f"val/head{k + 1}_nll": float(v) for k, v in enumerate(per_head)})
+        usage = s[5 + 2 * n_future :] / s[1]
+        result.update({f"val/expert{a}_weight": float(v) for a, v in enumerate(usage)})
+        return {k: float(v) for k, v in result.items()}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, stop_after: int | None = None) -> dict[str, float]:
+        """Run to ``run.steps`` (or ``stop_after`` steps, to simulate preemption)."""
+        run = self.cfg.run
+        bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step",
+                   disable=self.rank != 0 or not run.progress, dynamic_ncols=True)  # fmt: skip
+        start, tokens = time.perf_counter(), 0
+        tokens_per_step = (
+            run.micro_batch_size * run.grad_accum * self.world * self.cfg.data.block_size
+        )
+        last_eval: dict[str, float] = {}
+        steps_done = 0
+        while self.step < run.steps and (stop_after is None or steps_done < stop_after):
+            sums = np.zeros(4)
+            for micro in range(run.grad_accum):
+                ids = self._batch(self.step, micro, self.corpus.train)
+                out = self.engine(input_ids=ids, labels=ids, return_logits=False)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                cp = out.cp_output
+                sums += [out.loss.item(), cp.joint_nll.item(), cp.per_head_nll[0].item(),
+                         cp.aux_loss.item()]  # fmt: skip
+            self.step += 1
+            steps_done += 1
+            tokens += tokens_per_step
+            loss, joint, next_nll, aux = np.array(self._all_reduce(sums.tolist())) / (
+                run.grad_accum * self.world
+            )
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+            record = {"step": self.step, "loss": loss, "joint_nll": joint,
+                      "next_token_nll": next_nll, "aux_loss": aux,
+                      "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed}  # fmt: skip
+            if self.step % run.eval_every == 0 or self.step == run.steps:
+                last_eval = self.evaluate()
+                record.update(last_eval)
+                if self.rank == 0:
+                    bar.write(f"step {self.step}: val joint {last_eval['val/joint_nll']:.3f} "
+                              f"next-token {last_eval['val/next_token_nll']:.3f} nats")  # fmt: skip
+            self._log(record)
+            if self.step % run.save_every == 0 or self.step == run.steps:
+                self.save()
+        bar.close()
+        if self.step >= run.steps and run.export:
+            self.export(self.out_dir / "final")
+        if self.wandb is not None:
+            self.wandb.finish()
+        return last_eval
+
+    def export(self, path: Path) -> None:
+        """An HF-format model and tokenizer; gathers ZeRO-3 partitions first."""
+        import deepspeed
+
+        module = self.engine.module
+        gather = (
+            deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+            if self.cfg.run.zero_stage == 3
+            else nullcontext()
+        )
+        with gather:
+            if self.rank == 0:
+                module.save_pretrained(path, safe_serialization=True)
+                self.corpus.tokenizer.save_pretrained(path)
+                (path / "train_config.json").write_text(
+                    json.dumps(config_to_dict(self.cfg), indent=1)
+                )
+        torch.distributed.barrier()
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, float]:
+    """Train per ``cfg``; returns the last validation metrics."""
+    return Trainer(cfg).train(stop_after=stop_after)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a CP-MTP model with DeepSpeed.")
+    parser.add_argument("--preset", default="demo", help="configs/<preset>.yaml or a YAML path")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=100")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    try:
+        cfg = load_train_config(args.preset, overrides)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    metrics = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0 and metrics:
+        print(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+    main()

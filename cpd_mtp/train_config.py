@@ -1,0 +1,132 @@
+"""Training configuration: typed dataclasses, YAML presets in ``configs/`` and overrides.
+
+``load_train_config("demo", ["run.steps=100", "head.rank=8"])`` merges, in order, the
+dataclass defaults, the preset ``configs/demo.yaml`` (or any YAML path) and the dotted
+overrides, through OmegaConf, which rejects unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrunkSettings:
+    """The causal LM under the head: a Llama-shaped model built from config, or a local one."""
+
+    init_from: str | None = None  # a local HF causal LM or cpd_mtp export; None builds one
+    vocab_size: int | None = None  # None: the tokenizer's size
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = True
+    freeze_trunk: bool = False  # heads-only training (trunk and W_U frozen)
+
+
+@dataclass
+class HeadSettings:
+    """The CP-MTP head (see ``CPDMTPConfig``)."""
+
+    n_future: int = 4
+    rank: int = 4
+    expert_type: str = "resblock"
+    expert_inner_size: int = 64
+    expert_init_noise: float = 1e-2
+    balance: str = "switch"
+    balance_coef: float = 0.01
+    router_z_coef: float = 0.0
+    loss_impl: str = "auto"
+
+
+@dataclass
+class DataSettings:
+    """Where the text comes from (see ``cpd_mtp.data.DataConfig``)."""
+
+    source: Any = "stdlib"  # "stdlib", a path, or a list of paths
+    vocab_size: int = 4096
+    tokenizer: str | None = None
+    block_size: int = 256
+    val_fraction: float = 0.03
+    max_files: int | None = None
+    text_field: str = "text"
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RunSettings:
+    out_dir: str = "runs/demo"
+    steps: int = 1000
+    micro_batch_size: int = 16  # per process
+    grad_accum: int = 1
+    zero_stage: int = 2
+    dtype: str = "bf16"  # fp32 | bf16 | fp16 (fp16: GPU only)
+    deepspeed_config: str | None = None  # a JSON to start from; default configs/deepspeed/
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 10
+    wandb_project: str | None = "cpd_mtp"
+    wandb_mode: str | None = None  # None: $WANDB_MODE, else offline without an API key
+    progress: bool = True
+    export: bool = True  # write an HF-format model to out_dir/final at the end
+
+
+@dataclass
+class TrainConfig:
+    trunk: TrunkSettings = field(default_factory=TrunkSettings)
+    head: HeadSettings = field(default_factory=HeadSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+def preset_path(preset: str) -> Path:
+    """``configs/<preset>.yaml``, or ``preset`` itself when it is a YAML file."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{preset}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown preset {preset!r}: not a YAML file and not one of {known}")
+    return candidate
+
+
+def load_train_config(preset: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the preset, then ``key=value`` overrides; validated and typed."""
+    merged = OmegaConf.structured(TrainConfig)
+    try:
+        if preset is not None:
+            merged = OmegaConf.merge(merged, OmegaConf.load(preset_path(preset)))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad training config: {err}") from err
+    return OmegaConf.to_object(merged)
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)

@@ -1,0 +1,402 @@
+"""The Triton kernels of the fused CP-MTP loss against the torch reference.
+
+On a CPU machine they run under the Triton interpreter (TRITON_INTERPRET=1, fp32 dots, small
+grids); on a CUDA machine the CUDA tests run the compiled kernels in bf16 and fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does it too)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from cpd_mtp import ops
+from cpd_mtp.kernels import (
+    config,
+    mixture_logsumexp_triton,
+    mixture_nll_triton,
+    row_logprobs_triton,
+)
+from cpd_mtp.kernels.lse_forward import _lse_forward_kernel
+from cpd_mtp.ops.mixture import mixture_logsumexp
+from cpd_mtp.ops.reference import row_logprobs_reference
+
+IGNORE = -100
+# The kernels were decorated in interpreter mode (true on this CPU machine).
+INTERPRETED = type(_lse_forward_kernel).__name__ == "InterpretedFunction"
+interp = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 before triton import")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETED,
+    reason="needs CUDA and compiled (not interpreted) kernels",
+)
+FEW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Shapes: small grids for the interpreter; V and d cross the 32 / 16 tile edges.
+shapes = st.tuples(
+    st.integers(1, 4),  # N
+    st.integers(1, 3),  # n
+    st.integers(1, 3),  # r
+    st.integers(1, 40),  # d
+    st.integers(2, 75),  # V
+    st.integers(0, 2**31 - 1),  # seed
+)
+
+
+def make_inputs(
+    n_tokens: int,
+    n_future: int,
+    rank: int,
+    dim: int,
+    vocab: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    scale: float = 1.0,
+    ignore_frac: float = 0.25,
+):
+    """u (N, n, r, d), W_U (V, d), log_w (N, r), targets (N, n) with some ignored, as leaves."""
+    g = torch.Generator().manual_seed(seed)
+    u = scale * torch.randn(n_tokens, n_future, rank, dim, generator=g) / max(dim, 1) ** 0.5
+    weight = torch.randn(vocab, dim, generator=g)
+    log_w = torch.log_softmax(torch.randn(n_tokens, rank, generator=g), -1)
+    targets = torch.randint(0, vocab, (n_tokens, n_future), generator=g)
+    targets[torch.rand(n_tokens, n_future, generator=g) < ignore_frac] = IGNORE
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (u, weight, log_w)]
+    return (*leaves, targets.to(device))
+
+
+def reference_nll(u, weight, log_w, targets):
+    lp = row_logprobs_reference(u, weight, targets, IGNORE)
+    return mixture_logsumexp(lp, log_w)[0]
+
+
+def grads(out, inputs, upstream):
+    return torch.autograd.grad(out, inputs, upstream, allow_unused=True)
+
+
+def assert_close(actual, expected, atol=2e-5, rtol=2e-5):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreter tests: every kernel against the reference, fp32, tight tolerances.
+
+
+@interp
+@FEW
+@given(shapes)
+def test_row_logprobs_values_and_grads(shape):
+    u, weight, _, targets = make_inputs(*shape)
+    upstream = torch.randn(u.shape[:3], generator=torch.Generator().manual_seed(shape[-1]))
+    got = row_logprobs_triton(u, weight, targets, IGNORE, grad_filter=False)
+    want = row_logprobs_reference(u, weight, targets, IGNORE)
+    assert got.dtype == torch.float32 and got.shape == u.shape[:3]
+    assert_close(got, want)
+    assert bool((got[targets == IGNORE] == 0).all())
+    for a, b in zip(grads(got, (u, weight), upstream), grads(want, (u, weight), upstream)):
+        assert_close(a, b)
+
+
+@interp
+@FEW
+@given(shapes)
+def test_mixture_logsumexp_kernel(shape):
+    n_tokens, n_future, rank, *_ = shape
+    g = torch.Generator().manual_seed(shape[-1])
+    row_lp = (-5 * torch.rand(n_tokens, n_future, rank, generator=g)).requires_grad_()
+    log_w = torch.log_softmax(torch.randn(n_tokens, rank, generator=g), -1).requires_grad_()
+    upstream = torch.randn(n_tokens, generator=g)
+    nll, gamma = mixture_logsumexp_triton(row_lp, log_w)
+    ref_nll, ref_gamma = mixture_logsumexp(row_lp, log_w)
+    assert_close(nll, ref_nll, atol=1e-6, rtol=1e-6)
+    assert_close(gamma, ref_gamma, atol=1e-6, rtol=1e-6)
+    assert not gamma.requires_grad
+    for a, b in zip(
+        grads(nll, (row_lp, log_w), upstream), grads(ref_nll, (row_lp, log_w), upstream)
+    ):
+        assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@interp
+@FEW
+@given(shapes)
+def test_mixture_nll_values_and_grads(shape):
+    u, weight, log_w, targets = make_inputs(*shape)
+    upstream = torch.randn(u.shape[0], generator=torch.Generator().manual_seed(shape[-1]))
+    got = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=False)
+    want = reference_nll(u, weight, log_w, targets)
+    assert_close(got, want)
+    for a, b in zip(
+        grads(got, (u, weight, log_w), upstream), grads(want, (u, weight, log_w), upstream)
+    ):
+        assert_close(a, b)
+
+
+@interp
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 1, 1, 17, 33),  # n = 1, r = 1: a plain LM head; V = 33 crosses one tile edge
+        (2, 1, 3, 1, 2),  # d = 1, V = 2
+        (2, 3, 1, 31, 64),  # r = 1 (independent heads), V a multiple of the tile
+        (5, 2, 2, 33, 97),  # more than one row tile, odd everything
+    ],
+)
+def test_odd_shapes_against_fp64(shape):
+    u, weight, log_w, targets = make_inputs(*shape, seed=7)
+    got = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=False)
+    u64, w64, lw64 = (t.detach().double().requires_grad_() for t in (u, weight, log_w))
+    want = reference_nll(u64, w64, lw64, targets)
+    upstream = torch.linspace(-1, 2, u.shape[0])
+    assert_close(got, want)
+    for a, b in zip(
+        grads(got, (u, weight, log_w), upstream), grads(want, (u64, w64, lw64), upstream.double())
+    ):
+        assert_close(a, b, atol=3e-5, rtol=3e-5)
+
+
+@interp
+def test_all_targets_ignored_gives_zero_rows_and_zero_vocab_grads():
+    u, weight, log_w, targets = make_inputs(3, 2, 2, 9, 20, seed=1)
+    targets = torch.full_like(targets, IGNORE)
+    lp = row_logprobs_triton(u, weight, targets, IGNORE)
+    assert bool((lp == 0).all())
+    nll = mixture_nll_triton(u, weight, log_w, targets, IGNORE)
+    assert_close(nll, -torch.logsumexp(log_w, -1), atol=1e-6, rtol=0)  # 0 for normalised log w
+    gu, gw = torch.autograd.grad(nll.sum(), (u, weight))
+    assert bool((gu == 0).all()) and bool((gw == 0).all())
+
+
+@interp
+def test_non_contiguous_inputs():
+    u, weight, log_w, targets = make_inputs(4, 3, 2, 21, 45, seed=3)
+    # u laid out as (d, N, n, r) and W_U as (d, V), viewed back; targets and log_w transposed.
+    u_nc = u.detach().permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0).requires_grad_()
+    w_nc = weight.detach().t().contiguous().t().requires_grad_()
+    lw_nc = log_w.detach().t().contiguous().t().requires_grad_()
+    t_nc = targets.t().contiguous().t()
+    assert not (u_nc.is_contiguous() or w_nc.is_contiguous() or lw_nc.is_contiguous())
+    got = mixture_nll_triton(u_nc, w_nc, lw_nc, t_nc, IGNORE, grad_filter=False)
+    want = reference_nll(u, weight, log_w, targets)
+    assert_close(got, want)
+    upstream = torch.rand(u.shape[0])
+    for a, b in zip(
+        grads(got, (u_nc, w_nc, lw_nc), upstream), grads(want, (u, weight, log_w), upstream)
+    ):
+        assert_close(a, b)
+
+
+@interp
+def test_du_scratch_split_into_several_launches(monkeypatch):
+    u, weight, log_w, targets = make_inputs(4, 2, 3, 13, 40, seed=5, ignore_frac=0.0)
+    monkeypatch.setattr(config, "DU_SCRATCH_BYTES", 13 * 4 * 5)  # 5 rows per launch, 24 rows
+    got = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=False)
+    want = reference_nll(u, weight, log_w, targets)
+    for a, b in zip(
+        grads(got.sum(), (u, weight, log_w), None), grads(want.sum(), (u, weight, log_w), None)
+    ):
+        assert_close(a, b)
+
+
+@interp
+def test_bf16_inputs_in_interpreter_against_fp64():
+    u, weight, log_w, targets = make_inputs(3, 2, 2, 24, 50, seed=11, dtype=torch.bfloat16)
+    got = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=False)
+    u64, w64, lw64 = (t.detach().double().requires_grad_() for t in (u, weight, log_w))
+    want = reference_nll(u64, w64, lw64, targets)
+    assert_close(got, want, atol=1e-4, rtol=1e-4)  # fp32 math on the same bf16 values
+    gu, gw, gl = grads(got.sum(), (u, weight, log_w), None)
+    assert gu.dtype == gw.dtype == gl.dtype == torch.bfloat16
+    for a, b in zip((gu, gw, gl), grads(want.sum(), (u64, w64, lw64), None)):
+        assert_close(a, b, atol=1e-2, rtol=2**-7)  # one bf16 rounding of the result
+
+
+@interp
+def test_autocast_casts_u_and_weight_like_linear():
+    u, weight, log_w, targets = make_inputs(3, 2, 2, 16, 40, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=False)
+    ub, wb = (t.detach().bfloat16().double().requires_grad_() for t in (u, weight))
+    lw64 = log_w.detach().double().requires_grad_()
+    want = reference_nll(ub, wb, lw64, targets)
+    assert got.dtype == torch.float32
+    assert_close(got, want, atol=1e-4, rtol=1e-4)
+    gu, gw = grads(got.sum(), (u, weight), None)
+    assert gu.dtype == gw.dtype == torch.float32  # autograd casts back to the leaves' dtype
+    for a, b in zip((gu, gw), grads(want.sum(), (ub, wb), None)):
+        assert_close(a, b, atol=1e-2, rtol=2**-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient filtering.
+
+
+def filter_bounds(u, weight, targets):
+    """Entry-wise bounds on the error of filtering at threshold 1: every skipped |d| < eps, so
+    |ΔdU[m, j]| <= eps · Σ_v |W[v, j]| and |ΔdW[v, j]| <= eps · Σ_{kept m} |u[m, j]|."""
+    kept = (targets != IGNORE)[:, :, None, None].expand_as(u)
+    bound_u = weight.detach().abs().sum(0).expand_as(u) * kept
+    bound_w = (u.detach().abs() * kept).reshape(-1, u.shape[-1]).sum(0).expand_as(weight)
+    return bound_u, bound_w
+
+
+@interp
+@pytest.mark.parametrize("eps", [1e-3, 3e-2])
+def test_filtering_stays_within_the_eps_bound(eps):
+    # A peaked softmax (scaled u) so that many vocabulary tiles fall under eps.
+    u, weight, log_w, targets = make_inputs(4, 2, 2, 20, 96, seed=4, scale=6.0)
+    upstream = torch.rand(u.shape[0])
+    got = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=True, filter_eps=eps)
+    want = reference_nll(u, weight, log_w, targets)
+    assert_close(got, want)  # the forward pass is never filtered
+    gu, gw, gl = grads(got, (u, weight, log_w), upstream)
+    ru, rw, rl = grads(want, (u, weight, log_w), upstream)
+    assert_close(gl, rl)  # nor is the mixture step
+    bound_u, bound_w = filter_bounds(u, weight, targets)
+    assert bool(((gu - ru).abs() <= eps * bound_u + 1e-5).all())
+    assert bool(((gw - rw).abs() <= eps * bound_w + 1e-5).all())
+    assert not torch.equal(gw, rw)  # some tile was skipped
+
+
+@interp
+def test_filtering_off_by_argument_and_env_matches_reference(monkeypatch):
+    u, weight, log_w, targets = make_inputs(3, 2, 3, 19, 70, seed=9, scale=6.0)
+    want = grads(reference_nll(u, weight, log_w, targets).sum(), (u, weight), None)
+    # A threshold above every |d| would skip all tiles; switched off, it must not matter.
+    off_arg = mixture_nll_triton(
+        u, weight, log_w, targets, IGNORE, grad_filter=False, filter_eps=10.0
+    )
+    monkeypatch.setenv("CPD_MTP_GRAD_FILTER", "0")
+    monkeypatch.setenv("CPD_MTP_GRAD_FILTER_EPS", "10")
+    off_env = mixture_nll_triton(u, weight, log_w, targets, IGNORE)
+    for out in (off_arg, off_env):
+        for a, b in zip(grads(out.sum(), (u, weight), None), want):
+            assert_close(a, b)
+
+
+@interp
+def test_filtering_is_on_by_default_and_env_eps_is_read(monkeypatch):
+    monkeypatch.delenv("CPD_MTP_GRAD_FILTER", raising=False)
+    monkeypatch.delenv("CPD_MTP_GRAD_FILTER_EPS", raising=False)
+    assert config.grad_filter_setting(torch.float32, None, None) == (True, 2.0**-24)
+    assert config.grad_filter_setting(torch.bfloat16, None, None) == (True, 2.0**-12)
+    monkeypatch.setenv("CPD_MTP_GRAD_FILTER_EPS", "10")  # above every |d| <= |c| = 1
+    u, weight, log_w, targets = make_inputs(2, 2, 2, 8, 40, seed=6)
+    out = mixture_nll_triton(u, weight, log_w, targets, IGNORE)
+    gu, gw, gl = grads(out.sum(), (u, weight, log_w), None)
+    assert bool((gu == 0).all()) and bool((gw == 0).all())
+    assert_close(gl, grads(reference_nll(u, weight, log_w, targets).sum(), (log_w,), None)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch, configs and errors.
+
+
+def test_auto_dispatches_to_chunked_on_cpu():
+    assert ops.resolve_impl("auto", torch.device("cpu")) == "chunked"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        ops.resolve_impl("triton", torch.device("cpu"))
+
+
+@interp
+def test_ops_dispatch_impl_triton_matches_reference():
+    u, weight, log_w, targets = make_inputs(3, 2, 2, 12, 30, seed=8)
+    got = ops.mixture_nll(u, weight, log_w, targets, impl="triton")
+    want = ops.mixture_nll(u, weight, log_w, targets, impl="reference")
+    assert_close(got, want)
+    lp = ops.row_logprobs(u, weight, targets, impl="triton")
+    assert_close(lp, row_logprobs_reference(u, weight, targets, IGNORE))
+
+
+@interp
+def test_float64_is_refused_with_a_pointer_to_chunked():
+    u, weight, log_w, targets = make_inputs(2, 1, 1, 4, 8, seed=0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="chunked"):
+        mixture_nll_triton(u, weight, log_w, targets)
+
+
+@interp
+def test_autotune_request_is_ignored_with_a_warning_in_the_interpreter(monkeypatch):
+    monkeypatch.setenv("CPD_MTP_AUTOTUNE", "1")
+    monkeypatch.setattr("cpd_mtp.kernels.launch._WARNED", [])
+    u, weight, log_w, targets = make_inputs(2, 2, 2, 10, 40, seed=12)
+    with pytest.warns(RuntimeWarning, match="CPD_MTP_AUTOTUNE"):
+        got = mixture_nll_triton(u, weight, log_w, targets, grad_filter=False)
+    assert_close(got, reference_nll(u, weight, log_w, targets))
+
+
+def test_one_fixed_config_per_dtype(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cfg = config.configs_for(dtype)
+        assert min(cfg.forward.block_m, cfg.forward.block_v, cfg.forward.block_d) >= 16
+    assert config.configs_for(torch.bfloat16) != config.configs_for(torch.float32)
+    with pytest.raises(ValueError):
+        config.configs_for(torch.float64)
+    assert len(config.autotune_space(torch.bfloat16)) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: compiled kernels, bf16 and fp32, tolerance relative to the reference's own error.
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape", [(64, 4, 8, 256, 1000), (37, 3, 2, 129, 3001), (16, 1, 1, 64, 50)]
+)
+def test_cuda_against_fp64_relative_to_reference_error(dtype, shape):
+    n_tokens, n_future, rank, dim, vocab = shape
+    u, weight, log_w, targets = make_inputs(
+        n_tokens, n_future, rank, dim, vocab, seed=13, dtype=dtype, device="cuda"
+    )
+    upstream = torch.rand(n_tokens, device="cuda")
+    leaves = (u, weight, log_w)
+    exact_leaves = tuple(t.detach().double().requires_grad_() for t in leaves)
+    exact = reference_nll(*exact_leaves, targets)
+    ref = reference_nll(*leaves, targets)  # the reference in the same dtype: its own error
+    got = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=False)
+    pairs = [(got, ref, exact)]
+    pairs += list(
+        zip(
+            grads(got, leaves, upstream),
+            grads(ref, leaves, upstream),
+            grads(exact, exact_leaves, upstream.double()),
+        )
+    )
+    for mine, theirs, truth in pairs:
+        ref_err = (theirs.double() - truth).abs().max().item()
+        my_err = (mine.double() - truth).abs().max().item()
+        floor = 1e-5 * truth.abs().max().item() + 1e-6
+        assert my_err <= 2.0 * ref_err + floor, (my_err, ref_err)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_filtering_within_bound_bf16():
+    u, weight, log_w, targets = make_inputs(
+        128, 4, 4, 128, 2000, seed=14, dtype=torch.bfloat16, device="cuda", scale=6.0
+    )
+    got = mixture_nll_triton(u, weight, log_w, targets, IGNORE)  # default: on, eps = 2^-12
+    off = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=False)
+    g_on = grads(got.sum(), (u, weight), None)
+    g_off = grads(off.sum(), (u, weight), None)
+    bound_u, bound_w = filter_bounds(u.float(), weight.float(), targets)
+    eps = config.FILTER_EPS[torch.bfloat16]
+    for a, b, bound in zip(g_on, g_off, (bound_u, bound_w)):
+        slack = 2**-7 * b.float().abs() + 1e-3  # bf16 rounding of either result
+        assert bool(((a.float() - b.float()).abs() <= eps * bound + slack).all())
