@@ -379,6 +379,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
         steps_done = 0
         while self.step < run.steps and (stop_after is None or steps_done < stop_after):
+            step_start = time.perf_counter()
             sums = np.zeros(4)
             for micro in range(run.grad_accum):
                 ids = self._batch(self.step, micro, self.corpus.train)
@@ -399,7 +400,8 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
             record = {"step": self.step, "loss": loss, "joint_nll": joint,
                       "next_token_nll": next_nll, "aux_loss": aux,
-                      "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed}  # fmt: skip
+                      "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
+                      "step_time_s": time.perf_counter() - step_start}  # fmt: skip
             if self.step % run.eval_every == 0 or self.step == run.steps:
                 last_eval = self.evaluate()
                 record.update(last_eval)

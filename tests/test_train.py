@@ -36,13 +36,15 @@ def run_env() -> dict[str, str]:
 
 def launch(out_dir: Path, *overrides: str, nproc: int = 1, wait: bool = True):
     module = ["-m", "cpd_mtp.train", "--preset", "tiny", f"run.out_dir={out_dir}", *overrides]
-    if nproc > 1:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(29500 + os.getpid() % 1000)]  # fmt: skip
-        cmd = torchrun + module
+    env = run_env()
+    if nproc > 1:  # the launch script CI and users run on CPU
+        env.update(
+            NPROC=str(nproc), PYTHON=sys.executable, MASTER_PORT=str(29500 + os.getpid() % 1000)
+        )
+        cmd = ["bash", str(ROOT / "scripts" / "train_cpu.sh"), *module[2:]]
     else:
         cmd = [sys.executable, *module]
-    proc = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     if not wait:
         return proc

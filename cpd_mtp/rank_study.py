@@ -1,0 +1,393 @@
+"""The rank study: does rank r beat rank 1, measured end to end on the embedded corpus.
+
+    cpd-mtp bench ranks                  # the default size, about an hour on 2 CPU cores
+    cpd-mtp bench ranks --size tiny      # seconds; what the tests run
+    cpd-mtp bench ranks --size gpu       # larger models for a GPU
+
+Every configuration trains with the same token budget and seeds through ``cpd_mtp.train`` (one
+process each), then is measured on the validation split and on held-out prompts:
+
+- (a) ``ntp``: plain next-token model, n = 1, r = 1;
+- (b) ``n4_r1``: n = 4 with rank 1 (independent heads);
+- (c) ``n4_r2``, ``n4_r4``, ``n4_r8``: n = 4 with rank 2, 4, 8;
+- (d) ``ft_r1``, ``ft_r4``, ``ft_r8``: the trunk of (a), frozen, with new heads only;
+- (e) ``n4_r8_none``, ``n4_r8_importance``: the load-balancing ablation at r = 8 (``switch``
+  is ``n4_r8``).
+
+Outputs under ``--out`` (default ``docs/rank_study``): ``results.json`` with every number and
+its config, ``table.md``, and the plots ``joint_nll_vs_rank.png``,
+``tokens_per_forward_vs_rank.png``, ``acceptance_by_position.png``, ``expert_usage.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration of the study."""
+
+    name: str
+    group: str  # "scratch", "finetune" or "ablation"
+    n_future: int
+    rank: int
+    balance: str = "switch"
+    finetune_from: str | None = None  # the run whose trunk is frozen and reused
+
+
+PLAN = [
+    RunSpec("ntp", "scratch", 1, 1),
+    RunSpec("n4_r1", "scratch", 4, 1),
+    RunSpec("n4_r2", "scratch", 4, 2),
+    RunSpec("n4_r4", "scratch", 4, 4),
+    RunSpec("n4_r8", "scratch", 4, 8),
+    RunSpec("ft_r1", "finetune", 4, 1, finetune_from="ntp"),
+    RunSpec("ft_r4", "finetune", 4, 4, finetune_from="ntp"),
+    RunSpec("ft_r8", "finetune", 4, 8, finetune_from="ntp"),
+    RunSpec("n4_r8_none", "ablation", 4, 8, balance="none"),
+    RunSpec("n4_r8_importance", "ablation", 4, 8, balance="importance"),
+]
+
+# Training overrides per size; every run of a size gets the same token budget.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "train": ["trunk.hidden_size=32", "trunk.num_layers=2", "trunk.num_heads=2",
+                  "data.vocab_size=300", "data.max_files=40", "data.block_size=32",
+                  "run.micro_batch_size=4", "run.steps=6", "run.eval_every=6",
+                  "run.eval_batches=2", "optim.warmup_steps=2", "optim.lr=1e-2"],
+        "finetune_steps": 4, "seeds": 1, "prompts": 2, "prompt_tokens": 16, "new_tokens": 12,
+    },
+    "default": {
+        "train": ["trunk.hidden_size=96", "trunk.num_layers=3", "trunk.num_heads=4",
+                  "data.vocab_size=1024", "data.block_size=128", "run.micro_batch_size=8",
+                  "run.steps=250", "run.eval_every=250", "run.eval_batches=16",
+                  "optim.warmup_steps=25", "optim.lr=3e-3"],
+        "finetune_steps": 125, "seeds": 3, "prompts": 8, "prompt_tokens": 48, "new_tokens": 48,
+    },
+    "gpu": {
+        "train": ["trunk.hidden_size=512", "trunk.num_layers=8", "trunk.num_heads=8",
+                  "data.vocab_size=4096", "data.block_size=512", "run.micro_batch_size=32",
+                  "run.steps=3000", "run.eval_every=3000", "run.eval_batches=32",
+                  "run.dtype=bf16", "optim.warmup_steps=200", "optim.lr=1e-3"],
+        "finetune_steps": 1500, "seeds": 3, "prompts": 32, "prompt_tokens": 64, "new_tokens": 128,
+    },
+}  # fmt: skip
+
+
+def run_dir(out: Path, spec: RunSpec, seed: int) -> Path:
+    return out / "runs" / spec.name / f"seed{seed}"
+
+
+def train_overrides(spec: RunSpec, seed: int, size: dict[str, Any], out: Path) -> list[str]:
+    """The ``cpd_mtp.train`` overrides of one run."""
+    overrides = [
+        *size["train"],
+        f"run.out_dir={run_dir(out, spec, seed)}",
+        f"run.seed={seed}",
+        f"run.save_every={10**9}",  # one checkpoint, at the end
+        "run.progress=false",
+        "run.wandb_mode=disabled",
+        f"head.n_future={spec.n_future}",
+        f"head.rank={spec.rank}",
+        f"head.balance={spec.balance}",
+        "head.expert_type=resblock",
+    ]
+    if spec.finetune_from is not None:
+        base = run_dir(out, next(s for s in PLAN if s.name == spec.finetune_from), seed)
+        overrides += [f"trunk.init_from={base / 'final'}", "trunk.freeze_trunk=true",
+                      f"run.steps={size['finetune_steps']}",
+                      f"run.eval_every={size['finetune_steps']}"]  # fmt: skip
+    return overrides
+
+
+def train_one(spec: RunSpec, seed: int, size: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Train one run in its own process; its validation metrics and median step time."""
+    directory = run_dir(out, spec, seed)
+    cmd = [sys.executable, "-m", "cpd_mtp.train", "--preset", "demo",
+           *train_overrides(spec, seed, size, out)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training {spec.name} seed {seed} failed:\n{proc.stdout[-3000:]}"
+                           f"\n{proc.stderr[-3000:]}")  # fmt: skip
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    val = {k[4:]: v for k, v in records[-1].items() if k.startswith("val/")}
+    times = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
+    return {"val": val, "step_time_s": statistics.median(times), "steps": len(records)}
+
+
+@torch.no_grad()
+def measure_decoding(model_dir: Path, prompts: list[list[int]], new_tokens: int, seed: int) -> dict:
+    """Tokens per forward and acceptance (greedy, sampling at T=1) and speedup over HF greedy."""
+    from cpd_mtp.generation import generate
+    from cpd_mtp.modeling import CPDMTPForCausalLM
+
+    model = CPDMTPForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    result: dict[str, Any] = {}
+    for mode in ("greedy", "sample"):
+        generator = torch.Generator().manual_seed(seed)
+        new = forwards = 0
+        proposed = accepted = None
+        spec_time = 0.0
+        for ids in prompts:
+            x = torch.tensor([ids])
+            out = generate(model, x, new_tokens, do_sample=mode == "sample", generator=generator)
+            new, forwards, spec_time = (
+                new + out.new_tokens,
+                forwards + out.forwards,
+                spec_time + out.wall_time_s,
+            )
+            proposed = (
+                [a + b for a, b in zip(proposed, out.proposed_counts)]
+                if proposed
+                else list(out.proposed_counts)
+            )
+            accepted = (
+                [a + b for a, b in zip(accepted, out.accepted_counts)]
+                if accepted
+                else list(out.accepted_counts)
+            )
+        rates = [a / p if p else None for a, p in zip(accepted or [], proposed or [])]
+        result[mode] = {"tokens_per_forward": new / forwards, "acceptance": rates,
+                        "time_s": spec_time}  # fmt: skip
+    start = time.perf_counter()
+    for ids in prompts:
+        x = torch.tensor([ids])
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    ar_time = time.perf_counter() - start
+    result["autoregressive_time_s"] = ar_time
+    result["greedy"]["speedup"] = ar_time / result["greedy"]["time_s"]
+    return result
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    clean = [v for v in values if v is not None and not math.isnan(v)]
+    if not clean:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(clean), "std": statistics.stdev(clean) if len(clean) > 1 else 0.0,
+            "n": len(clean)}  # fmt: skip
+
+
+def usage_entropy(val: dict[str, float], rank: int) -> float:
+    """Entropy (nats) of the mean expert usage; ln r means a uniform split."""
+    w = [val[f"expert{a}_weight"] for a in range(rank)]
+    return -sum(p * math.log(p) for p in w if p > 0)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds of every reported number, per configuration."""
+    base_time = statistics.fmean(r["step_time_s"] for r in runs if r["name"] == "ntp") if any(
+        r["name"] == "ntp" for r in runs) else None  # fmt: skip
+    rows = []
+    for spec in PLAN:
+        mine = [r for r in runs if r["name"] == spec.name]
+        if not mine:
+            continue
+        get = lambda f: summarise([f(r) for r in mine])  # noqa: E731
+        row = {**asdict(spec), "seeds": len(mine),
+               "joint_nll_per_target": get(lambda r: r["val"]["joint_nll_per_target"]),
+               "next_token_nll": get(lambda r: r["val"]["next_token_nll"]),
+               "per_head_nll": [get(lambda r, s=s: r["val"][f"head{s}_nll"])
+                                for s in range(1, spec.n_future + 1)],
+               "usage_entropy": get(lambda r: usage_entropy(r["val"], spec.rank)),
+               "gate_entropy": get(lambda r: r["val"]["gate_entropy"]),
+               "expert_usage": [get(lambda r, a=a: r["val"][f"expert{a}_weight"])
+                                for a in range(spec.rank)],
+               "step_time_s": get(lambda r: r["step_time_s"]),
+               "step_time_vs_ntp": get(lambda r: r["step_time_s"] / base_time) if base_time else None,
+               "greedy_tokens_per_forward": get(lambda r: r["decode"]["greedy"]["tokens_per_forward"]),
+               "sample_tokens_per_forward": get(lambda r: r["decode"]["sample"]["tokens_per_forward"]),
+               "greedy_speedup": get(lambda r: r["decode"]["greedy"]["speedup"]),
+               "greedy_acceptance": [get(lambda r, j=j: r["decode"]["greedy"]["acceptance"][j])
+                                     for j in range(spec.n_future - 1)],
+               "sample_acceptance": [get(lambda r, j=j: r["decode"]["sample"]["acceptance"][j])
+                                     for j in range(spec.n_future - 1)]}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def fmt(stat: dict[str, float] | None, digits: int = 3) -> str:
+    if stat is None or stat["n"] == 0:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], machine: str, size: str) -> str:
+    lines = [
+        f"Rank study, size `{size}`, on {machine}. Mean ± standard deviation over seeds.",
+        "",
+        "| config | n | r | balance | joint NLL / target | next-token NLL | usage entropy | "
+        "step time vs ntp | tok/fwd greedy | tok/fwd sample | greedy speedup | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['n_future']} | {r['rank']} | {r['balance']} | "
+            f"{fmt(r['joint_nll_per_target'])} | {fmt(r['next_token_nll'])} | "
+            f"{fmt(r['usage_entropy'], 2)} | {fmt(r['step_time_vs_ntp'], 2)} | "
+            f"{fmt(r['greedy_tokens_per_forward'], 2)} | {fmt(r['sample_tokens_per_forward'], 2)} | "
+            f"{fmt(r['greedy_speedup'], 2)} | {r['seeds']} |"
+        )
+    lines += ["", "Acceptance rate per draft position (greedy; sampling at T=1):", "",
+              "| config | greedy alpha_1..3 | sample alpha_1..3 |", "|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if r["n_future"] > 1:
+            g = ", ".join(fmt(a, 2) for a in r["greedy_acceptance"])
+            s = ", ".join(fmt(a, 2) for a in r["sample_acceptance"])
+            lines.append(f"| {r['name']} | {g} | {s} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    groups = {"scratch (n=4)": [r for r in rows if r["group"] == "scratch" and r["n_future"] == 4],
+              "frozen trunk (n=4)": [r for r in rows if r["group"] == "finetune"]}  # fmt: skip
+
+    def errorbar(ax, key, sub=None):
+        for label, members in groups.items():
+            if not members:
+                continue
+            xs = [m["rank"] for m in members]
+            stats = [m[key] if sub is None else m[key][sub] for m in members]
+            ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats],
+                        marker="o", capsize=3, label=label)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.legend()
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    errorbar(ax, "joint_nll_per_target")
+    ax.set_ylabel("validation joint NLL per target (nats)")
+    paths.append(out / "joint_nll_vs_rank.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, key, title in zip(axes, ("greedy_tokens_per_forward", "sample_tokens_per_forward"),
+                              ("greedy", "sampling, T=1")):  # fmt: skip
+        errorbar(ax, key)
+        ax.set_title(title)
+    axes[0].set_ylabel("tokens per trunk forward")
+    paths.append(out / "tokens_per_forward_vs_rank.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for r in rows:
+        if r["n_future"] > 1:
+            means = [a["mean"] for a in r["greedy_acceptance"]]
+            ax.plot(range(1, len(means) + 1), means, marker="o", label=r["name"])
+    ax.set_xlabel("draft position j (token t+1+j)")
+    ax.set_ylabel("greedy acceptance rate alpha_j")
+    ax.set_xticks([1, 2, 3])
+    ax.legend(fontsize=7, ncol=2)
+    paths.append(out / "acceptance_by_position.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    eights = [r for r in rows if r["rank"] == 8]
+    width = 0.8 / max(len(eights), 1)
+    for i, r in enumerate(eights):
+        usage = sorted((u["mean"] for u in r["expert_usage"]), reverse=True)
+        ax.bar(
+            [a + i * width for a in range(8)], usage, width, label=f"{r['name']} ({r['balance']})"
+        )
+    ax.set_xlabel("expert, sorted by usage")
+    ax.set_ylabel("mean gate weight")
+    ax.legend(fontsize=7)
+    paths.append(out / "expert_usage.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
+    return paths
+
+
+def held_out_prompts(size: dict[str, Any], out: Path) -> list[list[int]]:
+    """Token ids of held-out prompts, with the tokenizer the runs trained with."""
+    from transformers import AutoTokenizer
+
+    model_dir = run_dir(out, PLAN[0], 0) / "final"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    from cpd_mtp.data import DataConfig, build_corpus
+    from cpd_mtp.train_config import load_train_config
+
+    d = load_train_config("demo", size["train"]).data
+    corpus = build_corpus(DataConfig(source=d.source, vocab_size=d.vocab_size,
+                                     max_files=d.max_files, block_size=d.block_size,
+                                     val_fraction=d.val_fraction, progress=False))  # fmt: skip
+    texts = corpus.held_out_prompts(size["prompts"], prompt_tokens=size["prompt_tokens"])
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def run_study(size_name: str, out: Path, seeds: int | None = None, only: list[str] | None = None,
+              log=print) -> dict[str, Any]:  # fmt: skip
+    """Train and measure every configuration; write JSON, markdown and plots under ``out``."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from harness import environment, write_json
+
+    size = SIZES[size_name]
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [s for s in PLAN if only is None or s.name in only or s.name == "ntp"]
+    n_seeds = seeds or size["seeds"]
+    runs, prompts = [], None
+    started = time.perf_counter()
+    for spec in plan:
+        for seed in range(n_seeds):
+            t0 = time.perf_counter()
+            result = train_one(spec, seed, size, out)
+            if prompts is None:
+                prompts = held_out_prompts(size, out)
+            result["decode"] = measure_decoding(run_dir(out, spec, seed) / "final", prompts,
+                                                size["new_tokens"], seed)  # fmt: skip
+            runs.append({"name": spec.name, "seed": seed, **result})
+            log(f"[{time.perf_counter() - started:7.0f} s] {spec.name} seed {seed}: "
+                f"joint/target {result['val']['joint_nll_per_target']:.3f}, "
+                f"next-token {result['val']['next_token_nll']:.3f}, "
+                f"greedy tok/fwd {result['decode']['greedy']['tokens_per_forward']:.2f} "
+                f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    rows = aggregate(runs)
+    env = environment("cuda" if torch.cuda.is_available() else "cpu")
+    payload = {**env, "size": size_name, "size_config": size, "seeds": n_seeds,
+               "plan": [asdict(s) for s in plan], "runs": runs, "summary": rows,
+               "wall_time_s": time.perf_counter() - started}  # fmt: skip
+    write_json(out / "results.json", payload)
+    (out / "table.md").write_text(markdown_table(rows, env["device"], size_name))
+    plot(rows, out)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="cpd-mtp bench ranks", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
+    parser.add_argument("--only", nargs="+", choices=[s.name for s in PLAN],
+                        help="a subset of configurations (ntp always runs: others compare to it)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "rank_study")
+    args = parser.parse_args(argv)
+    payload = run_study(args.size, args.out, args.seeds, args.only)
+    print((args.out / "table.md").read_text())
+    print(f"wrote {args.out} in {payload['wall_time_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
