@@ -198,10 +198,20 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for spec in PLAN:
         mine = [r for r in runs if r["name"] == spec.name]
-        if not mine:
-            continue
-        get = lambda f: summarise([f(r) for r in mine])  # noqa: E731
-        row = {**asdict(spec), "seeds": len(mine),
+        if mine:
+            rows.append(_config_row(spec, mine, base_time))
+    return rows
+
+
+def _config_row(
+    spec: RunSpec, mine: list[dict[str, Any]], base_time: float | None
+) -> dict[str, Any]:
+    """Mean and spread over the seeds ``mine`` of one configuration."""
+
+    def get(f):
+        return summarise([f(r) for r in mine])
+
+    return {**asdict(spec), "seeds": len(mine),
                "joint_nll_per_target": get(lambda r: r["val"]["joint_nll_per_target"]),
                "next_token_nll": get(lambda r: r["val"]["next_token_nll"]),
                "per_head_nll": [get(lambda r, s=s: r["val"][f"head{s}_nll"])
@@ -219,8 +229,6 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                      for j in range(spec.n_future - 1)],
                "sample_acceptance": [get(lambda r, j=j: r["decode"]["sample"]["acceptance"][j])
                                      for j in range(spec.n_future - 1)]}  # fmt: skip
-        rows.append(row)
-    return rows
 
 
 def fmt(stat: dict[str, float] | None, digits: int = 3) -> str:

@@ -43,7 +43,7 @@ def test_damaged_files_are_reported_by_name(tmp_path, damage):
         victim.write_bytes(victim.read_bytes()[:-1])
     else:
         victim.unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="is corrupt: sub/optim.pt"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"is corrupt: sub/optim\.pt"):
         checkpoint.latest_tag(tmp_path)
 
 
