@@ -38,5 +38,8 @@ format: install
 bench-loss: install
 	$(PY) benchmarks/bench_loss.py
 
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

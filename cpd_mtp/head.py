@@ -116,7 +116,9 @@ class CPDMTPHead(nn.Module):
 
         Args:
             lm_head: a bias-free ``nn.Linear(d, V)``.
-            n_future, rank, **config_kwargs: the rest of ``CPDMTPConfig``.
+            n_future: n, the number of future tokens predicted jointly.
+            rank: r, the number of experts.
+            **config_kwargs: the rest of ``CPDMTPConfig`` (``expert_type``, ``balance``, ...).
         """
         if not isinstance(lm_head, nn.Linear):
             raise ValueError(f"lm_head must be an nn.Linear, got {type(lm_head).__name__}")

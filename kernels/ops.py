@@ -180,7 +180,8 @@ def mixture_nll_triton(
         log_w: (N, r) log mixture weights.
         targets: (N, n) integer token ids or ``ignore_index``.
         ignore_index: the id of a missing target.
-        grad_filter / filter_eps: gradient filtering, as in ``row_logprobs_triton``.
+        grad_filter: gradient filtering on or off, as in ``row_logprobs_triton``.
+        filter_eps: the filtering threshold, as in ``row_logprobs_triton``.
 
     Returns:
         (N,) float32 −l_t; differentiable in u, weight and log_w. The vocabulary gradient of

@@ -24,6 +24,7 @@ from cpd_mtp.ops.mixture import mixture_logsumexp
 from cpd_mtp.ops.reference import row_logprobs_reference
 
 IMPLS = ("auto", "reference", "chunked", "triton")
+"""The values ``impl`` accepts: ``auto``, ``reference``, ``chunked`` and ``triton``."""
 
 __all__ = [
     "IMPLS",
