@@ -10,8 +10,9 @@ export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: install test demo lint format bench-loss bench-ranks docs clean
+.PHONY: install test demo lint format bench-loss bench-decode bench-ranks docs clean
 
 $(VENV)/.installed: pyproject.toml setup.cfg
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +26,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m cpd_mtp.synthetic
+	$(PY) -m cpd_mtp.demo $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check cpd_mtp kernels tests benchmarks
@@ -37,6 +38,12 @@ format: install
 
 bench-loss: install
 	$(PY) benchmarks/bench_loss.py
+
+bench-decode: install
+	$(PY) benchmarks/bench_decode.py --model runs/demo/final
+
+bench-ranks: install
+	$(PY) -m cpd_mtp.rank_study
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site

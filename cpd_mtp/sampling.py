@@ -1,0 +1,158 @@
+"""Token selection for decoding: warping, sampling and the speculative verification step.
+
+Everything here works on *normalised log-probabilities* (the CP head's marginal and conditionals
+are already normalised) and returns normalised log-probabilities, with ``-inf`` for tokens a
+warper removed.
+
+The warpers follow the semantics (and order) of the ``transformers`` logits processors used by
+``generate(do_sample=True)``: temperature, then top-k (ties with the k-th value are kept), then
+top-p (the smallest set of most likely tokens whose mass exceeds ``top_p``; at least one token).
+
+``verify`` is the speculative-decoding acceptance step: greedy (accept while the draft equals the
+target's argmax) or the rejection sampling of Leviathan et al. (2023) / Chen et al. (2023), which
+makes the output distributed exactly as sampling from the (warped) target, whatever the drafts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sample", "verify", "warp_log_probs"]
+
+
+def warp_log_probs(
+    log_probs: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to log-probabilities, renormalised.
+
+    Args:
+        log_probs: (..., V) log-probabilities (or logits: only differences matter).
+        temperature: > 0; 1 leaves the distribution unchanged.
+        top_k: keep the tokens whose value is at least the k-th largest (None or 0: all).
+        top_p: in (0, 1]; keep the most likely tokens until their mass exceeds ``top_p``,
+            i.e. drop a token when the total mass of the tokens *less or equally* likely than it
+            (in the sort order) is at most ``1 - top_p`` (None or 1: all).
+
+    Returns:
+        (..., V) float32 (float64 for float64) normalised log-probabilities of the warped
+        distribution; ``-inf`` for removed tokens. At least one token always remains.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy decoding for 0), got {temperature}")
+    dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    scores = log_probs.to(dtype)
+    if temperature != 1.0:
+        scores = scores / temperature
+    vocab = scores.shape[-1]
+    if top_k is not None and 0 < top_k < vocab:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1.0 - top_p)
+        remove_sorted[..., -1] = False  # the most likely token always stays
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return torch.log_softmax(scores, dim=-1)
+
+
+def sample(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from normalised log-probabilities.
+
+    Args:
+        log_probs: (B, V) normalised log-probabilities (``-inf`` allowed).
+        generator: the random source (its device must be ``log_probs``'s).
+
+    Returns:
+        (B,) int64 token ids.
+    """
+    return _inverse_cdf(log_probs.exp(), generator)
+
+
+def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) non-negative weights (not necessarily normalised) -> (B,) draws.
+
+    Inverse-CDF sampling in float64: the first token whose cumulative weight exceeds
+    u · total, u ~ U[0, 1). A token of weight 0 is never drawn (its cumulative weight equals
+    its predecessor's). Cheaper than ``torch.multinomial`` on CPU for a few rows.
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return index.squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def verify(
+    drafts: torch.Tensor,
+    target_log_probs: torch.Tensor,
+    draft_log_probs: torch.Tensor | None = None,
+    *,
+    greedy: bool,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept a prefix of the drafts and choose the token that follows it.
+
+    Greedy: draft j is accepted while it equals ``argmax`` of the target at j (``torch.argmax``:
+    the first maximum, as in autoregressive greedy decoding); the next token is the target's
+    argmax at the first rejected position (or the bonus position m when all are accepted).
+
+    Sampling (Leviathan et al.): draft j, drawn from q_j, is accepted with probability
+    min(1, p_j(d_j) / q_j(d_j)); at the first rejection the next token is drawn from
+    normalise(max(0, p_j - q_j)); when all m drafts are accepted it is drawn from p_m (bonus).
+    Each emitted token is then distributed exactly as a draw from p given the accepted prefix.
+
+    Args:
+        drafts: (B, m) drafted token ids, m >= 0.
+        target_log_probs: (B, m + 1, V) normalised (warped) target log-probabilities; entry j is
+            the target distribution of the token at draft position j, entry m the bonus.
+        draft_log_probs: (B, m, V) normalised (warped) log-probabilities the drafts were drawn
+            from; needed when sampling, ignored when greedy.
+        greedy: greedy verification instead of rejection sampling.
+        generator: random source for sampling.
+
+    Returns:
+        accepted: (B,) int64 number of accepted drafts, in [0, m]; next_token: (B,) int64, the
+        token that follows the accepted drafts.
+    """
+    batch, m = drafts.shape
+    if target_log_probs.shape[:2] != (batch, m + 1):
+        raise ValueError(
+            f"target_log_probs must have shape (B, m + 1, V) = ({batch}, {m + 1}, V), "
+            f"got {tuple(target_log_probs.shape)}"
+        )
+    if greedy:
+        target = torch.argmax(target_log_probs, dim=-1)  # (B, m + 1)
+        ok = drafts == target[:, :m]
+        accepted = torch.cumprod(ok.long(), dim=1).sum(dim=1)  # (B,)
+        next_token = target.gather(1, accepted[:, None]).squeeze(1)
+        return accepted, next_token
+
+    if draft_log_probs is None or draft_log_probs.shape[:2] != (batch, m):
+        raise ValueError("sampling verification needs draft_log_probs of shape (B, m, V)")
+    index = drafts[:, :, None]
+    log_p = target_log_probs[:, :m].gather(-1, index).squeeze(-1)  # (B, m)
+    log_q = draft_log_probs.gather(-1, index).squeeze(-1).to(log_p.dtype)  # (B, m)
+    uniform = torch.rand(batch, m, generator=generator, device=drafts.device, dtype=log_p.dtype)
+    ok = torch.log(uniform) < (log_p - log_q)  # u < p/q; p/q >= 1 always accepts (u < 1)
+    accepted = torch.cumprod(ok.long(), dim=1).sum(dim=1)  # (B,)
+
+    # Distribution of the next token: residual at the first rejection, else the bonus target.
+    position = accepted[:, None, None].expand(-1, 1, target_log_probs.shape[-1])
+    p_next = target_log_probs.gather(1, position).squeeze(1).exp()  # (B, V)
+    rejected = accepted < m
+    if m > 0:
+        q_at = draft_log_probs.gather(1, position.clamp(max=m - 1)).squeeze(1).exp()
+        residual = (p_next - q_at.to(p_next.dtype)).clamp(min=0)
+        mass = residual.sum(dim=-1, keepdim=True)
+        # p == q up to rounding leaves no residual mass; a rejection then has probability ~0,
+        # and p itself is the right fallback.
+        use_residual = rejected[:, None] & (mass > 0)
+        p_next = torch.where(use_residual, residual / mass.clamp(min=1e-30), p_next)
+    next_token = _inverse_cdf(p_next, generator)
+    return accepted, next_token

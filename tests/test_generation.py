@@ -1,0 +1,507 @@
+"""Self-speculative decoding against independent references.
+
+- Greedy: token-for-token equality with ``transformers`` ``model.generate(do_sample=False)`` on
+  the same ``CPDMTPForCausalLM`` (which decodes the marginal one token per forward).
+- Sampling: the empirical distribution of continuations against the exact autoregressive
+  distribution of the warped marginal, enumerated with full (cache-free) forwards and the
+  ``transformers`` logits warpers.
+- Drafts: the q_j the decoder uses against conditionals of the brute-force enumerated CP joint
+  sum_a w_a prod_s p_{s,a}, at hidden states recomputed by a cache-free forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from cpd_mtp.generation import CPDrafter, UniformDrafter, autoregressive_generate, generate
+from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
+from cpd_mtp.sampling import verify, warp_log_probs
+
+VOCAB = 16
+PAD = 0
+GREEDY_SHAPES = [(2, 1), (3, 2), (4, 3)]  # (n_future, rank)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _periodic(batch: int, length: int, g: torch.Generator) -> torch.Tensor:
+    """(batch, length) sequences repeating a random motif of period 2..5 (tokens 1..V-1)."""
+    period = torch.randint(2, 6, (batch,), generator=g)
+    motif = torch.randint(1, VOCAB, (batch, 5), generator=g)
+    return motif.gather(1, torch.arange(length)[None] % period[:, None])
+
+
+@functools.cache
+def trained_model(n_future: int, rank: int) -> CPDMTPForCausalLM:
+    """A tiny Llama + CP head trained briefly on periodic sequences: drafts are often right,
+    sometimes wrong, so both branches of verification run."""
+    torch.manual_seed(1000 * n_future + rank)
+    config = tiny_llama_config(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4)
+    model = CPDMTPForCausalLM.from_causal_lm(
+        AutoModelForCausalLM.from_config(config), n_future=n_future, rank=rank,
+        loss_impl="reference", expert_init_noise=0.1,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(n_future)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        x = _periodic(16, 24, g)
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def random_head_model(vocab: int, n_future: int, rank: int, seed: int) -> CPDMTPForCausalLM:
+    """A tiny untrained model whose head is randomised strongly enough that the marginal is
+    peaked and the conditionals differ from it (so rejections are frequent)."""
+    torch.manual_seed(seed)
+    config = tiny_llama_config(vocab_size=vocab, hidden_size=16, num_layers=2, num_heads=2)
+    model = CPDMTPForCausalLM.from_causal_lm(
+        AutoModelForCausalLM.from_config(config), n_future=n_future, rank=rank
+    )
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 0.5)
+        for name, param in model.head.named_parameters():
+            if name != "weight":
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D prompts: (B, T) ids and attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def hf_greedy(model, ids, mask, max_new_tokens, eos=None):
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=PAD, eos_token_id=eos,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+@pytest.mark.parametrize(("n_future", "rank"), GREEDY_SHAPES)
+def test_greedy_matches_hf_generate(n_future, rank):
+    model = trained_model(n_future, rank)
+    g = torch.Generator().manual_seed(7)
+    proposed = accepted = 0
+    for batch, max_new in [(1, 1), (1, 9), (1, 23), (3, 6), (3, 19)]:
+        lengths = torch.randint(2, 9, (batch,), generator=g).tolist()
+        prompts = [_periodic(1, n, g)[0] for n in lengths]
+        if batch > 1:  # one row with a random (non-periodic) prompt: more rejections
+            prompts[1] = torch.randint(1, VOCAB, (lengths[1],), generator=g)
+        ids, mask = left_padded(prompts)
+        ref = hf_greedy(model, ids, mask, max_new)
+        out = generate(model, ids, max_new, attention_mask=mask)
+        assert torch.equal(out.sequences, ref), (batch, max_new)
+        proposed += sum(out.proposed_counts)
+        accepted += sum(out.accepted_counts)
+    # Verification was exercised both ways.
+    assert 0 < accepted < proposed
+
+
+@functools.cache
+def _prompt_tokens(seed: int, length: int) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.sampled_from(GREEDY_SHAPES),
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    periodic=st.booleans(),
+    seed=st.integers(0, 10_000),
+    max_new=st.integers(1, 14),
+    draft_fraction=st.floats(0.0, 1.0),
+)
+def test_greedy_property_random_prompts(shape, lengths, periodic, seed, max_new, draft_fraction):
+    """Greedy equality holds for any prompts, batch, padding, length and number of drafts."""
+    model = trained_model(*shape)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [
+        _periodic(1, n, g)[0] if periodic else _prompt_tokens(seed + i, n)
+        for i, n in enumerate(lengths)
+    ]
+    ids, mask = left_padded(prompts)
+    drafts = round(draft_fraction * (shape[0] - 1))
+    out = generate(model, ids, max_new, attention_mask=mask, draft_positions=drafts)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, max_new))
+
+
+def test_greedy_eos_stops_each_row_like_hf():
+    model = trained_model(3, 2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [_periodic(1, n, g)[0] for n in (5, 3, 7)]
+    ids, mask = left_padded(prompts)
+    free = generate(model, ids, 16, attention_mask=mask).sequences[:, ids.shape[1] :]
+    # An EOS that the first row emits a few tokens in, so rows stop at different times.
+    eos = int(free[0, 2])
+    stopped = []
+    for eos_ids in (eos, [eos, int(free[2, 4])]):
+        ref = hf_greedy(model, ids, mask, 16, eos=eos_ids)
+        out = generate(model, ids, 16, attention_mask=mask, eos_token_id=eos_ids, pad_token_id=PAD)
+        assert torch.equal(out.sequences, ref)
+        # New tokens per row: up to and including the first EOS.
+        new = ref[:, ids.shape[1] :]
+        eos_t = torch.tensor(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+        for row, count in enumerate(out.new_tokens_per_row):
+            hits = torch.isin(new[row], eos_t).nonzero()
+            assert count == (int(hits[0]) + 1 if len(hits) else new.shape[1])
+        stopped.append(out.new_tokens_per_row)
+    # Rows stopped early, and not all at the same time.
+    assert all(min(counts) < 16 and len(set(counts)) > 1 for counts in stopped), stopped
+
+
+def test_uniform_drafter_greedy_still_exact():
+    model = trained_model(3, 2)
+    ids, mask = left_padded([_prompt_tokens(1, 4), _prompt_tokens(2, 6)])
+    out = generate(model, ids, 12, attention_mask=mask, drafter=UniformDrafter(VOCAB, 4))
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 12))
+    assert out.draft_positions == 4
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_statistics_and_stream():
+    model = trained_model(4, 3)
+    g = torch.Generator().manual_seed(11)
+    ids = _periodic(1, 6, g)
+    calls = {"trunk": 0}
+    original = model.trunk_hidden
+
+    def counting(*args, **kwargs):
+        calls["trunk"] += 1
+        return original(*args, **kwargs)
+
+    streamed: list[int] = []
+    model.trunk_hidden = counting
+    try:
+        out = generate(model, ids, 30, stream=lambda new: streamed.extend(new[0]))
+    finally:
+        del model.trunk_hidden
+    assert out.forwards == calls["trunk"] == out.iterations + 1
+    assert out.new_tokens == 30 == len(streamed)
+    assert streamed == out.sequences[0, ids.shape[1] :].tolist()
+    assert out.tokens_per_forward == pytest.approx(out.new_tokens / out.forwards)
+    assert out.tokens_per_forward > 1.0  # the trained drafts pay off on periodic text
+    assert len(out.acceptance_rate) == len(out.proposed_counts) == 3
+    for acc, prop, rate in zip(out.accepted_counts, out.proposed_counts, out.acceptance_rate):
+        assert 0 <= acc <= prop
+        assert 0.0 <= rate <= 1.0
+    # A draft position is verified only after the previous one was accepted.
+    for j in range(1, 3):
+        assert out.proposed_counts[j] <= out.accepted_counts[j - 1]
+    expected = 1 + sum(math.prod(out.acceptance_rate[: k + 1]) for k in range(3))
+    assert out.expected_tokens_per_step == pytest.approx(expected)
+    # Each iteration emits 1 + (accepted drafts) tokens; the prefill emits one.
+    assert out.new_tokens <= 1 + out.iterations + sum(out.accepted_counts)
+    summary = out.summary()
+    assert summary["forwards"] == out.forwards and "wall_time_s" in summary
+
+    ar = generate(model, ids, 30, draft_positions=0)
+    assert ar.forwards == 30 and ar.tokens_per_forward == 1.0
+    assert torch.equal(ar.sequences, out.sequences)
+
+
+def test_batch_statistics_count_rows():
+    model = trained_model(3, 2)
+    ids, mask = left_padded([_prompt_tokens(5, 3), _prompt_tokens(6, 8), _prompt_tokens(7, 5)])
+    out = generate(model, ids, 10, attention_mask=mask)
+    assert out.new_tokens_per_row == [10, 10, 10]
+    assert max(out.row_forwards) == out.forwards
+    assert out.tokens_per_forward == pytest.approx(30 / sum(out.row_forwards))
+
+
+def test_autoregressive_baseline_matches_and_counts():
+    model = trained_model(2, 1)
+    ids, mask = left_padded([_prompt_tokens(8, 4), _prompt_tokens(9, 2)])
+    ar = autoregressive_generate(model, ids, 7, attention_mask=mask)
+    assert torch.equal(ar.sequences, hf_greedy(model, ids, mask, 7))
+    assert ar.forwards == 7 and ar.new_tokens == 14 and ar.tokens_per_forward == 1.0
+
+
+def test_invalid_arguments():
+    model = trained_model(2, 1)
+    ids = _prompt_tokens(1, 3)[None]
+    with pytest.raises(ValueError, match="draft_positions"):
+        generate(model, ids, 3, draft_positions=2)
+    with pytest.raises(ValueError, match="left padding"):
+        generate(model, ids, 3, attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, ids, 3, do_sample=True, temperature=0.0)
+    assert torch.equal(generate(model, ids, 0).sequences, ids)
+
+
+# ----------------------------------------------------------------------------- warping
+
+
+def hf_warp(log_probs: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
+    """The transformers logits warpers, in generate's order, renormalised."""
+    scores = log_probs.clone()
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None and top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.log_softmax(scores, dim=-1)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, None, None), (0.7, 3, None), (1.3, None, 0.8), (0.5, 5, 0.6), (2.0, 1, 0.3)],
+)
+def test_warp_matches_transformers_warpers(temperature, top_k, top_p):
+    log_probs = torch.log_softmax(
+        torch.randn(64, 11, generator=torch.Generator().manual_seed(0)) * 2, -1
+    )
+    ours = warp_log_probs(log_probs, temperature, top_k, top_p)
+    ref = hf_warp(log_probs, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(ours[finite], ref[finite])
+
+
+def test_verify_greedy_first_argmax_on_ties():
+    # Ties: torch.argmax returns the first maximum; the draft of the second tied token fails.
+    target = torch.log_softmax(torch.tensor([[[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]]]), -1)
+    accepted, nxt = verify(torch.tensor([[0]]), target, greedy=True)
+    assert accepted.tolist() == [1] and nxt.tolist() == [1]
+    accepted, nxt = verify(torch.tensor([[1]]), target, greedy=True)
+    assert accepted.tolist() == [0] and nxt.tolist() == [0]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+SAMPLE_VOCAB = 4
+SAMPLE_NEW = 4  # continuations of 4 tokens: 4**4 = 256 cells
+SAMPLES = 24_000
+
+
+@functools.cache
+def sampling_model() -> CPDMTPForCausalLM:
+    return random_head_model(SAMPLE_VOCAB, n_future=3, rank=3, seed=5)
+
+
+SAMPLING_PROMPT = torch.tensor([[1, 3, 2]])
+
+
+def exact_continuation_distribution(model, prompt, length, temperature, top_k, top_p):
+    """{continuation tuple: probability} of autoregressive sampling of the warped marginal.
+
+    Enumerates every prefix, runs a full cache-free forward (``model(...).logits``), warps with
+    the transformers warpers and multiplies the chain.
+    """
+    vocab = model.head.config.vocab_size
+    probs = {(): 1.0}
+    for _ in range(length):
+        prefixes = list(probs)
+        ids = torch.cat(
+            [
+                prompt.expand(len(prefixes), -1),
+                torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), -1),
+            ],
+            1,
+        )
+        with torch.no_grad():
+            logits = model(ids).logits[:, -1].double()
+        step = hf_warp(logits, temperature, top_k, top_p).exp()
+        probs = {
+            (*prefix, v): probs[prefix] * float(step[i, v])
+            for i, prefix in enumerate(prefixes)
+            for v in range(vocab)
+        }
+    return probs
+
+
+def chi_square_p_value(observed: dict, expected_probs: dict, total: int) -> float:
+    """Pearson chi-square goodness of fit; cells expected below 5 are pooled into one."""
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
+    for cell, p in expected_probs.items():
+        expected = p * total
+        if expected < 5:
+            pooled_obs += observed.get(cell, 0)
+            pooled_exp += expected
+            continue
+        stat += (observed.get(cell, 0) - expected) ** 2 / expected
+        df += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-12)
+        df += 1
+    unseen = sum(c for cell, c in observed.items() if expected_probs.get(cell, 0.0) == 0.0)
+    if unseen:
+        return 0.0  # a continuation the exact distribution gives probability 0
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))  # fmt: skip
+
+
+def sample_continuations(model, drafter=None, draft_positions=None, **warping):
+    ids = SAMPLING_PROMPT.expand(SAMPLES, -1).contiguous()
+    out = generate(
+        model, ids, SAMPLE_NEW, do_sample=True, generator=torch.Generator().manual_seed(123),
+        drafter=drafter, draft_positions=draft_positions, **warping,
+    )  # fmt: skip
+    counts: dict[tuple, int] = {}
+    for row in out.sequences[:, ids.shape[1] :].tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return counts, out
+
+
+@pytest.mark.parametrize(
+    ("warping", "drafter"),
+    [
+        ({"temperature": 1.0}, "cp"),
+        ({"temperature": 0.7, "top_k": 3}, "cp"),
+        ({"temperature": 1.2, "top_k": 3, "top_p": 0.8}, "cp"),
+        ({"temperature": 1.0}, "uniform"),
+    ],
+)
+def test_sampling_matches_exact_autoregressive_distribution(warping, drafter):
+    """Chi-square goodness of fit of 24,000 sampled 4-token continuations (256 cells).
+
+    Power: the test rejects at p < 1e-3. For a distribution at total-variation distance delta
+    from the exact one, Pearson's noncentrality is N·chi2(p'||p) >= 4·N·delta^2; with
+    df <= 255 (critical value ~330 at 1e-3), a noncentrality of ~110 gives >= 90% power, i.e.
+    any deviation with TV >= sqrt(110 / (4 · 24000)) ~= 0.034 is detected with >= 90%
+    probability. ``test_sampling_test_has_power`` checks it on the alternative that matters
+    (drafts without verification).
+    """
+    model = sampling_model()
+    chosen = UniformDrafter(SAMPLE_VOCAB, max_drafts=3) if drafter == "uniform" else None
+    counts, out = sample_continuations(model, chosen, 3 if chosen else None, **warping)
+    exact = exact_continuation_distribution(
+        model,
+        SAMPLING_PROMPT,
+        SAMPLE_NEW,
+        warping.get("temperature", 1.0),
+        warping.get("top_k"),
+        warping.get("top_p"),
+    )
+    assert math.isclose(sum(exact.values()), 1.0, rel_tol=1e-9)
+    p_value = chi_square_p_value(counts, exact, SAMPLES)
+    assert p_value > 1e-3, p_value
+    tv = 0.5 * sum(abs(counts.get(c, 0) / SAMPLES - p) for c, p in exact.items())
+    assert tv < 0.05
+    # Both verification branches ran: some drafts accepted, some rejected.
+    assert 0 < sum(out.accepted_counts) < sum(out.proposed_counts)
+    if drafter == "uniform":
+        assert out.acceptance_rate[0] < 0.9
+
+
+def test_sampling_test_has_power():
+    """The chi-square test rejects samples of the unverified CP joint (drafts kept as is)."""
+    model = sampling_model()
+    counts, _ = sample_continuations(model)
+    exact = exact_continuation_distribution(model, SAMPLING_PROMPT, 3, 1.0, None, None)
+    first3: dict[tuple, int] = {}
+    for cell, c in counts.items():
+        first3[cell[:3]] = first3.get(cell[:3], 0) + c
+    assert chi_square_p_value(first3, exact, SAMPLES) > 1e-3
+    # The naive alternative: x1..x3 from the CP joint at the prompt's last position.
+    with torch.no_grad():
+        hidden, _ = model.trunk_hidden(SAMPLING_PROMPT)
+        log_w, log_p = model.head.draft_state(hidden[:, -1])
+    joint = enumerate_joint(log_w[0], log_p[0]).exp()
+    naive = {c: float(joint[c]) for c in itertools.product(range(SAMPLE_VOCAB), repeat=3)}
+    tv = 0.5 * sum(abs(naive[c] - exact[c]) for c in exact)
+    assert tv > 0.05  # the alternative is far enough to be detectable
+    assert chi_square_p_value(first3, naive, SAMPLES) < 1e-6
+
+
+# ----------------------------------------------------------------------------- drafts
+
+
+def enumerate_joint(log_w: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """log P(x_1..x_n) = log sum_a w_a prod_s p_{s,a}(x_s) by brute force: (V,)*n."""
+    n_future, rank, vocab = log_p.shape
+    out = torch.empty((vocab,) * n_future, dtype=torch.float64)
+    for cell in itertools.product(range(vocab), repeat=n_future):
+        terms = [
+            float(log_w[a]) + sum(float(log_p[s, a, cell[s]]) for s in range(n_future))
+            for a in range(rank)
+        ]
+        out[cell] = max(terms) + math.log(sum(math.exp(t - max(terms)) for t in terms))
+    return out
+
+
+class RecordingDrafter(CPDrafter):
+    def __init__(self, head):
+        super().__init__(head)
+        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def start(self, hidden, num_drafts, **kwargs):
+        state = super().start(hidden, num_drafts, **kwargs)
+        return (hidden.clone(), state)
+
+    def next(self, state, chosen):
+        hidden, inner = state
+        log_q = super().next(inner, chosen)
+        self.records.append((hidden, chosen.clone(), log_q.clone()))
+        return log_q
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_draft_conditionals_equal_enumerated_joint(do_sample):
+    model = random_head_model(vocab=4, n_future=3, rank=3, seed=9)
+    prompt = torch.tensor([[2, 0, 3, 1, 1]])
+    drafter = RecordingDrafter(model.head)
+    out = generate(model, prompt, 9, do_sample=do_sample, drafter=drafter,
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    seq = out.sequences
+    with torch.no_grad():  # cache-free hidden states of the final sequence
+        full_hidden, _ = model.trunk_hidden(seq)
+        log_w, log_p = model.head.draft_state(full_hidden[0])  # (T, r), (T, n, r, V)
+    assert len(drafter.records) >= 4
+    for anchor, chosen, log_q in drafter.records:
+        # The anchor is the hidden state of an accepted position t, and x_{t+1} = chosen[0].
+        dist = (full_hidden[0] - anchor[0]).abs().amax(-1)
+        t = int(dist.argmin())
+        assert float(dist[t]) < 1e-4
+        assert int(seq[0, t + 1]) == int(chosen[0, 0])
+        joint = enumerate_joint(log_w[t], log_p[t])  # over (x_{t+1}, .., x_{t+n})
+        fixed = joint[
+            tuple(chosen[0].tolist())
+        ]  # (V,)*(n-k) over the free offsets, k = chosen.shape[1]
+        conditional = torch.logsumexp(fixed.reshape(4, -1), dim=1) if fixed.dim() > 1 else fixed
+        conditional = conditional - torch.logsumexp(conditional, 0)
+        torch.testing.assert_close(log_q[0].double(), conditional, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_never_draws_removed_tokens_and_matches_frequencies():
+    from cpd_mtp.sampling import sample
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    log_probs = probs.log().expand(20_000, -1)
+    draws = sample(log_probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).double() / 20_000
+    assert freq[[0, 2, 5]].sum() == 0
+    # 5 sigma of a binomial proportion with n = 20000 is at most 0.018.
+    torch.testing.assert_close(freq, probs.double(), atol=0.018, rtol=0)
