@@ -17,6 +17,8 @@ process each), then is measured on the validation split and on held-out prompts:
 Outputs under ``--out`` (default ``docs/rank_study``): ``results.json`` with every number and
 its config, ``table.md``, and the plots ``joint_nll_vs_rank.png``,
 ``tokens_per_forward_vs_rank.png``, ``acceptance_by_position.png``, ``expert_usage.png``.
+The trained runs (checkpoints, exports, metrics) go under ``--runs`` (default
+``runs/rank_study``).
 """
 
 from __future__ import annotations
@@ -89,15 +91,15 @@ SIZES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def run_dir(out: Path, spec: RunSpec, seed: int) -> Path:
-    return out / "runs" / spec.name / f"seed{seed}"
+def run_dir(runs: Path, spec: RunSpec, seed: int) -> Path:
+    return runs / spec.name / f"seed{seed}"
 
 
-def train_overrides(spec: RunSpec, seed: int, size: dict[str, Any], out: Path) -> list[str]:
+def train_overrides(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) -> list[str]:
     """The ``cpd_mtp.train`` overrides of one run."""
     overrides = [
         *size["train"],
-        f"run.out_dir={run_dir(out, spec, seed)}",
+        f"run.out_dir={run_dir(runs, spec, seed)}",
         f"run.seed={seed}",
         f"run.save_every={10**9}",  # one checkpoint, at the end
         "run.progress=false",
@@ -108,18 +110,18 @@ def train_overrides(spec: RunSpec, seed: int, size: dict[str, Any], out: Path) -
         "head.expert_type=resblock",
     ]
     if spec.finetune_from is not None:
-        base = run_dir(out, next(s for s in PLAN if s.name == spec.finetune_from), seed)
+        base = run_dir(runs, next(s for s in PLAN if s.name == spec.finetune_from), seed)
         overrides += [f"trunk.init_from={base / 'final'}", "trunk.freeze_trunk=true",
                       f"run.steps={size['finetune_steps']}",
                       f"run.eval_every={size['finetune_steps']}"]  # fmt: skip
     return overrides
 
 
-def train_one(spec: RunSpec, seed: int, size: dict[str, Any], out: Path) -> dict[str, Any]:
+def train_one(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) -> dict[str, Any]:
     """Train one run in its own process; its validation metrics and median step time."""
-    directory = run_dir(out, spec, seed)
+    directory = run_dir(runs, spec, seed)
     cmd = [sys.executable, "-m", "cpd_mtp.train", "--preset", "demo",
-           *train_overrides(spec, seed, size, out)]  # fmt: skip
+           *train_overrides(spec, seed, size, runs)]  # fmt: skip
     env = {k: v for k, v in os.environ.items()
            if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -322,17 +324,18 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         )
     ax.set_xlabel("expert, sorted by usage")
     ax.set_ylabel("mean gate weight")
-    ax.legend(fontsize=7)
+    if eights:
+        ax.legend(fontsize=7)
     paths.append(out / "expert_usage.png")
     fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
     return paths
 
 
-def held_out_prompts(size: dict[str, Any], out: Path) -> list[list[int]]:
+def held_out_prompts(size: dict[str, Any], runs: Path) -> list[list[int]]:
     """Token ids of held-out prompts, with the tokenizer the runs trained with."""
     from transformers import AutoTokenizer
 
-    model_dir = run_dir(out, PLAN[0], 0) / "final"
+    model_dir = run_dir(runs, PLAN[0], 0) / "final"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     from cpd_mtp.data import DataConfig, build_corpus
     from cpd_mtp.train_config import load_train_config
@@ -345,7 +348,8 @@ def held_out_prompts(size: dict[str, Any], out: Path) -> list[list[int]]:
     return [tokenizer(t).input_ids for t in texts]
 
 
-def run_study(size_name: str, out: Path, seeds: int | None = None, only: list[str] | None = None,
+def run_study(size_name: str, out: Path, runs: Path | None = None, seeds: int | None = None,
+              only: list[str] | None = None,
               log=print) -> dict[str, Any]:  # fmt: skip
     """Train and measure every configuration; write JSON, markdown and plots under ``out``."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -353,6 +357,7 @@ def run_study(size_name: str, out: Path, seeds: int | None = None, only: list[st
 
     size = SIZES[size_name]
     out.mkdir(parents=True, exist_ok=True)
+    runs = runs if runs is not None else out / "runs"
     plan = [s for s in PLAN if only is None or s.name in only or s.name == "ntp"]
     n_seeds = seeds or size["seeds"]
     runs, prompts = [], None
@@ -360,10 +365,10 @@ def run_study(size_name: str, out: Path, seeds: int | None = None, only: list[st
     for spec in plan:
         for seed in range(n_seeds):
             t0 = time.perf_counter()
-            result = train_one(spec, seed, size, out)
+            result = train_one(spec, seed, size, runs)
             if prompts is None:
-                prompts = held_out_prompts(size, out)
-            result["decode"] = measure_decoding(run_dir(out, spec, seed) / "final", prompts,
+                prompts = held_out_prompts(size, runs)
+            result["decode"] = measure_decoding(run_dir(runs, spec, seed) / "final", prompts,
                                                 size["new_tokens"], seed)  # fmt: skip
             runs.append({"name": spec.name, "seed": seed, **result})
             log(f"[{time.perf_counter() - started:7.0f} s] {spec.name} seed {seed}: "
@@ -390,9 +395,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
     parser.add_argument("--only", nargs="+", choices=[s.name for s in PLAN],
                         help="a subset of configurations (ntp always runs: others compare to it)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "rank_study")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs" / "rank_study",
+        help="results: JSON, table and plots",
+    )
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "rank_study",
+                        help="the trained runs: checkpoints, exports, metrics")  # fmt: skip
     args = parser.parse_args(argv)
-    payload = run_study(args.size, args.out, args.seeds, args.only)
+    payload = run_study(args.size, args.out, args.runs, args.seeds, args.only)
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out} in {payload['wall_time_s'] / 60:.1f} min")
 

@@ -46,7 +46,8 @@ def test_finetune_runs_reuse_the_frozen_trunk_of_ntp(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
-    payload = rank_study.run_study("tiny", tmp_path, seeds=1, only=["n4_r2"], log=lambda *_: None)
+    payload = rank_study.run_study("tiny", tmp_path, tmp_path / "runs", seeds=1, only=["n4_r2"],
+                                   log=lambda *_: None)  # fmt: skip
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["device"] and saved["versions"]["torch"] and saved["size"] == "tiny"
     assert [r["name"] for r in saved["summary"]] == ["ntp", "n4_r2"]
