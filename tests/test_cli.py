@@ -1,0 +1,56 @@
+"""The cpd-mtp command: streamed generation equals HF greedy generate; clear usage errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cpd_mtp import cli
+from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
+from cpd_mtp.tokenizer import train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    text = ["def add(a, b):\n    return a + b\n", "class Point:\n    x = 0\n    y = 0\n"] * 20
+    tokenizer = train_bpe_tokenizer(text, vocab_size=300)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer)))
+    model = CPDMTPForCausalLM.from_causal_lm(base, n_future=3, rank=2).eval()
+    path = tmp_path_factory.mktemp("model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model, tokenizer
+
+
+def test_generate_streams_the_greedy_continuation(saved_model, capsys):
+    path, model, tokenizer = saved_model
+    prompt = "def add(a, b):"
+    cli.main(["generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "12"])
+    captured = capsys.readouterr()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    assert captured.out.startswith(prompt + tokenizer.decode(want[0, ids.shape[1] :]))
+    assert "tokens/forward" in captured.err and "acceptance per draft position" in captured.err
+
+
+def test_generate_batch_prints_every_prompt(saved_model, capsys):
+    path, _, _ = saved_model
+    cli.main(["generate", "--model", str(path), "--prompt", "class", "--prompt", "def add(a",
+              "--sample", "--top-k", "5", "--max-new-tokens", "5"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("\n---\n") == 2 and "class" in out and "def add(a" in out
+
+
+def test_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="is not a saved model directory"):
+        cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="usage: cpd-mtp bench ranks"):
+        cli.main(["bench", "loss"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["frobnicate"])
+    assert exit_info.value.code == 2 and "cpd-mtp train" in capsys.readouterr().out
