@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 # No hub, no wandb account, DeepSpeed on CPU, and a cache the tests own.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["WANDB_MODE"] = "disabled"  # tests never talk to wandb, whatever the shell says
 os.environ.setdefault("CPD_MTP_CACHE", os.path.join(os.path.dirname(__file__), "..", ".test_cache"))
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
