@@ -360,7 +360,7 @@ def run_study(size_name: str, out: Path, runs: Path | None = None, seeds: int | 
     runs = runs if runs is not None else out / "runs"
     plan = [s for s in PLAN if only is None or s.name in only or s.name == "ntp"]
     n_seeds = seeds or size["seeds"]
-    runs, prompts = [], None
+    results, prompts = [], None
     started = time.perf_counter()
     for spec in plan:
         for seed in range(n_seeds):
@@ -370,16 +370,16 @@ def run_study(size_name: str, out: Path, runs: Path | None = None, seeds: int | 
                 prompts = held_out_prompts(size, runs)
             result["decode"] = measure_decoding(run_dir(runs, spec, seed) / "final", prompts,
                                                 size["new_tokens"], seed)  # fmt: skip
-            runs.append({"name": spec.name, "seed": seed, **result})
+            results.append({"name": spec.name, "seed": seed, **result})
             log(f"[{time.perf_counter() - started:7.0f} s] {spec.name} seed {seed}: "
                 f"joint/target {result['val']['joint_nll_per_target']:.3f}, "
                 f"next-token {result['val']['next_token_nll']:.3f}, "
                 f"greedy tok/fwd {result['decode']['greedy']['tokens_per_forward']:.2f} "
                 f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-    rows = aggregate(runs)
+    rows = aggregate(results)
     env = environment("cuda" if torch.cuda.is_available() else "cpu")
     payload = {**env, "size": size_name, "size_config": size, "seeds": n_seeds,
-               "plan": [asdict(s) for s in plan], "runs": runs, "summary": rows,
+               "plan": [asdict(s) for s in plan], "runs": results, "summary": rows,
                "wall_time_s": time.perf_counter() - started}  # fmt: skip
     write_json(out / "results.json", payload)
     (out / "table.md").write_text(markdown_table(rows, env["device"], size_name))
