@@ -56,17 +56,9 @@ def make_config(arch: str):
             bos_token_id=0,
             eos_token_id=0,
         )
-    if arch == "qwen2":
-        return Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    if arch == "mistral":
-        return MistralConfig(
+    if arch in ("qwen2", "mistral"):  # same shape, grouped-query attention
+        config_class = Qwen2Config if arch == "qwen2" else MistralConfig
+        return config_class(
             vocab_size=VOCAB,
             hidden_size=32,
             intermediate_size=64,
