@@ -4,7 +4,8 @@ For greedy and sampling, batch 1 and batch 8: tokens per forward, per-position a
 the wall-clock speedup of ``cpd_mtp.generation.generate`` over Hugging Face ``generate`` (one
 forward per token) on the same ``CPDMTPForCausalLM`` and the same held-out prompts. Runs of the
 two decoders alternate (``cpd_mtp.generation.compare_decoding``); times are p20/p50/p80 over
-the runs. Results go to ``docs/benchmarks/decode.json`` and ``decode.png``.
+the runs. Results go to ``docs/benchmarks/decode.json`` and ``decode.png``; ``--quick`` runs
+go to ``benchmarks/results/tmp/`` (git-ignored) unless ``--out`` is given.
 
     python benchmarks/bench_decode.py --model runs/demo/final     # a trained model + tokenizer
     python benchmarks/bench_decode.py --model DIR --prompts-file prompts.txt
@@ -96,7 +97,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor], int,
         model = CPDMTPForCausalLM.from_pretrained(args.model).to(args.device).eval()
         tokenizer = load_tokenizer(args.model)
         if args.prompts_file:
-            texts, source = read_prompts_file(args.prompts_file), str(args.prompts_file)
+            texts = read_prompts_file(args.prompts_file)
+            source = harness.portable_path(args.prompts_file)
         else:
             texts = held_out_prompts(
                 Path(args.model), tokenizer, args.num_prompts, args.prompt_tokens
@@ -115,7 +117,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor], int,
     prompts = [p.to(args.device) for p in prompts if p.numel() > 0]
     cfg = model.head.config
     info = {
-        "path": None if args.quick else str(args.model),
+        "path": None if args.quick else harness.portable_path(args.model),
         "n_future": cfg.n_future,
         "rank": cfg.rank,
         "expert_type": cfg.expert_type,
@@ -223,17 +225,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", type=Path, help="a saved CPDMTPForCausalLM dir + tokenizer")
     parser.add_argument("--quick", action="store_true", help="tiny random model (seconds)")
     parser.add_argument("--prompts-file", type=Path, help="prompts separated by blank lines")
-    parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=48)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    count = harness.positive_int  # bad counts are usage errors (exit 2), not silent defaults
+    parser.add_argument("--num-prompts", type=count, default=8)
+    parser.add_argument("--prompt-tokens", type=count, default=48)
+    parser.add_argument("--max-new-tokens", type=count, default=None)
+    parser.add_argument("--batch-sizes", type=count, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=count, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument("--threads", type=count, default=None, help="torch threads (CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "decode.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default: docs/benchmarks/decode.json, or "
+                             "benchmarks/results/tmp/decode.json with --quick)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = (harness.SCRATCH_DIR if args.quick else ROOT / "docs" / "benchmarks") / (
+            "decode.json"
+        )
     if not args.quick and args.model is None:
         parser.error("give --model PATH (a saved model) or --quick")
     if args.max_new_tokens is None:
@@ -258,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{row['label']:>16s}  tokens/forward {row['spec']['tokens_per_forward']['p50']:.2f}"
                   f"  speedup {row['speedup']:.2f}x  acceptance [{rates}]"
                   + ("" if row.get("identical_to_autoregressive", True) else "  OUTPUT DIFFERS"))  # fmt: skip
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = {k: (harness.portable_path(v) if isinstance(v, Path) else v)
+              for k, v in vars(args).items()}  # fmt: skip
     payload = {
         **env,
         "benchmark": "self-speculative decoding vs HF generate",

@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
+    if args.repeats is not None and args.repeats < 1:  # `or` below would turn 0 into a default
+        parser.error(f"argument --repeats: must be at least 1, got {args.repeats}")
 
     import harness
     import torch

@@ -1,8 +1,9 @@
 """Forward+backward time and peak extra memory of the mixture loss implementations.
 
-Each (case, impl) runs in its own process so that its peak memory is its own. Results go to
-``docs/benchmarks/loss.json`` and ``docs/benchmarks/loss.png``; times and memory are also given
-as ratios against ``reference`` measured in the same run.
+Each (case, impl) runs in its own process so that its peak memory is its own. Results of the
+default sweep go to ``docs/benchmarks/loss.json`` and ``docs/benchmarks/loss.png``; ``--quick``
+and ``--cases`` runs go to ``benchmarks/results/tmp/`` (git-ignored) unless ``--out`` is given.
+Times and memory are also given as ratios against ``reference`` measured in the same run.
 
     python benchmarks/bench_loss.py                      # the default sweep on this machine
     python benchmarks/bench_loss.py --quick              # tiny shapes, seconds
@@ -115,6 +116,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def default_out(args: argparse.Namespace) -> Path:
+    """Only the default sweep writes the published ``docs/benchmarks/loss.json``."""
+    if args.quick or args.cases:
+        return harness.SCRATCH_DIR / "loss.json"
+    return ROOT / "docs" / "benchmarks" / "loss.json"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -123,12 +131,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--impls", nargs="+", default=["reference", "chunked"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "loss.json")
+    parser.add_argument("--repeats", type=harness.positive_int, default=5)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default: docs/benchmarks/loss.json for the default "
+                             "sweep, benchmarks/results/tmp/loss.json otherwise)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
+    args.out = default_out(args) if args.out is None else args.out
     if args.cases:
         cases = [tuple(int(x) for x in c.split(",")) for c in args.cases]
     else:
@@ -157,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["memory_ratio_vs_reference"] = row["peak_extra_bytes"] / max(
                 base["peak_extra_bytes"], 1
             )
-    payload = {**env, "benchmark": "mixture_nll fwd+bwd", "config": vars(args) | {"out": str(args.out)},
-               "results": results}  # fmt: skip
+    config = vars(args) | {"out": harness.portable_path(args.out)}
+    payload = {**env, "benchmark": "mixture_nll fwd+bwd", "config": config, "results": results}
     harness.write_json(args.out, payload)
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

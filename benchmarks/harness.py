@@ -2,11 +2,13 @@
 
 Every benchmark writes one JSON file holding the device, the versions, the configuration and,
 per case, the p20/p50/p80 of several timed runs; ratios are taken against a baseline measured
-in the same run.
+in the same run. Paths in results are recorded relative to the repository (:func:`portable_path`),
+never as this machine's absolute paths.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -21,6 +23,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# Where exploratory runs (``--quick``, custom cases) write unless given ``--out``: git-ignored,
+# so they never replace the published results under ``docs/benchmarks/``.
+SCRATCH_DIR = ROOT / "benchmarks" / "results" / "tmp"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a bad count is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def portable_path(path: str | os.PathLike[str] | None) -> str | None:
+    """``path`` as results record it: relative to the repository root when inside it, else
+    its last two components (e.g. ``demo/final``), so no machine's absolute paths leak."""
+    if path is None:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    try:
+        return resolved.relative_to(ROOT).as_posix()
+    except ValueError:
+        return Path(*resolved.parts[-2:]).as_posix() if len(resolved.parts) > 2 else resolved.name
 
 
 def device_name(device: str = "cpu") -> str:

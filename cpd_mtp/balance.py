@@ -53,10 +53,20 @@ def router_z_loss(gate_logits: torch.Tensor) -> torch.Tensor:
 def expert_statistics(
     log_w: torch.Tensor, responsibilities: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Mean gate weight and mean responsibility per expert (r,), and the mean gate entropy."""
+    """Mean gate weight and mean responsibility per expert, and the mean gate entropy.
+
+    Args:
+        log_w: (N, r) log gate weights.
+        responsibilities: (N, r) posterior gamma.
+
+    Returns:
+        ``expert_weight`` (r,), ``expert_responsibility`` (r,) and ``gate_entropy`` (scalar,
+        nats), averaged over the N rows; all 0 when N = 0 (an empty mean is not NaN).
+    """
     w = log_w.to(accumulation_dtype(log_w.dtype)).exp()
+    rows = max(w.shape[0], 1)
     return {
-        "expert_weight": w.mean(dim=0),
-        "expert_responsibility": responsibilities.to(w.dtype).mean(dim=0),
-        "gate_entropy": torch.special.entr(w).sum(dim=-1).mean(),
+        "expert_weight": w.sum(dim=0) / rows,
+        "expert_responsibility": responsibilities.to(w.dtype).sum(dim=0) / rows,
+        "gate_entropy": torch.special.entr(w).sum() / rows,
     }

@@ -31,12 +31,27 @@ def generate_command(argv: list[str]) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from cpd_mtp.generation import generate
+    from cpd_mtp.generation import _special_token_ids, generate
     from cpd_mtp.modeling import CPDMTPForCausalLM
+    from cpd_mtp.sampling import check_warping
 
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.sample:
+        try:
+            check_warping(args.temperature, args.top_k, args.top_p)
+        except ValueError as error:
+            parser.error(str(error))
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     tokenizer.padding_side = "left"
     model = CPDMTPForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+    # Stop where HF `model.generate` and `cpd_mtp.generate` stop: the model's generation
+    # config; the tokenizer's ids only where the model has none.
+    eos_token_id, pad_token_id = _special_token_ids(model, None, None)
+    if eos_token_id is None:
+        eos_token_id = tokenizer.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = tokenizer.pad_token_id
     batch = tokenizer(args.prompt, return_tensors="pt", padding=len(args.prompt) > 1)
     generator = torch.Generator().manual_seed(args.seed)
     streaming = len(args.prompt) == 1
@@ -49,7 +64,7 @@ def generate_command(argv: list[str]) -> None:
     out = generate(
         model, batch.input_ids, args.max_new_tokens, attention_mask=batch.attention_mask,
         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         generator=generator, stream=stream if streaming else None,
     )  # fmt: skip
     if not streaming:

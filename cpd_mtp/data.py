@@ -15,7 +15,8 @@ directory written by ``datasets.Dataset.save_to_disk``.
 Each document is tokenized, followed by the eos token, and the documents of a split are
 concatenated and cut into ``block_size`` blocks (the tail that does not fill a block is dropped).
 Token streams are cached as ``.npy`` files keyed by the corpus fingerprint, the tokenizer
-fingerprint and the split, so later runs memory-map them.
+fingerprint and the split, so later runs memory-map them; a cached stream that is unreadable or
+holds an id outside the vocabulary (a corrupted file) is rebuilt with a warning naming it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from cpd_mtp.sources import (
     Document,
     PathLike,
+    check_max_files,
     discover_stdlib_files,
     load_documents,
     stdlib_documents,
@@ -88,7 +91,8 @@ class DataConfig:
         val_fraction: expected fraction of documents held out for validation (0 < f < 1);
             at least one document is always held out.
         cache_dir: cache root; defaults to ``$CPD_MTP_CACHE`` or ``~/.cache/cpd_mtp``.
-        max_files: keep only the first ``max_files`` documents (sorted), for quick runs.
+        max_files: keep only the first ``max_files`` documents (sorted), for quick runs;
+            None keeps all, anything below 1 is a ValueError.
         text_field: the text field of JSONL records, Parquet tables and HF datasets.
         progress: show tqdm progress bars (only on a terminal).
     """
@@ -102,6 +106,10 @@ class DataConfig:
     max_files: int | None = None
     text_field: str = "text"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_files is not None:
+            check_max_files(self.max_files)
 
 
 # ----------------------------------------------------------------------------- split
@@ -189,8 +197,37 @@ def pack_blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
     return tokens[: num_blocks * block_size].reshape(num_blocks, block_size)
 
 
-def cached_array(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """Memory-map the ``.npy`` at ``path``, computing and writing it atomically on a miss."""
+def _token_cache_problem(path: Path, vocab_size: int) -> str | None:
+    """Why the cached token stream at ``path`` cannot be used, or None when it is sound.
+
+    Checks that it loads as a 1-D array of the stream's dtype and that every id is below
+    ``vocab_size``; a max over the memory map reads the file once, far cheaper than tokenizing.
+    """
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        return f"it cannot be read ({error})"
+    if array.ndim != 1 or array.dtype != token_dtype(vocab_size):
+        return f"it holds a {array.dtype} array of shape {array.shape}, not a 1-D token stream"
+    if array.size and (largest := int(array.max())) >= vocab_size:
+        return f"it holds token id {largest}, outside the vocabulary of {vocab_size}"
+    return None
+
+
+def cached_array(
+    path: Path, compute: Callable[[], np.ndarray], vocab_size: int | None = None
+) -> np.ndarray:
+    """Memory-map the ``.npy`` at ``path``, computing and writing it atomically on a miss.
+
+    With ``vocab_size``, the file holds a token stream: a cached one that is unreadable, not a
+    1-D array of :func:`token_dtype`, or holds an id >= ``vocab_size`` (a corrupted file) is
+    rebuilt with a warning naming it; a freshly computed one that fails the check is an error.
+    """
+    if path.is_file() and vocab_size is not None:
+        problem = _token_cache_problem(path, vocab_size)
+        if problem is not None:
+            warnings.warn(f"token cache {path} is invalid: {problem}; rebuilding it", stacklevel=2)
+            path.unlink()
     if not path.is_file():
         array = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +239,8 @@ def cached_array(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        if vocab_size is not None and (problem := _token_cache_problem(path, vocab_size)):
+            raise ValueError(f"the token stream written to {path} is invalid: {problem}")
     return np.load(path, mmap_mode="r")
 
 
@@ -341,7 +380,7 @@ def _split_tokens(
         texts = (d.text() for d in docs)
         return tokenize_documents(tokenizer, texts, total=len(docs), progress=config.progress)
 
-    return cached_array(path, compute)
+    return cached_array(path, compute, vocab_size=len(tokenizer))
 
 
 def build_corpus(config: DataConfig | None = None) -> Corpus:

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. run.steps=50")
     args = parser.parse_args(argv)
-    cfg = load_train_config(args.preset, args.overrides)
+    # `make demo` re-trains into the same folder on every call: replace its own earlier run.
+    overrides = list(args.overrides) if args.skip_train else ["run.overwrite=true", *args.overrides]
+    cfg = load_train_config(args.preset, overrides)
     if not args.skip_train:
         from cpd_mtp.train import Trainer
 

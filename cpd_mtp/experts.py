@@ -71,7 +71,8 @@ class ExpertStates(nn.Module):
         else:
             inner = torch.einsum("td,ekd->tek", h, params[0])  # (N, E', k)
             u = h[:, None, :] + torch.einsum("tek,eok->teo", inner, params[1])
-        return u.reshape(*lead, -1, self.rank, h.shape[-1])
+        # The explicit offset count keeps zero rows (B = 0 or T = 0) reshapeable.
+        return u.reshape(*lead, u.shape[1] // self.rank, self.rank, h.shape[-1])
 
     def _stacked(self, offsets: slice | None) -> list[torch.Tensor]:
         names = ["proj"] if self.expert_type == "linear" else ["proj_in", "proj_out"]

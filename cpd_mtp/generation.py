@@ -1,4 +1,4 @@
-"""Self-speculative decoding with the CP-MTP head as its own drafter (DESIGN §4).
+"""Self-speculative decoding with the CP-MTP head as its own drafter.
 
 One trunk forward per iteration, over a Hugging Face ``DynamicCache``:
 
@@ -12,31 +12,47 @@ One trunk forward per iteration, over a Hugging Face ``DynamicCache``:
    cropped to the accepted tokens, and the head at the new last accepted position drafts again.
 
 Greedy output equals autoregressive greedy decoding of the marginal token for token; sampled
-output is distributed exactly as autoregressive sampling of the (warped) marginal.
+output is distributed exactly as autoregressive sampling of the (warped) marginal. Exactness
+against Hugging Face greedy ``generate``: in float32 the tokens are identical (a flip would need
+a top-2 tie within float32 rounding); in bf16 (or fp16) the trunk's hidden states are rounded to
+that dtype and the verification forward runs other matrix shapes than one-token decoding, so the
+two may differ where the top-2 next-token log-probabilities are within that rounding of each
+other (the head itself computes its logits in float32, see ``CPDMTPHead.expert_log_probs``).
+
+The cache is a ``DynamicCache`` whose layers all keep the full history, also for sliding-window
+trunks (Mistral, Qwen2, Gemma): the model config still applies the window in the attention
+mask, but a sliding cache layer would have dropped the keys that cropping rejected drafts must
+bring back.
 
 Batching (B > 1, left padding). Rows accept different numbers of drafts. All rows share one
-cache whose columns are *cache slots*, not positions: after verification the cache is cropped to
-the longest accepted prefix in the batch, and the slots of a row's rejected drafts inside it
-stay in the cache as *holes*, masked out of that row's ``attention_mask``. Each row keeps its own
-position counter (``position_ids`` = number of real tokens before the token, as Hugging Face
-derives them from a left-padded mask), so every row sees exactly the keys, values and positions of
-its own accepted sequence: per-row acceptance is exact, at the price of attending over (masked)
-hole slots, at most m per iteration per row. Rows that finish (EOS or ``max_new_tokens``) are
-removed from the batch and the cache (``batch_select_indices``), so they cost nothing more.
+cache whose columns are *cache slots*: after verification the cache is cropped to the longest
+accepted prefix in the batch, and the slots of a row's rejected drafts inside it become *holes*,
+masked out of that row's ``attention_mask``. The cache is then compacted: within each row the
+masked slots (left padding and holes) are moved to the left and the accepted tokens kept in
+order, right-aligned, as in Hugging Face's own left-padded decoding; columns masked in every
+row are dropped. So slot distance equals position distance in every row, which the
+sliding-window mask (computed on slots) needs. Each row keeps its own position counter
+(``position_ids`` = number of real tokens before the token, as Hugging Face derives them from a
+left-padded mask), so every row sees exactly the keys, values and positions of its own accepted
+sequence. Rows that finish (EOS or ``max_new_tokens``) are removed from the batch and the cache
+(``batch_select_indices``), so they cost nothing more.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cpd_mtp.head import CPDMTPHead
-from cpd_mtp.sampling import sample, verify, warp_log_probs
+from cpd_mtp.sampling import check_warping, sample, verify, warp_log_probs
 
 __all__ = [
     "CPDrafter",
@@ -202,17 +218,37 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_inputs(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
+    """Validate the prompt; returns the (B, T) bool attention mask."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(
             f"input_ids must be a (B, T) int64 tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
         )
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one prompt token")
+    if not _is_int(max_new_tokens):
+        raise ValueError(
+            f"max_new_tokens must be an int, got {max_new_tokens!r} ({type(max_new_tokens).__name__})"
+        )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if vocab_size is not None and input_ids.numel():
+        bad = (input_ids < 0) | (input_ids >= vocab_size)
+        if bool(bad.any()):
+            raise ValueError(
+                f"input_ids holds {int(input_ids[bad][0])}, outside the vocabulary [0, {vocab_size})"
+            )
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask.shape != input_ids.shape:
@@ -223,6 +259,85 @@ def _check_inputs(
     mask = attention_mask.to(device=input_ids.device).bool()
     if not bool(mask[:, -1].all()):
         raise ValueError("generate needs left padding: the last prompt column must be real tokens")
+    return mask
+
+
+def _special_token_ids(
+    model: Any, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None
+) -> tuple[int | list[int] | None, int | None]:
+    """EOS and pad ids as Hugging Face ``generate`` resolves them: the arguments, else the
+    model's ``generation_config`` (which HF ``generate`` reads alone, so a None there stays
+    None); a model without one falls back to its config, then the wrapped LM's text config."""
+    sources = [getattr(model, "generation_config", None)]
+    if sources[0] is None:
+        config = getattr(model, "config", None)
+        sources = [config]
+        if config is not None and hasattr(config, "get_text_config"):
+            sources.append(config.get_text_config(decoder=True))
+
+    def first(name: str) -> Any:
+        for source in sources:
+            value = getattr(source, name, None) if source is not None else None
+            if value is not None:
+                return value
+        return None
+
+    if eos_token_id is None:
+        eos_token_id = first("eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = first("pad_token_id")
+    return eos_token_id, pad_token_id
+
+
+def _decoding_cache(model: Any) -> DynamicCache | None:
+    """A ``DynamicCache`` for the model's trunk whose attention layers keep the whole history.
+
+    ``DynamicCache(config=...)`` builds sliding-window layers for sliding-window trunks; those
+    drop keys older than the window, which cropping rejected drafts cannot restore. Full layers
+    keep them; the sliding window is still applied by the trunk's attention mask (built from
+    its config). Other layer types (e.g. linear attention) are kept. None when the model has no
+    trunk config (the trunk then builds its own cache).
+    """
+    config = getattr(getattr(model, "trunk", None), "config", None)
+    if config is None:
+        return None
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False):
+            cache.layers[i] = DynamicLayer()
+    return cache
+
+
+def _compact(cache: Any, mask: torch.Tensor) -> torch.Tensor:
+    """Right-align every row's real slots in the cache, in place; returns the new mask.
+
+    Args:
+        cache: the trunk's cache; each attention layer holds keys / values of shape
+            (B, heads, S, head_dim) with S cache slots.
+        mask: (B, S) bool, True for a row's real (accepted) slots.
+
+    Returns:
+        (B, S') mask after moving, in each row, the masked slots (padding, holes) to the left
+        (a stable partition: real slots keep their order) and dropping the S - S' leading
+        columns that are masked in every row.
+    """
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # masked (0) first
+    mask = mask.gather(1, order)
+    drop = int((~mask).sum(dim=1).min())
+    order, mask = order[:, drop:], mask[:, drop:]
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.numel() == 0:
+            continue
+        if keys.shape[2] != order.shape[1] + drop:
+            raise RuntimeError(
+                f"cache layer {type(layer).__name__} holds {keys.shape[2]} slots, the attention "
+                f"mask {order.shape[1] + drop}: this cache type is not supported for batched "
+                "speculative decoding"
+            )
+        index = order[:, None, :, None].to(keys.device)
+        layer.keys = keys.gather(2, index.expand(-1, keys.shape[1], -1, keys.shape[3]))
+        layer.values = values.gather(2, index.expand(-1, values.shape[1], -1, values.shape[3]))
     return mask
 
 
@@ -312,10 +427,13 @@ def generate(
         max_new_tokens: most new tokens per row.
         do_sample: rejection sampling from the warped marginal; False: greedy.
         temperature, top_k, top_p: warping applied identically to the target p and the drafts q
-            (``cpd_mtp.sampling.warp_log_probs``); ignored when greedy.
-        eos_token_id: one id or several; a row stops after emitting one of them.
+            (``cpd_mtp.sampling.warp_log_probs``, which validates them); ignored when greedy.
+        eos_token_id: one id or several; a row stops after emitting one of them. None: the
+            model's ``generation_config.eos_token_id``, as in HF ``generate`` (a model without a
+            generation config: its config's); ``[]``: no EOS, always ``max_new_tokens``.
         attention_mask: (B, T) 1 for real tokens, 0 for (left) padding.
-        pad_token_id: fills rows after their EOS; defaults to the first EOS id, else 0.
+        pad_token_id: fills rows after their EOS. None: the model's ``generation_config`` pad
+            id (likewise), else the first EOS id, else 0.
         generator: random source for sampling (on the model's device).
         draft_positions: drafts per iteration m, 0 <= m <= ``drafter.max_drafts``
             (default: ``n_future - 1``); 0 is plain autoregressive decoding.
@@ -325,24 +443,29 @@ def generate(
 
     Returns:
         ``GenerationOutput`` with ``sequences`` (B, T + L) and the statistics.
+
+    Raises:
+        ValueError: an argument out of its range or of the wrong type (prompt ids outside
+            [0, V), a non-integer ``max_new_tokens``, a NaN temperature, ...), named.
     """
     start_time = time.perf_counter()
-    mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
-    device = input_ids.device
-    batch = input_ids.shape[0]
     head = model.head
     vocab = head.config.vocab_size
+    mask = _check_inputs(input_ids, attention_mask, max_new_tokens, vocab)
+    device = input_ids.device
+    batch = input_ids.shape[0]
     drafter = drafter if drafter is not None else CPDrafter(head)
     limit = drafter.max_drafts
     m = draft_positions if draft_positions is not None else (limit if limit is not None else 0)
-    if m < 0 or (limit is not None and m > limit):
-        raise ValueError(f"draft_positions must lie in [0, {limit}], got {m}")
+    if not _is_int(m) or m < 0 or (limit is not None and m > limit):
+        raise ValueError(f"draft_positions must be an int in [0, {limit}], got {m!r}")
+    eos_token_id, pad_token_id = _special_token_ids(model, eos_token_id, pad_token_id)
     eos = _eos_tensor(eos_token_id, device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos.numel() else 0
     greedy = not do_sample
     if do_sample:
-        warp_log_probs(torch.zeros(1, 2), temperature, top_k, top_p)  # validate the arguments
+        check_warping(temperature, top_k, top_p)
 
     def warp(log_probs: torch.Tensor) -> torch.Tensor:
         return log_probs if greedy else warp_log_probs(log_probs, temperature, top_k, top_p)
@@ -381,7 +504,11 @@ def generate(
     # ---- prefill: the prompt; its last position gives x_{t+1} and the first drafts.
     positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
     hidden, cache = model.trunk_hidden(
-        input_ids, attention_mask=mask.long(), position_ids=positions, use_cache=True
+        input_ids,
+        attention_mask=mask.long(),
+        position_ids=positions,
+        past_key_values=_decoding_cache(model),
+        use_cache=True,
     )
     forwards += 1
     row_forwards += 1
@@ -449,11 +576,14 @@ def generate(
         tokens.scatter_(1, accepted[:, None], next_token[:, None])
         finished = emit(rows, tokens, accepted + 1)
 
-        # ---- keep the accepted slots: crop to the longest accepted prefix, mask the holes.
+        # ---- keep the accepted slots: crop to the longest accepted prefix, mask the holes,
+        # then right-align each row's real slots (slot distance = position distance).
         longest = int(accepted.max())
         if m_now - longest > 0:
             cache.crop(-(m_now - longest))
         mask = torch.cat([mask, step[None, : longest + 1] <= accepted[:, None]], dim=1)
+        if bool((accepted < longest).any()) or not bool(mask[:, 0].any()):
+            mask = _compact(cache, mask)
         n_valid = n_valid + accepted + 1
         rows_now = torch.arange(live, device=device)
         anchor = hidden[rows_now, accepted]  # (b, d)
@@ -524,7 +654,10 @@ def autoregressive_generate(
     processor is applied, whatever ``model.generation_config`` holds.
     """
     start_time = time.perf_counter()
-    mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
+    mask = _check_inputs(input_ids, attention_mask, max_new_tokens, model.head.config.vocab_size)
+    if do_sample:
+        check_warping(temperature, top_k, top_p)
+    eos_token_id, pad_token_id = _special_token_ids(model, eos_token_id, pad_token_id)
     eos = _eos_tensor(eos_token_id, input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos.numel() else 0

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,9 @@ class CPDMTPHeadOutput(ModelOutput):
         aux_loss: scalar, balance_coef · balance + router_z_coef · z-loss.
         expert_weight: (r,) mean gate weight per expert.
         expert_responsibility: (r,) mean posterior responsibility per expert.
-        gate_entropy: scalar, mean entropy of the gate in nats.
+        gate_entropy: scalar, mean entropy of the gate in nats. These three are means over
+            the positions with at least one target, over all positions when none has one (the
+            responsibility is then the gate weight), and 0 when there is no position.
         position_nll: (..., T) -l_t per position (0 where a position has no target), detached.
         num_positions: positions with at least one target.
         num_targets: observed targets summed over positions and offsets.
@@ -59,6 +62,15 @@ class CPDMTPHeadOutput(ModelOutput):
     position_nll: torch.Tensor | None = None
     num_positions: torch.Tensor | None = None
     num_targets: torch.Tensor | None = None
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The logical shape of a parameter, also when DeepSpeed ZeRO-3 has partitioned it.
+
+    A partitioned parameter's ``.shape`` is ``(0,)`` outside a gather; ``ds_shape`` keeps the
+    real one.
+    """
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def shift_targets(labels: torch.Tensor, n_future: int, ignore_index: int) -> torch.Tensor:
@@ -101,10 +113,10 @@ class CPDMTPHead(nn.Module):
         self.experts = ExpertStates(config)
         if unembedding is None:
             unembedding = nn.Parameter(torch.randn(vocab, d) * 0.02)
-        elif tuple(unembedding.shape) != (vocab, d):
+        elif _full_shape(unembedding) != (vocab, d):
             raise ValueError(
                 f"unembedding must have shape (vocab_size, hidden_size) = {(vocab, d)}, "
-                f"got {tuple(unembedding.shape)}"
+                f"got {_full_shape(unembedding)}"
             )
         self.weight = unembedding
 
@@ -124,7 +136,7 @@ class CPDMTPHead(nn.Module):
             raise ValueError(f"lm_head must be an nn.Linear, got {type(lm_head).__name__}")
         if lm_head.bias is not None:
             raise ValueError("lm_head has a bias; a CP-MTP head shares only a bias-free W_U")
-        vocab, d = lm_head.weight.shape
+        vocab, d = _full_shape(lm_head.weight)  # (V, d), also when ZeRO-3 partitioned it
         config = CPDMTPConfig(
             hidden_size=d, vocab_size=vocab, n_future=n_future, rank=rank, **config_kwargs
         )
@@ -148,8 +160,20 @@ class CPDMTPHead(nn.Module):
         return self.gate(hidden)
 
     def log_gate(self, hidden: torch.Tensor) -> torch.Tensor:
-        """log w = log_softmax(W_g h + b_g): (..., d) -> (..., r), float32 (float64 for float64)."""
-        return torch.log_softmax(self.gate_logits(hidden).to(accumulation_dtype(hidden.dtype)), -1)
+        """log w = log_softmax(W_g h + b_g): (..., d) -> (..., r), float32 (float64 for float64).
+
+        The gate logits are computed in that dtype from upcast h, W_g and b_g (the gate is
+        small), so a bf16 model's decoding gate is not rounded to bf16 first.
+        """
+        dtype = accumulation_dtype(hidden.dtype)
+        if hasattr(self.gate.weight, "ds_id"):
+            # ZeRO-3 gathers W_g only inside the gate module's own call.
+            return torch.log_softmax(self.gate_logits(hidden).to(dtype), dim=-1)
+        with _autocast_off(hidden.device.type):
+            logits = nn.functional.linear(
+                hidden.to(dtype), self.gate.weight.to(dtype), self.gate.bias.to(dtype)
+            )
+        return torch.log_softmax(logits, dim=-1)
 
     def _unembedding_for(self, u: torch.Tensor) -> torch.Tensor:
         return self.weight if self.weight.dtype == u.dtype else self.weight.to(u.dtype)
@@ -157,11 +181,12 @@ class CPDMTPHead(nn.Module):
     def expert_log_probs(self, hidden: torch.Tensor, offsets: slice | None = None) -> torch.Tensor:
         """log p_{s,a}(v) for the selected offsets: (..., d) -> (..., n', r, V), float32.
 
-        Materialises n'·r·V numbers per position: meant for decoding, not for training.
+        Materialises n'·r·V numbers per position: meant for decoding, not for training. The
+        logits W_U u are float32 products of the (upcast) expert states and W_U, never rounded
+        to a bf16 / fp16 model's dtype (see ``_unembed_accurate``).
         """
         u = self.experts(hidden, offsets)  # (..., n', r, d)
-        logits = (u @ self._unembedding_for(u).T).to(accumulation_dtype(u.dtype))
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(_unembed_accurate(u, self.weight), dim=-1)
 
     def marginal_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log P(x_{t+1} = v) = logsumexp_a(log w_a + log p_{1,a}(v)): (..., d) -> (..., V)."""
@@ -178,6 +203,12 @@ class CPDMTPHead(nn.Module):
         return_logits: bool = True,
     ) -> torch.Tensor | CPDMTPHeadOutput:
         """Next-token marginal, or the CP loss with statistics when ``labels`` is given.
+
+        Empty inputs (B = 0 or T = 0) are valid: the marginal is empty and the loss is 0, still
+        connected to every parameter so ``backward`` works. The expert statistics are taken over
+        the positions with at least one target; when no position has one (T = 1, or every label
+        ignored) over all positions, where the responsibility equals the prior w since nothing
+        is observed; with no position at all they are 0.
 
         Args:
             hidden: (..., T, d) final hidden states of the trunk.
@@ -198,6 +229,8 @@ class CPDMTPHead(nn.Module):
                 f"(hidden needs a sequence dimension), got labels {tuple(labels.shape)}"
             )
         ops.check_targets(labels, cfg.vocab_size, cfg.ignore_index, "labels")
+        # In a narrow dtype ignore_index would wrap (uint8: -100 is 156) and alias a real id.
+        labels = labels.to(torch.int64)
 
         h = hidden.reshape(-1, cfg.hidden_size)  # (N, d)
         targets = shift_targets(labels, cfg.n_future, cfg.ignore_index).reshape(-1, cfg.n_future)
@@ -218,6 +251,8 @@ class CPDMTPHead(nn.Module):
             chunk_bytes=cfg.chunk_bytes,
         )  # (N, n, r)
         nll, gamma = ops.mixture_logsumexp(row_lp, log_w)  # (N,), (N, r)
+        # A position without targets has -l_t = -logsumexp(log w) = 0 only up to rounding.
+        nll = nll.masked_fill(~has_target, 0.0)
 
         num_positions = has_target.sum()
         num_targets = valid.sum()
@@ -232,7 +267,9 @@ class CPDMTPHead(nn.Module):
         with torch.no_grad():
             head_lp = torch.logsumexp(log_w[:, None, :] + row_lp, dim=-1)  # (N, n)
             per_head_nll = -(head_lp * valid).sum(0) / valid.sum(0).clamp(min=1)
-            stats = expert_statistics(pos_log_w, pos_gamma)
+            # Over the positions with a target, or over all when none has one (gamma = w there).
+            stat_rows = has_target | (num_positions == 0)
+            stats = expert_statistics(log_w[stat_rows], gamma[stat_rows])
 
         logits = self.marginal_log_probs(hidden) if return_logits else None
         return CPDMTPHeadOutput(
@@ -292,3 +329,43 @@ class CPDMTPHead(nn.Module):
         log_pi = torch.log_softmax(joint, dim=-1)
         log_q = torch.logsumexp(log_pi[:, :, None] + log_p[:, k], dim=1)
         return log_pi, log_q
+
+
+# ---------------------------------------------------------------------- decoding precision
+
+# Upper bound on the temporary float32 copy of a W_U chunk in ``_unembed_accurate``.
+_UPCAST_CHUNK_BYTES = 64 * 2**20
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Disable autocast where it is on, so upcast matmuls really run in float32."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _unembed_accurate(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits W_U u in float32 (float64 for float64), without rounding them to u's dtype.
+
+    A bf16 / fp16 matmul would round every logit to 8 / 11 mantissa bits: near-equal logits
+    would become exact ties, and decoders that see slightly different hidden states (other
+    GEMM shapes) would break them differently. So u and W_U are upcast first; W_U in chunks of
+    at most ``_UPCAST_CHUNK_BYTES`` vocabulary rows, so no full float32 copy of a large W_U is
+    ever held (and none is kept in the model).
+
+    Args:
+        u: (..., d) states.
+        weight: (V, d) unembedding W_U.
+
+    Returns:
+        (..., V) logits, float32 (float64 when u is float64).
+    """
+    dtype = accumulation_dtype(u.dtype)
+    with _autocast_off(u.device.type):
+        u = u.to(dtype)
+        if weight.dtype == dtype:
+            return u @ weight.T
+        rows = max(1, _UPCAST_CHUNK_BYTES // (weight.shape[1] * dtype.itemsize))
+        if rows >= weight.shape[0]:
+            return u @ weight.to(dtype).T
+        return torch.cat([u @ chunk.to(dtype).T for chunk in weight.split(rows, dim=0)], dim=-1)

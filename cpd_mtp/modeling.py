@@ -50,7 +50,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.experts import ExpertStates
-from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput
+from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput, _full_shape
 
 __all__ = [
     "CPDMTPCausalLMOutputWithPast",
@@ -232,9 +232,10 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
         config._attn_implementation_internal = causal_lm.config._attn_implementation
         head_values = config.cp_config.to_dict()
         hidden, vocab = head_values.pop("hidden_size"), head_values.pop("vocab_size")
-        if tuple(lm_head.weight.shape) != (vocab, hidden):
+        # ZeRO-3 (zero.Init) partitions parameters: their `.shape` is (0,), `ds_shape` is real.
+        if _full_shape(lm_head.weight) != (vocab, hidden):
             raise ValueError(
-                f"lm_head weight has shape {tuple(lm_head.weight.shape)}, the head config wants "
+                f"lm_head weight has shape {_full_shape(lm_head.weight)}, the head config wants "
                 f"(vocab_size, hidden_size) = {(vocab, hidden)}"
             )
         n_future, rank = head_values.pop("n_future"), head_values.pop("rank")
@@ -286,7 +287,9 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
         W_U is the model's ``lm_head.weight`` itself (so ``head.weight is
         model.lm_head.weight``, and a tie with the input embedding survives). The head's gate
         and experts are new, on the device and dtype of W_U; every expert type starts near the
-        identity, so the marginal starts near the LM's softmax.
+        identity, so the marginal starts near the LM's softmax. A model built under Hugging Face
+        ZeRO-3 (``deepspeed.zero.Init``, parameters partitioned) is accepted: shapes are read
+        from DeepSpeed's ``ds_shape``.
 
         Args:
             model: a causal LM (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) whose output
@@ -330,11 +333,32 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
         """``PreTrainedModel.from_pretrained``, then re-applies ``config.freeze_trunk``.
 
         Loading creates fresh parameters (``requires_grad=True``); a frozen trunk stays frozen.
+        A local directory holding a ``cpd_mtp_export.json`` record (every export the trainer
+        writes) has each file checked against its size and SHA-256 before loading, and the loaded
+        weights are scanned for NaN and inf.
+
+        Raises:
+            cpd_mtp.export.ExportError: a file differs from the record (the file is named), or a
+                loaded weight is not finite (the weight is named).
         """
+        import os
+
+        from cpd_mtp.export import check_finite, verify_export
+
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        local = None
+        if isinstance(source, (str, os.PathLike)):
+            local = os.path.join(os.fspath(source), kwargs.get("subfolder") or "")
+            if os.path.isdir(local):
+                verify_export(local)  # before any byte of it is deserialised
+            else:
+                local = None
         model = super().from_pretrained(*args, **kwargs)
         inner = model[0] if isinstance(model, tuple) else model  # output_loading_info=True
-        if isinstance(inner, CPDMTPForCausalLM) and inner.config.freeze_trunk:
-            inner._set_trunk_requires_grad(False)
+        if isinstance(inner, CPDMTPForCausalLM):
+            check_finite(inner, local if local is not None else source)
+            if inner.config.freeze_trunk:
+                inner._set_trunk_requires_grad(False)
         return model
 
     @torch.no_grad()
@@ -384,11 +408,9 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         """Use ``new_embeddings.weight`` (V, d), same shape, no bias, as W_U."""
         weight = getattr(new_embeddings, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight.shape != self.head.weight.shape:
-            raise ValueError(
-                f"new output embeddings need a weight Parameter of shape "
-                f"{tuple(self.head.weight.shape)}"
-            )
+        shape = _full_shape(self.head.weight)  # the logical shape, also under ZeRO-3
+        if not isinstance(weight, nn.Parameter) or _full_shape(weight) != shape:
+            raise ValueError(f"new output embeddings need a weight Parameter of shape {shape}")
         if getattr(new_embeddings, "bias", None) is not None:
             raise ValueError("a CP-MTP head shares only a bias-free unembedding W_U")
         self.head.weight = weight
@@ -458,7 +480,7 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = True,
+        return_dict: bool | None = None,
         return_logits: bool = True,
         **kwargs: Any,
     ) -> CPDMTPCausalLMOutputWithPast | tuple:
@@ -475,7 +497,8 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache: return the trunk's cache (default: the trunk config's ``use_cache``).
             logits_to_keep: int k: logits for the last k positions only (0: all); or a 1-D
                 tensor of positions. The loss always uses every position.
-            return_dict: False returns the tuple ``(loss?, logits?, past_key_values?)``.
+            return_dict: False returns the tuple ``(loss?, logits?, past_key_values?)``; None
+                (the default) takes ``config.return_dict``, as Hugging Face models do.
             return_logits: False skips the (B, T', V) marginal (it costs r·V per position),
                 e.g. in training where only the loss is needed; ``logits`` is then None.
             **kwargs: passed to the trunk (``output_hidden_states``, ``token_type_ids``, ...);
@@ -520,6 +543,8 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
             logits = self.head(_slice_positions(hidden, logits_to_keep))
 
         past = getattr(outputs, "past_key_values", None)
+        if return_dict is None:  # resolved from the config, like HF models (PEFT passes None)
+            return_dict = self.config.return_dict
         if not return_dict:
             return tuple(x for x in (loss, logits, past) if x is not None)
         return CPDMTPCausalLMOutputWithPast(

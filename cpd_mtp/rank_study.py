@@ -103,6 +103,7 @@ def train_overrides(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) 
         f"run.seed={seed}",
         f"run.save_every={10**9}",  # one checkpoint, at the end
         "run.progress=false",
+        "run.overwrite=true",  # a re-run of the study replaces its own runs
         "run.wandb_mode=disabled",
         f"head.n_future={spec.n_future}",
         f"head.rank={spec.rank}",
@@ -149,7 +150,15 @@ def measure_decoding(model_dir: Path, prompts: list[list[int]], new_tokens: int,
         spec_time = 0.0
         for ids in prompts:
             x = torch.tensor([ids])
-            out = generate(model, x, new_tokens, do_sample=mode == "sample", generator=generator)
+            # No EOS stop: the HF baseline below decodes every token too (min_new_tokens).
+            out = generate(
+                model,
+                x,
+                new_tokens,
+                do_sample=mode == "sample",
+                generator=generator,
+                eos_token_id=[],
+            )
             new, forwards, spec_time = (
                 new + out.new_tokens,
                 forwards + out.forwards,
@@ -351,15 +360,21 @@ def held_out_prompts(size: dict[str, Any], runs: Path) -> list[list[int]]:
 def run_study(size_name: str, out: Path, runs: Path | None = None, seeds: int | None = None,
               only: list[str] | None = None,
               log=print) -> dict[str, Any]:  # fmt: skip
-    """Train and measure every configuration; write JSON, markdown and plots under ``out``."""
+    """Train and measure every configuration; write JSON, markdown and plots under ``out``.
+
+    ``seeds`` (default: the size's) must be at least 1. Nothing is written under ``out`` unless
+    at least one run finished, so a bad call never replaces published results.
+    """
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from harness import environment, write_json
 
     size = SIZES[size_name]
-    out.mkdir(parents=True, exist_ok=True)
+    # ``seeds or default`` would turn an explicit 0 into the default; check instead.
+    n_seeds = size["seeds"] if seeds is None else seeds
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     runs = runs if runs is not None else out / "runs"
     plan = [s for s in PLAN if only is None or s.name in only or s.name == "ntp"]
-    n_seeds = seeds or size["seeds"]
     results, prompts = [], None
     started = time.perf_counter()
     for spec in plan:
@@ -376,7 +391,10 @@ def run_study(size_name: str, out: Path, runs: Path | None = None, seeds: int | 
                 f"next-token {result['val']['next_token_nll']:.3f}, "
                 f"greedy tok/fwd {result['decode']['greedy']['tokens_per_forward']:.2f} "
                 f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    if not results:
+        raise RuntimeError(f"the study produced no runs; nothing written to {out}")
     rows = aggregate(results)
+    out.mkdir(parents=True, exist_ok=True)
     env = environment("cuda" if torch.cuda.is_available() else "cpu")
     payload = {**env, "size": size_name, "size_config": size, "seeds": n_seeds,
                "plan": [asdict(s) for s in plan], "runs": results, "summary": rows,
@@ -387,12 +405,24 @@ def run_study(size_name: str, out: Path, runs: Path | None = None, seeds: int | 
     return payload
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a bad count is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="cpd-mtp bench ranks", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
+    parser.add_argument("--seeds", type=positive_int, default=None,
+                        help="seeds per configuration (at least 1; default: the size's)")  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=[s.name for s in PLAN],
                         help="a subset of configurations (ntp always runs: others compare to it)")  # fmt: skip
     parser.add_argument(

@@ -15,9 +15,12 @@ makes the output distributed exactly as sampling from the (warped) target, whate
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-__all__ = ["sample", "verify", "warp_log_probs"]
+__all__ = ["check_warping", "sample", "verify", "warp_log_probs"]
 
 
 def warp_log_probs(
@@ -30,8 +33,9 @@ def warp_log_probs(
 
     Args:
         log_probs: (..., V) log-probabilities (or logits: only differences matter).
-        temperature: > 0; 1 leaves the distribution unchanged.
-        top_k: keep the tokens whose value is at least the k-th largest (None or 0: all).
+        temperature: a finite number > 0; 1 leaves the distribution unchanged.
+        top_k: an int >= 0; keep the tokens whose value is at least the k-th largest (None or 0:
+            all).
         top_p: in (0, 1]; keep the most likely tokens until their mass exceeds ``top_p``,
             i.e. drop a token when the total mass of the tokens *less or equally* likely than it
             (in the sort order) is at most ``1 - top_p`` (None or 1: all).
@@ -39,9 +43,12 @@ def warp_log_probs(
     Returns:
         (..., V) float32 (float64 for float64) normalised log-probabilities of the warped
         distribution; ``-inf`` for removed tokens. At least one token always remains.
+
+    Raises:
+        ValueError: a warping argument out of range, NaN or of the wrong type
+            (``check_warping``).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use greedy decoding for 0), got {temperature}")
+    check_warping(temperature, top_k, top_p)
     dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
     scores = log_probs.to(dtype)
     if temperature != 1.0:
@@ -51,8 +58,6 @@ def warp_log_probs(
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
         cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
         remove_sorted = cumulative <= (1.0 - top_p)
@@ -60,6 +65,29 @@ def warp_log_probs(
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         scores = scores.masked_fill(remove, float("-inf"))
     return torch.log_softmax(scores, dim=-1)
+
+
+def check_warping(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise a ``ValueError`` naming the argument unless the warping arguments make sense.
+
+    ``temperature``: a finite real > 0. ``top_k``: None or an int >= 0. ``top_p``: None or a
+    real in (0, 1]. NaN, infinities and bools are rejected (a NaN temperature would otherwise
+    turn every score into NaN, and a NaN top_p would skip the nucleus filter silently).
+    """
+    if not _is_real(temperature) or not (0.0 < float(temperature) < math.inf):
+        raise ValueError(
+            f"temperature must be a finite number > 0 (use greedy decoding for 0), got {temperature!r}"
+        )
+    if top_k is not None and (
+        not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0
+    ):
+        raise ValueError(f"top_k must be None or an int >= 0 (0: no top-k), got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not (0.0 < float(top_p) <= 1.0)):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def sample(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

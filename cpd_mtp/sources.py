@@ -70,8 +70,19 @@ def _stat_key(path: Path, name: str) -> tuple[str, int, int]:
     return (name, stat.st_size, stat.st_mtime_ns)
 
 
+def check_max_files(max_files: int | None) -> None:
+    """Raise ValueError unless ``max_files`` is None (all documents) or an integer >= 1."""
+    if max_files is None:
+        return
+    if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
+        raise ValueError(
+            f"max_files must be a positive integer or None (all documents), got {max_files!r}"
+        )
+
+
 def stdlib_documents(max_files: int | None = None) -> tuple[list[Document], str]:
     """The embedded corpus as documents named by stdlib-relative path, plus its fingerprint."""
+    check_max_files(max_files)
     root = stdlib_root()
     paths = discover_stdlib_files(root)[:max_files]
     docs = [Document(p.relative_to(root).as_posix(), path=p) for p in paths]
@@ -89,13 +100,14 @@ def _looks_binary(path: Path) -> bool:
 
 
 def _expand_entry(entry: PathLike) -> list[tuple[Path, bool]]:
-    """Files (or HF dataset dirs) named by one source entry; the flag marks a directory walk."""
+    """Files (or HF dataset dirs) named by one source entry; the flag marks files found by a
+    glob or a directory walk, whose binary files are skipped (a file named outright is not)."""
     text = os.path.expanduser(os.fspath(entry))
     if _GLOB_CHARS.search(text):
         matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
         if not matches:
             raise FileNotFoundError(f"no files match the data pattern {text!r}")
-        return [(m, False) for m in matches if m.is_file() or _is_hf_dataset_dir(m)]
+        return [(m, True) for m in matches if m.is_file() or _is_hf_dataset_dir(m)]
     path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"data path does not exist: {path}")
@@ -108,17 +120,31 @@ def _expand_entry(entry: PathLike) -> list[tuple[Path, bool]]:
     return [(p, True) for p in found]
 
 
+def _text_or_none(value: object, where: str, text_field: str) -> str | None:
+    """A record's text: a string, or None for a missing value; anything else is an error
+    (``str()`` would silently train on ``"42"`` or ``"{'a': 1}"``)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(
+        f"{where}: field {text_field!r} is a {type(value).__name__}, not a string: {value!r:.80}"
+    )
+
+
 def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
     docs = []
     with path.open(encoding="utf-8", errors="replace") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({error})") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise ValueError(f"{path}:{line_no}: record has no text field {text_field!r}")
-            if record[text_field] is not None:
-                docs.append(Document(f"{path}#{line_no}", content=str(record[text_field])))
+            text = _text_or_none(record[text_field], f"{path}:{line_no}", text_field)
+            if text is not None:
+                docs.append(Document(f"{path}#{line_no}", content=text))
     return docs
 
 
@@ -129,7 +155,8 @@ def _parquet_documents(path: Path, text_field: str) -> list[Document]:
     if text_field not in schema.names:
         raise ValueError(f"{path}: Parquet file has no column {text_field!r} ({schema.names})")
     column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-    return [Document(f"{path}#{i}", content=str(t)) for i, t in enumerate(column) if t is not None]
+    texts = [_text_or_none(t, f"{path}: row {i}", text_field) for i, t in enumerate(column)]
+    return [Document(f"{path}#{i}", content=t) for i, t in enumerate(texts) if t is not None]
 
 
 def _hf_dataset_documents(path: Path, text_field: str) -> list[Document]:
@@ -144,9 +171,12 @@ def _hf_dataset_documents(path: Path, text_field: str) -> list[Document]:
                 f"{path}: dataset has no column {text_field!r} ({dataset.column_names})"
             )
         prefix = f"{path}#{split}/" if split else f"{path}#"
-        texts = dataset[text_field]
+        where = f"{path}: split {split!r}, row" if split else f"{path}: row"
+        texts = [
+            _text_or_none(t, f"{where} {i}", text_field) for i, t in enumerate(dataset[text_field])
+        ]
         docs.extend(
-            Document(f"{prefix}{i}", content=str(t)) for i, t in enumerate(texts) if t is not None
+            Document(f"{prefix}{i}", content=t) for i, t in enumerate(texts) if t is not None
         )
     return docs
 
@@ -174,10 +204,12 @@ def user_documents(
     """Documents from user paths (files, globs, directories, JSONL, Parquet, HF dataset dirs).
 
     Plain-text files are one document each; JSONL lines, Parquet rows and dataset rows are one
-    document each. Empty documents are dropped, and so are binary files met while walking a
-    directory. The fingerprint
+    document each. Empty documents are dropped, and so are binary files matched by a glob or
+    met while walking a directory. A malformed JSONL line, a non-string text field or
+    ``max_files`` below 1 is a ValueError naming the file (and line or row). The fingerprint
     covers every underlying file's path, size and modification time.
     """
+    check_max_files(max_files)
     docs: list[Document] = []
     keys: list[tuple[str, int, int]] = []
     for entry in sources:

@@ -12,15 +12,19 @@ function of (seed, step), so ``run.resume=true`` continues a killed run exactly.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import json
+import math
 import os
+import shutil
 import socket
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -71,9 +75,22 @@ def check_config(cfg: TrainConfig, on_gpu: bool) -> None:
         )
     if run.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"run.zero_stage must be 0, 1, 2 or 3, got {run.zero_stage}")
-    for name in ("steps", "micro_batch_size", "grad_accum", "eval_every", "save_every"):
+    names = ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every")
+    for name in names:
         if getattr(run, name) < 1:
             raise ValueError(f"run.{name} must be >= 1, got {getattr(run, name)}")
+    if run.resume and run.overwrite:
+        raise ValueError("run.resume and run.overwrite exclude each other; pick one")
+    # Labels follow the HF convention (the head shifts): offset s has a target only at positions
+    # t < block_size - s, so offset 1 needs block_size >= 2 and the last head block_size > n.
+    block, n_future = cfg.data.block_size, cfg.head.n_future
+    if block < 2:
+        raise ValueError(f"data.block_size must be >= 2 (offset 1 needs a target), got {block}")
+    if n_future >= block:
+        raise ValueError(
+            f"head.n_future={n_future} must be < data.block_size={block}: offsets >= the block "
+            "size never have a target"
+        )
     if cfg.trunk.init_from and not Path(cfg.trunk.init_from).is_dir():
         raise FileNotFoundError(f"trunk.init_from={cfg.trunk.init_from!r} is not a directory")
     source = cfg.data.source
@@ -82,6 +99,65 @@ def check_config(cfg: TrainConfig, on_gpu: bool) -> None:
             matches = list(Path().glob(entry)) if any(c in entry for c in "*?[") else []
             if not matches and not Path(entry).exists():
                 raise FileNotFoundError(f"data.source entry {entry!r} does not exist")
+
+
+# ---------------------------------------------------------------------- the run directory
+LOCK_FILE = ".lock"
+RUN_FILES = ("metrics.jsonl", "checkpoints", "final")  # what a run leaves in out_dir
+
+
+class OutDirError(ValueError):
+    """``run.out_dir`` holds another run, or a live run holds it."""
+
+
+def lock_out_dir(out_dir: Path) -> IO[str]:
+    """An exclusive ``flock`` on ``out_dir/.lock``, held while the returned handle is open.
+
+    Fails at once when another process holds it. The kernel drops the lock when its process
+    dies, so a killed run never leaves a stale lock behind.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = (out_dir / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutDirError(
+            f"run.out_dir {str(out_dir)!r} is in use by another training run "
+            f"(it holds {out_dir / LOCK_FILE})"
+        ) from None
+    return handle
+
+
+def existing_run(out_dir: Path) -> list[str]:
+    """The files of an earlier run in ``out_dir`` (metrics, checkpoints, export); [] if none."""
+    found = []
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(name)
+    return found
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step: a kill or a failed write leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One ``metrics.jsonl`` line. NaN and inf are not JSON: a non-finite value becomes null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+             for k, v in record.items()}  # fmt: skip
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
@@ -223,16 +299,52 @@ class Trainer:
     """One training run: corpus, model, DeepSpeed engine, loop, checkpoints, logging."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from cpd_mtp.data import DataConfig, build_corpus
-
         self.cfg = cfg
-        on_gpu = torch.cuda.is_available()
-        check_config(cfg, on_gpu)
+        check_config(cfg, torch.cuda.is_available())
         self.rank, self.world, self.device = init_distributed()
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self._lock: IO[str] | None = None
+        self._claim_out_dir()
+        try:
+            self._start()
+        except BaseException:
+            self.close()  # a run that failed to start must not keep the directory locked
+            raise
+
+    def _claim_out_dir(self) -> None:
+        """Rank 0 locks out_dir for the life of the Trainer and refuses to mix with a run there."""
+        run, error = self.cfg.run, None
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._lock = lock_out_dir(self.out_dir)
+                found = existing_run(self.out_dir)
+                if found and not run.resume and not run.overwrite:
+                    raise OutDirError(
+                        f"run.out_dir {str(self.out_dir)!r} already holds a run "
+                        f"({', '.join(found)}); pass --resume (run.resume=true) to continue it "
+                        "or --overwrite (run.overwrite=true) to replace it"
+                    )
+            except OutDirError as err:
+                self.close()
+                error = str(err)
+        if self.world > 1:  # every rank stops, not only rank 0
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise OutDirError(error)
+
+    def close(self) -> None:
+        """Release the lock on out_dir (also released when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _start(self) -> None:
+        from cpd_mtp.data import DataConfig, build_corpus
+
+        cfg, on_gpu = self.cfg, torch.cuda.is_available()
         d = cfg.data
         data_config = DataConfig(
             source=d.source, vocab_size=d.vocab_size, tokenizer=d.tokenizer,
@@ -263,8 +375,16 @@ class Trainer:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         if cfg.run.resume:
             self._resume()
-        elif self.rank == 0 and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        elif cfg.run.overwrite:
+            # Only now, with the corpus, model and engine built, is the old run given up.
+            if self.rank == 0:
+                for name in existing_run(self.out_dir):
+                    path = self.out_dir / name
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            torch.distributed.barrier()
         self.wandb = self._init_wandb()
 
     # ------------------------------------------------------------------ pieces
@@ -290,7 +410,7 @@ class Trainer:
         if self.rank != 0:
             return
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json_line(record))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
@@ -301,7 +421,7 @@ class Trainer:
         return tensor.tolist()
 
     def _resume(self) -> None:
-        tag = checkpoint.latest_tag(self.ckpt_dir)
+        tag = checkpoint.resume_tag(self.ckpt_dir)  # falls back past a corrupt latest
         if tag is None:
             raise FileNotFoundError(f"run.resume=true but {self.ckpt_dir} holds no checkpoint")
         try:
@@ -315,15 +435,26 @@ class Trainer:
         self.step = int(client["step"])
         torch.set_rng_state(client["torch_rng"])
         if self.rank == 0 and self.metrics_path.exists():  # drop records past the checkpoint
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if json.loads(line)["step"] <= self.step]  # fmt: skip
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+                try:
+                    step = json.loads(line)["step"]
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    # A kill or a full disk mid-write leaves a torn last line: drop it, say so.
+                    warnings.warn(f"{self.metrics_path}:{number}: dropping an unreadable record "
+                                  f"{line[:80]!r}", stacklevel=2)  # fmt: skip
+                    continue
+                if step <= self.step:
+                    kept.append(line)
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def save(self) -> None:
         tag = checkpoint.tag_for_step(self.step)
         client = {"step": self.step, "torch_rng": torch.get_rng_state()}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client,
-                                    save_latest=False)  # fmt: skip
+        with checkpoint.disk_full_is_an_error(self.ckpt_dir / tag):
+            self.engine.save_checkpoint(
+                str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False
+            )
         torch.distributed.barrier()
         if self.rank == 0:
             checkpoint.seal(self.ckpt_dir, tag, self.step)
@@ -331,8 +462,11 @@ class Trainer:
         torch.distributed.barrier()
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation joint NLL, next-token NLL of the marginal, per-head NLL, expert usage."""
+    def evaluate(self) -> dict[str, float | None]:
+        """Validation joint NLL, next-token NLL of the marginal, per-head NLL, expert usage.
+
+        A metric with no data (no position or no target) is None, never NaN or 0.
+        """
         run, n_future = self.cfg.run, self.cfg.head.n_future
         dataset = self.corpus.validation
         per_rank = run.micro_batch_size
@@ -354,20 +488,24 @@ class Trainer:
             sums[5 + 2 * n_future :] += out.expert_weight.cpu().numpy() * pos
         self.engine.train()
         s = np.array(self._all_reduce(sums.tolist()))
-        per_head = s[5 : 5 + n_future] / np.maximum(s[5 + n_future : 5 + 2 * n_future], 1)
+
+        def ratio(num: float, den: float) -> float | None:
+            return float(num / den) if den > 0 else None
+
+        per_head = [ratio(s[5 + k], s[5 + n_future + k]) for k in range(n_future)]
         result = {
-            "val/joint_nll": s[0] / s[1],
-            "val/joint_nll_per_target": s[2] / s[3],
+            "val/joint_nll": ratio(s[0], s[1]),
+            "val/joint_nll_per_target": ratio(s[2], s[3]),
             "val/next_token_nll": per_head[0],
-            "val/gate_entropy": s[4] / s[1],
+            "val/gate_entropy": ratio(s[4], s[1]),
         }
-        result.update({f"val/head{k + 1}_nll": float(v) for k, v in enumerate(per_head)})
-        usage = s[5 + 2 * n_future :] / s[1]
-        result.update({f"val/expert{a}_weight": float(v) for a, v in enumerate(usage)})
-        return {k: float(v) for k, v in result.items()}
+        result.update({f"val/head{k + 1}_nll": v for k, v in enumerate(per_head)})
+        usage = s[5 + 2 * n_future :]
+        result.update({f"val/expert{a}_weight": ratio(v, s[1]) for a, v in enumerate(usage)})
+        return result
 
     # ------------------------------------------------------------------ the loop
-    def train(self, stop_after: int | None = None) -> dict[str, float]:
+    def train(self, stop_after: int | None = None) -> dict[str, float | None]:
         """Run to ``run.steps`` (or ``stop_after`` steps, to simulate preemption)."""
         run = self.cfg.run
         bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step",
@@ -376,7 +514,7 @@ class Trainer:
         tokens_per_step = (
             run.micro_batch_size * run.grad_accum * self.world * self.cfg.data.block_size
         )
-        last_eval: dict[str, float] = {}
+        last_eval: dict[str, float | None] = {}
         steps_done = 0
         while self.step < run.steps and (stop_after is None or steps_done < stop_after):
             step_start = time.perf_counter()
@@ -406,8 +544,9 @@ class Trainer:
                 last_eval = self.evaluate()
                 record.update(last_eval)
                 if self.rank == 0:
-                    bar.write(f"step {self.step}: val joint {last_eval['val/joint_nll']:.3f} "
-                              f"next-token {last_eval['val/next_token_nll']:.3f} nats")  # fmt: skip
+                    joint, nxt = (last_eval[k] for k in ("val/joint_nll", "val/next_token_nll"))
+                    bar.write(f"step {self.step}: val joint {_nats(joint)} "
+                              f"next-token {_nats(nxt)} nats")  # fmt: skip
             self._log(record)
             if self.step % run.save_every == 0 or self.step == run.steps:
                 self.save()
@@ -419,8 +558,15 @@ class Trainer:
         return last_eval
 
     def export(self, path: Path) -> None:
-        """An HF-format model and tokenizer; gathers ZeRO-3 partitions first."""
+        """An HF-format model and tokenizer; gathers ZeRO-3 partitions first.
+
+        Written by ``cpd_mtp.export.save_export``: the tokenizer's bos/eos/pad ids go into the
+        model and generation configs, the files into a temporary folder renamed over ``path``
+        only when complete, with a SHA-256 record that ``from_pretrained`` checks.
+        """
         import deepspeed
+
+        from cpd_mtp.export import save_export
 
         module = self.engine.module
         gather = (
@@ -430,15 +576,17 @@ class Trainer:
         )
         with gather:
             if self.rank == 0:
-                module.save_pretrained(path, safe_serialization=True)
-                self.corpus.tokenizer.save_pretrained(path)
-                (path / "train_config.json").write_text(
-                    json.dumps(config_to_dict(self.cfg), indent=1)
-                )
+                run_config = json.dumps(config_to_dict(self.cfg), indent=1)
+                save_export(module, self.corpus.tokenizer, path,
+                            extra_files={"train_config.json": run_config})  # fmt: skip
         torch.distributed.barrier()
 
 
-def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, float]:
+def _nats(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, float | None]:
     """Train per ``cfg``; returns the last validation metrics."""
     return Trainer(cfg).train(stop_after=stop_after)
 
@@ -447,15 +595,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a CP-MTP model with DeepSpeed.")
     parser.add_argument("--preset", default="demo", help="configs/<preset>.yaml or a YAML path")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in run.out_dir")  # fmt: skip
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=100")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    overrides += ["run.overwrite=true"] if args.overwrite else []
     try:
         cfg = load_train_config(args.preset, overrides)
-    except ValueError as err:
+        check_config(cfg, torch.cuda.is_available())  # before any heavy work
+    except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except OutDirError as err:
+        sys.exit(f"error: {err}")
     if int(os.environ.get("RANK", 0)) == 0 and metrics:
         print(json.dumps(metrics, indent=1))
 

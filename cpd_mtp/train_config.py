@@ -86,6 +86,7 @@ class RunSettings:
     save_every: int = 200
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False  # replace the run already in out_dir (else that is an error)
     seed: int = 0
     log_every: int = 10
     wandb_project: str | None = "cpd_mtp"

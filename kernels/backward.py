@@ -10,11 +10,13 @@ gradient). One program owns a (BLOCK_M rows × BLOCK_V vocabulary) tile: it reco
 logits (fp32 accumulation), forms d from the saved log-sum-exp, then adds
 d @ W[tile] into dU and dᵀ @ u[rows] into dW_U, both fp32 accumulators updated with atomics.
 
-**Gradient filtering.** When every |d| of a tile is below ``eps`` the tile's contribution is
-skipped (two of the three GEMMs of the tile are saved). Each skipped entry is below eps, so
-the error of an entry is bounded by
+**Gradient filtering.** When every |softmax − onehot| of a tile is below ``eps`` (every
+probability in it is below eps and no row's target lies in it, the rule of Cut Cross-Entropy)
+the tile's contribution is skipped (two of the three GEMMs of the tile are saved). The test is
+on the unscaled difference, so it does not depend on the upstream gradient's scale (a mean over
+many positions, gradient accumulation). Each skipped entry of d_k is below |c_k|·eps, so
 
-    |ΔdU[k, j]| ≤ eps · Σ_v |W[v, j]|,      |ΔdW[v, j]| ≤ eps · Σ_k |u[rows[k], j]|.
+    |ΔdU[k, j]| ≤ |c_k|·eps·Σ_v |W[v, j]|,    |ΔdW[v, j]| ≤ eps·Σ_k |c_k|·|u[rows[k], j]|.
 
 In a peaked softmax most tiles hold only tiny probabilities, which is where the saving lies.
 Filtering is on by default; ``grad_filter=False`` or ``CPD_MTP_GRAD_FILTER=0`` turns it off.
@@ -79,11 +81,15 @@ def _lse_backward_kernel(
     )  # fmt: skip
     probs = tl.exp(logits - lse[:, None])
     onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
-    grad = coef[:, None] * (probs - onehot)
-    grad = tl.where(mask_k[:, None] & mask_v[None, :], grad, 0.0)  # (BLOCK_M, BLOCK_V) fp32
+    live = mask_k[:, None] & mask_v[None, :]
+    diff = tl.where(live, probs - onehot, 0.0)  # (BLOCK_M, BLOCK_V) fp32 softmax − onehot
+    grad = coef[:, None] * diff
     keep = True
     if FILTER:
-        keep = tl.max(tl.max(tl.abs(grad), axis=1), axis=0) >= filter_eps
+        # Decide on the unscaled |p − onehot|: the upstream scale (1 / positions, 1 / accumulation
+        # steps) would push every tile under eps. Rows with c_k = 0 add nothing either way.
+        keep = tl.max(tl.max(tl.where(coef[:, None] != 0.0, tl.abs(diff), 0.0), axis=1), axis=0)
+        keep = keep >= filter_eps
     if keep:
         grad_op = grad if DOT_FP32 else grad.to(u_ptr.dtype.element_ty)
         offs_k64 = offs_k.to(tl.int64)
@@ -143,7 +149,7 @@ def row_lse_backward(
         lse: (K,) float32 log-sum-exp saved by the forward.
         coef: (K,) float32 c_k, the weight of each row's softmax − onehot.
         need_du / need_dw: which gradients to compute.
-        grad_filter / filter_eps: skip tiles whose every |d| < filter_eps.
+        grad_filter / filter_eps: skip tiles whose every |softmax − onehot| < filter_eps.
 
     Returns:
         dU (M, d) and dW_U (V, d) in the input dtype (rows not kept get 0), or None

@@ -22,9 +22,10 @@ import torch
 # Budget of the fp32 dU scratch in backward; rows are processed in launches that fit it.
 DU_SCRATCH_BYTES = 256 * 2**20
 
-# Default gradient-filtering thresholds: a vocabulary block whose every |d| is below this
-# is skipped. 2^-12 is below the resolution of a bf16 gradient summed into values of order
-# 1 (bf16 keeps 8 mantissa bits); fp32 inputs get a threshold far below their own rounding.
+# Default gradient-filtering thresholds: a vocabulary block whose every |softmax − onehot| is
+# below this is skipped, so each skipped entry of a row's gradient is below eps·|c_k|. 2^-12 is
+# below the resolution of a bf16 gradient relative to that row's scale |c_k| (bf16 keeps 8
+# mantissa bits); fp32 inputs get a threshold far below their own rounding.
 FILTER_EPS = {
     torch.bfloat16: 2.0**-12,
     torch.float16: 2.0**-12,

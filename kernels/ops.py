@@ -19,7 +19,7 @@ from cpd_mtp.kernels.config import SUPPORTED_DTYPES, grad_filter_setting
 from cpd_mtp.kernels.lse_forward import row_lse_forward
 from cpd_mtp.kernels.mixture import mixture_backward, mixture_forward
 from cpd_mtp.kernels.target_dot import target_logits
-from cpd_mtp.ops.checks import check_mixture_args
+from cpd_mtp.ops.checks import autocast_operands, check_mixture_args
 
 
 class _RowLogprobs(torch.autograd.Function):
@@ -83,16 +83,6 @@ class _MixtureLogsumexp(torch.autograd.Function):
         return d_lp.to(lp_dtype), d_logw.to(logw_dtype)
 
 
-def _autocast_pair(u: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """u and W_U in the autocast dtype when autocast is on for their device (like F.linear)."""
-    device_type = u.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        if dtype in SUPPORTED_DTYPES:
-            return u.to(dtype), weight.to(dtype)
-    return u, weight
-
-
 def _check_dtype(u: torch.Tensor) -> None:
     if u.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
@@ -117,16 +107,18 @@ def row_logprobs_triton(
         weight: shared unembedding W_U, (V, d), same dtype and device.
         targets: (N, n) integer token ids or ``ignore_index``.
         ignore_index: the id of a missing target.
-        grad_filter: skip backward vocabulary tiles whose every |d| < ``filter_eps``;
-            None reads ``CPD_MTP_GRAD_FILTER`` (default on).
+        grad_filter: skip backward vocabulary tiles whose every |softmax − onehot| is below
+            ``filter_eps``; None reads ``CPD_MTP_GRAD_FILTER`` (default on).
         filter_eps: the threshold; None reads ``CPD_MTP_GRAD_FILTER_EPS`` or the dtype
             default (2^-12 for 16-bit inputs, 2^-24 for fp32).
 
     Returns:
         (N, n, r) float32, 0 where the target is ignored. Differentiable in u and weight.
     """
+    # The autocast cast comes first, so a bf16 u with an fp32 W_U is accepted under autocast.
+    u, weight = autocast_operands(u, weight)
     check_mixture_args(u, weight, None, targets, ignore_index)
-    u, weight = _autocast_pair(u, weight)
+    targets = targets.to(torch.int64)  # narrow label dtypes would wrap ignore_index
     _check_dtype(u)
     enabled, eps = grad_filter_setting(u.dtype, grad_filter, filter_eps)
     return _RowLogprobs.apply(u, weight, targets, ignore_index, enabled, eps)
@@ -187,6 +179,7 @@ def mixture_nll_triton(
         (N,) float32 −l_t; differentiable in u, weight and log_w. The vocabulary gradient of
         row (t, s, a) is gamma_{t,a} · g_t · (softmax − onehot).
     """
+    u, weight = autocast_operands(u, weight)
     check_mixture_args(u, weight, log_w, targets, ignore_index)
     row_lp = row_logprobs_triton(
         u, weight, targets, ignore_index, grad_filter=grad_filter, filter_eps=filter_eps

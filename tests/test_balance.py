@@ -100,3 +100,11 @@ def test_head_reports_balance_and_stats_from_its_gate():
     want = 0.3 * 3 * (f * w.mean(0)).sum() + 0.1 * torch.logsumexp(z, -1).square().mean()
     torch.testing.assert_close(out.aux_loss, want)
     torch.testing.assert_close(out.loss, out.joint_nll + out.aux_loss)
+
+
+def test_expert_statistics_of_no_rows_are_zero_not_nan():
+    rank = 3
+    stats = expert_statistics(torch.zeros(0, rank), torch.zeros(0, rank))
+    torch.testing.assert_close(stats["expert_weight"], torch.zeros(rank))
+    torch.testing.assert_close(stats["expert_responsibility"], torch.zeros(rank))
+    torch.testing.assert_close(stats["gate_entropy"], torch.zeros(()))

@@ -44,6 +44,8 @@ def test_quick_benchmark_writes_json_and_plot(tmp_path):
         if row["mode"] == "greedy":
             assert row["identical_to_autoregressive"] is True
     assert out.with_suffix(".png").stat().st_size > 1000
+    # the recorded output path is not this machine's absolute path
+    assert payload["config"]["out"] == f"{tmp_path.name}/decode.json"
 
 
 def test_prompts_file_blocks_and_lines(tmp_path):
@@ -56,3 +58,41 @@ def test_prompts_file_blocks_and_lines(tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("import os\nimport sys\n")
     assert bench_decode.read_prompts_file(lines) == ["import os", "import sys"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_quick_run_does_not_write_to_docs(monkeypatch):
+    """Without --out, --quick writes under the git-ignored scratch dir, never docs/."""
+    import harness
+
+    seen = []
+
+    def stop(args):
+        seen.append(Path(args.out).resolve())
+        raise _Stop
+
+    monkeypatch.setattr(bench_decode, "load_inputs", stop)
+    with pytest.raises(_Stop):
+        bench_decode.main(["--quick"])
+    (out,) = seen
+    assert not out.is_relative_to((harness.ROOT / "docs").resolve())
+    assert out.is_relative_to(harness.SCRATCH_DIR)
+
+
+@pytest.mark.parametrize(
+    "flag", ["--num-prompts", "--prompt-tokens", "--max-new-tokens", "--batch-sizes",
+             "--repeats", "--threads"],
+)  # fmt: skip
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_bad_counts_are_usage_errors(tmp_path, monkeypatch, capsys, flag, count):
+    monkeypatch.setattr(bench_decode, "load_inputs", lambda args: pytest.fail("ran"))
+    out = tmp_path / "decode.json"
+    with pytest.raises(SystemExit) as exit_info:
+        bench_decode.main(["--quick", flag, count, "--out", str(out)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and flag in errors[0]
+    assert not out.exists()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from cpd_mtp import cli
+from cpd_mtp.generation import generate
 from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
 from cpd_mtp.tokenizer import train_bpe_tokenizer
 
@@ -18,6 +21,9 @@ def saved_model(tmp_path_factory):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer)))
     model = CPDMTPForCausalLM.from_causal_lm(base, n_future=3, rank=2).eval()
+    # As the exports write them: the tokenizer's special ids in the generation config.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     path = tmp_path_factory.mktemp("model")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -36,6 +42,48 @@ def test_generate_streams_the_greedy_continuation(saved_model, capsys):
                               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     assert captured.out.startswith(prompt + tokenizer.decode(want[0, ids.shape[1] :]))
     assert "tokens/forward" in captured.err and "acceptance per draft position" in captured.err
+
+
+def test_generate_stops_at_the_model_eos_like_hf_and_the_library(saved_model, tmp_path, capsys):
+    """A model whose generation_config EOS (not the tokenizer's) is a token its greedy
+    continuation emits: HF ``model.generate``, ``cpd_mtp.generate`` without ``eos_token_id``
+    and the CLI all stop there, with the same tokens."""
+    _, model, tokenizer = saved_model
+    prompt = "def add(a, b):"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        free = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]  # fmt: skip
+    # The first token that first appears after at least two others: the run stops early.
+    k = next(k for k in range(2, 12) if int(free[k]) not in free[:k].tolist())
+    eos = int(free[k])
+    assert eos != tokenizer.eos_token_id
+    model = copy.deepcopy(model)
+    model.generation_config.eos_token_id = eos
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    loaded = CPDMTPForCausalLM.from_pretrained(path).eval()
+    assert loaded.generation_config.eos_token_id == eos
+
+    with torch.no_grad():
+        hf = loaded.generate(ids, max_new_tokens=12, do_sample=False)
+    ours = generate(loaded, ids, 12)
+    assert torch.equal(ours.sequences, hf)
+    assert hf.shape[1] == ids.shape[1] + k + 1 and int(hf[0, -1]) == eos
+    cli.main(["generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "12"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith(prompt + tokenizer.decode(hf[0, ids.shape[1] :]))
+    assert f"[{k + 1} tokens," in captured.err
+
+
+def test_generate_rejects_nonsense_sampling_arguments(saved_model, capsys):
+    path, _, _ = saved_model
+    for flags, name in ((["--top-p", "1.5"], "top_p"), (["--top-k", "-1"], "top_k"),
+                        (["--temperature", "nan"], "temperature")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["generate", "--model", str(path), "--prompt", "x", "--sample", *flags])
+        assert exit_info.value.code == 2 and name in capsys.readouterr().err
 
 
 def test_generate_batch_prints_every_prompt(saved_model, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sysconfig
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from cpd_mtp.data import (
     stdlib_documents,
     token_dtype,
     tokenize_documents,
+    user_documents,
 )
 from cpd_mtp.tokenizer import (
     EOS_TOKEN,
@@ -366,6 +368,141 @@ def test_missing_and_empty_sources(tmp_path: Path) -> None:
         load_documents(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="empty list"):
         load_documents([])
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": "unterminated\n{"text": "x"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:3") + ".*JSON"):
+        load_documents(bad)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    value=st.one_of(
+        st.integers(),
+        st.floats(allow_nan=False),
+        st.booleans(),
+        st.lists(st.text(max_size=3), max_size=3),
+        st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+    )
+)
+def test_non_string_jsonl_text_is_an_error(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "records.jsonl"
+    rows = [{"body": "ok"}, {"body": None}, {"body": value}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: field 'body'")):
+        load_documents(path, text_field="body")
+
+
+def test_non_string_parquet_and_dataset_text_is_an_error(tmp_path: Path) -> None:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"body": [1, 2, 3]}), parquet)
+    with pytest.raises(ValueError, match=re.escape(f"{parquet}: row 0: field 'body' is a int")):
+        load_documents(parquet, text_field="body")
+    hf_dir = tmp_path / "hf"
+    datasets.Dataset.from_dict({"body": [[1, 2], [3]]}).save_to_disk(str(hf_dir))
+    with pytest.raises(ValueError, match=re.escape(f"{hf_dir}: row 0: field 'body' is a list")):
+        load_documents(hf_dir, text_field="body")
+    # missing values are still skipped, not errors
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"body": ["a", None, "b"]}), nulls)
+    assert [d.text() for d in load_documents(nulls, text_field="body")[0]] == ["a", "b"]
+
+
+def test_glob_skips_binary_files_like_the_walk(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("text\n")
+    (tmp_path / "blob.txt").write_bytes(b"PK\x03\x04\x00\x00binary")
+    walked = [Path(d.name).name for d in load_documents(tmp_path)[0]]
+    globbed = [Path(d.name).name for d in load_documents(str(tmp_path / "*.txt"))[0]]
+    assert globbed == walked == ["a.txt"]
+
+
+@pytest.mark.parametrize("bad", [-1, 0])
+def test_max_files_below_one_is_an_error(tmp_path: Path, bad: int) -> None:
+    (tmp_path / "a.txt").write_text("text\n")
+    with pytest.raises(ValueError, match="max_files"):
+        DataConfig(max_files=bad)
+    with pytest.raises(ValueError, match="max_files"):
+        stdlib_documents(bad)
+    with pytest.raises(ValueError, match="max_files"):
+        user_documents([tmp_path], max_files=bad)
+    with pytest.raises(ValueError, match="max_files"):
+        load_documents("stdlib", max_files=bad)
+    assert len(stdlib_documents(1)[0]) == 1  # the smallest valid value still works
+
+
+# ----------------------------------------------------------------------------- token cache
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    vocab=st.sampled_from([3, 300, 2**16 - 1, 2**16 + 5]),
+    length=st.integers(1, 200),
+    seed=st.integers(0, 2**31),
+    data=st.data(),
+)
+def test_corrupted_token_cache_is_rebuilt(
+    tmp_path: Path, vocab: int, length: int, seed: int, data: st.DataObject
+) -> None:
+    dtype = token_dtype(vocab)
+    good = np.random.default_rng(seed).integers(0, vocab, length).astype(dtype)
+    corrupt = good.copy()
+    corrupt[data.draw(st.integers(0, length - 1))] = data.draw(
+        st.integers(vocab, int(np.iinfo(dtype).max))
+    )
+    path = tmp_path / f"tokens-{vocab}-{length}-{seed}.npy"
+    np.save(path, corrupt)
+    with pytest.warns(UserWarning, match=re.escape(str(path)) + ".*outside the vocabulary"):
+        loaded = cached_array(path, lambda: good, vocab_size=vocab)
+    np.testing.assert_array_equal(loaded, good)
+
+    def fail() -> np.ndarray:
+        raise AssertionError("a sound cache must not be recomputed")
+
+    np.testing.assert_array_equal(cached_array(path, fail, vocab_size=vocab), good)
+
+
+def test_unreadable_or_misshapen_token_cache_is_rebuilt(tmp_path: Path) -> None:
+    good = np.arange(10, dtype=np.uint16)
+    path = tmp_path / "t.npy"
+    for bad in (b"\x93NUMPY garbage", np.zeros((2, 5), np.uint16), np.zeros(10, np.float32)):
+        if isinstance(bad, bytes):
+            path.write_bytes(bad)
+        else:
+            np.save(path, bad)
+        with pytest.warns(UserWarning, match=re.escape(str(path))):
+            np.testing.assert_array_equal(cached_array(path, lambda: good, vocab_size=10), good)
+    # a freshly computed stream with an id outside the vocabulary is refused, naming the file
+    path.unlink()
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*token id 9"):
+        cached_array(path, lambda: good, vocab_size=9)
+
+
+def test_build_corpus_rebuilds_a_flipped_token_cache(tmp_path: Path, small_tokenizer) -> None:
+    tokenizer, tok_dir = small_tokenizer
+    source = tmp_path / "data.jsonl"
+    source.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS) + "\n")
+    config = DataConfig(source=source, tokenizer=tok_dir, block_size=4, val_fraction=0.4)
+    corpus = build_corpus(config)
+    expected = np.asarray(corpus.train.tokens).copy()
+    (cache_file,) = (cache_root() / "tokens").glob("train-*.npy")
+    raw = bytearray(cache_file.read_bytes())
+    raw[-2:] = b"\xff\xff"  # the last uint16 id becomes 65535 >= the 512-token vocabulary
+    cache_file.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=re.escape(str(cache_file))):
+        again = build_corpus(config)
+    train_texts = [TEXTS[int(n.rsplit("#", 1)[1]) - 1] for n in again.train_files]
+    np.testing.assert_array_equal(again.train.tokens, reference_stream(tokenizer, train_texts))
+    np.testing.assert_array_equal(again.train.tokens, expected)
 
 
 # ----------------------------------------------------------------------------- order

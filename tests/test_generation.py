@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -19,7 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -83,6 +84,8 @@ def random_head_model(vocab: int, n_future: int, rank: int, seed: int) -> CPDMTP
         for name, param in model.head.named_parameters():
             if name != "weight":
                 param.normal_(0.0, 0.3)
+    # No EOS: the enumerated references cover every continuation of the full length.
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
@@ -258,6 +261,77 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="temperature"):
         generate(model, ids, 3, do_sample=True, temperature=0.0)
     assert torch.equal(generate(model, ids, 0).sequences, ids)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"do_sample": True, "temperature": NAN}, "temperature"),
+        ({"do_sample": True, "temperature": INF}, "temperature"),
+        ({"do_sample": True, "temperature": -1.0}, "temperature"),
+        ({"do_sample": True, "top_p": 1.5}, "top_p"),
+        ({"do_sample": True, "top_p": NAN}, "top_p"),
+        ({"do_sample": True, "top_p": 0.0}, "top_p"),
+        ({"do_sample": True, "top_k": -1}, "top_k"),
+        ({"do_sample": True, "top_k": 2.5}, "top_k"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"draft_positions": 0.5}, "draft_positions"),
+        ({"input_ids": VOCAB}, "input_ids"),
+        ({"input_ids": -1}, "input_ids"),
+    ],
+)
+def test_nonsense_arguments_are_value_errors_naming_them(kwargs, name):
+    """Each argument that makes no sense is refused, in both decoders, before any decoding."""
+    model = trained_model(2, 1)
+    kwargs = dict(kwargs)
+    ids = _prompt_tokens(1, 3)[None].clone()
+    if "input_ids" in kwargs:
+        ids[0, 1] = kwargs.pop("input_ids")
+    max_new = kwargs.pop("max_new_tokens", 3)
+    with pytest.raises(ValueError, match=name):
+        generate(model, ids, max_new, **kwargs)
+    if name != "draft_positions":
+        with pytest.raises(ValueError, match=name):
+            autoregressive_generate(model, ids, max_new, **kwargs)
+    warping = {k: v for k, v in kwargs.items() if k in ("temperature", "top_k", "top_p")}
+    if warping:
+        with pytest.raises(ValueError, match=name):
+            warp_log_probs(torch.zeros(2, 5), **warping)
+
+
+def test_warping_accepts_the_boundaries():
+    """top_p = 1, top_k = 0 and ints where floats are expected are valid, warped as in HF."""
+    log_probs = torch.log_softmax(torch.randn(3, 7, generator=torch.Generator().manual_seed(1)), -1)
+    for kwargs in ({"top_p": 1.0}, {"top_p": 1}, {"top_k": 0}, {"temperature": 2}):
+        ref = hf_warp(log_probs, float(kwargs.get("temperature", 1.0)), kwargs.get("top_k"),
+                      kwargs.get("top_p"))  # fmt: skip
+        torch.testing.assert_close(warp_log_probs(log_probs, **kwargs), ref)
+
+
+def test_generate_defaults_to_the_model_eos_like_hf():
+    """No eos_token_id / pad_token_id: the model's generation_config decides, as in HF."""
+    model = copy.deepcopy(trained_model(3, 2))
+    g = torch.Generator().manual_seed(3)
+    ids, mask = left_padded([_periodic(1, n, g)[0] for n in (5, 3, 7)])
+    free = generate(model, ids, 16, attention_mask=mask).sequences[:, ids.shape[1] :]
+    eos = int(free[0, 0])  # the first row stops at once; the others run on
+    assert not bool((free[1:] == eos).any())
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = None  # HF then pads with the EOS id
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    out = generate(model, ids, 16, attention_mask=mask)
+    assert torch.equal(out.sequences, ref)
+    assert out.new_tokens_per_row == [1, 16, 16]
+    ar = autoregressive_generate(model, ids, 16, attention_mask=mask)
+    assert torch.equal(ar.sequences, ref) and ar.new_tokens_per_row == out.new_tokens_per_row
+    # An explicit argument still wins over the generation config.
+    explicit = generate(model, ids, 16, attention_mask=mask, eos_token_id=[], pad_token_id=PAD)
+    assert torch.equal(explicit.sequences[:, ids.shape[1] :], free)
 
 
 # ----------------------------------------------------------------------------- warping
@@ -505,3 +579,157 @@ def test_sample_never_draws_removed_tokens_and_matches_frequencies():
     assert freq[[0, 2, 5]].sum() == 0
     # 5 sigma of a binomial proportion with n = 20000 is at most 0.018.
     torch.testing.assert_close(freq, probs.double(), atol=0.018, rtol=0)
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    n_future=st.integers(1, 3),
+    rank=st.integers(1, 3),
+    chunked=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_head_decoding_log_probs_are_not_rounded_to_the_model_dtype(
+    dtype, n_future, rank, chunked, seed
+):
+    """A bf16 / fp16 head's gate, expert and marginal log-probabilities equal a float64
+    computation from the same (low-precision) h, u, W_g and W_U, to float32 accuracy: the
+    logits are not rounded to the model dtype, and no float32 W_U is kept in the model."""
+    import cpd_mtp.head as head_module
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4)
+    model = CPDMTPForCausalLM.from_causal_lm(
+        AutoModelForCausalLM.from_config(config), n_future=n_future, rank=rank
+    )
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 1.0)  # logits of a few units: bf16 spacing ~0.03
+        model.head.gate.weight.normal_(0.0, 0.5)
+    head = model.to(dtype).eval().head
+    hidden = torch.randn(5, 32).to(dtype)
+    old_budget = head_module._UPCAST_CHUNK_BYTES
+    head_module._UPCAST_CHUNK_BYTES = 7 * 32 * 4 if chunked else old_budget  # 7 rows a chunk
+    try:
+        with torch.no_grad():
+            log_w = head.log_gate(hidden)
+            log_p = head.expert_log_probs(hidden)
+            marginal = head(hidden)
+            u = head.experts(hidden)  # (5, n, r, d) in the model dtype, as the head uses it
+    finally:
+        head_module._UPCAST_CHUNK_BYTES = old_budget
+    h64 = hidden.double()
+    ref_w = torch.log_softmax(h64 @ head.gate.weight.double().T + head.gate.bias.double(), dim=-1)
+    ref_p = torch.log_softmax(u.double() @ head.weight.double().T, dim=-1)
+    ref_marginal = torch.logsumexp(ref_w[:, :, None] + ref_p[:, 0], dim=1)
+    assert log_w.dtype == log_p.dtype == marginal.dtype == torch.float32
+    # float32 accuracy (logits of ~10: a few 1e-6); a bf16 rounding of them is ~1e-2.
+    torch.testing.assert_close(log_w.double(), ref_w, atol=2e-5, rtol=0)
+    torch.testing.assert_close(log_p.double(), ref_p, atol=2e-5, rtol=0)
+    torch.testing.assert_close(marginal.double(), ref_marginal, atol=2e-5, rtol=0)
+    assert all(p.dtype == dtype for p in head.parameters())
+    assert not any(b.dtype == torch.float32 for b in head.buffers())
+
+
+def _llama_for_ties(dtype: torch.dtype) -> CPDMTPForCausalLM:
+    """An untrained tiny Llama with a peaked, wide marginal (logits of a few tens)."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4)
+    model = CPDMTPForCausalLM.from_causal_lm(
+        AutoModelForCausalLM.from_config(config), n_future=3, rank=2
+    )
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 1.0)
+    model = model.to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_exactness_contract_in_low_precision(dtype):
+    """30 prompts against HF greedy ``generate``. float32: identical on every prompt. bf16:
+    identical, or, at the first divergence, HF's own top-2 log-probabilities there are within
+    bf16 rounding of the logits (one bf16 spacing of the largest centred logit): the trunk's
+    bf16 hidden states differ by rounding between a 1-token and an (m+1)-token forward."""
+    model = _llama_for_ties(dtype)
+    g = torch.Generator().manual_seed(1)
+    eps = torch.finfo(torch.bfloat16).eps
+    diverged = []
+    for _ in range(30):
+        length = int(torch.randint(2, 10, (1,), generator=g))
+        ids = torch.randint(1, 256, (1, length), generator=g)
+        ref = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=PAD,
+                             output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        out = generate(model, ids, 20)
+        if torch.equal(out.sequences, ref.sequences):
+            continue
+        assert dtype == torch.bfloat16, "float32 decoding must be identical to HF greedy"
+        step = int((out.sequences[0] != ref.sequences[0]).nonzero()[0]) - length
+        scores = ref.scores[step][0].double()  # HF's log-probabilities at that step
+        top = scores.topk(2).values
+        margin = float(top[0] - top[1])
+        rounding = eps * float((scores - scores.mean()).abs().max())
+        # The speculative decoder chose HF's runner-up, and the two were within rounding.
+        assert int(out.sequences[0, length + step]) in scores.topk(2).indices.tolist()
+        assert margin <= rounding, (step, margin, rounding)
+        diverged.append(step)
+    assert len(diverged) <= 5, diverged  # near-ties are rare
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+WINDOW = 16
+
+
+@functools.cache
+def sliding_model(arch: str) -> CPDMTPForCausalLM:
+    """A tiny Mistral / Qwen2 with ``sliding_window=16`` on every layer, trained briefly on
+    periodic sequences longer than the window (drafts are accepted sometimes, not always)."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW)  # fmt: skip
+    if arch == "mistral":
+        config = MistralConfig(**shape)
+    else:
+        config = Qwen2Config(use_sliding_window=True, max_window_layers=0, **shape)
+    model = CPDMTPForCausalLM.from_causal_lm(
+        AutoModelForCausalLM.from_config(config), n_future=3, rank=2,
+        loss_impl="reference", expert_init_noise=0.1,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(120):
+        x = _periodic(16, 24, g)
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_greedy_matches_hf_past_the_window(arch):
+    """Prompt + continuation longer than the window, at batch 1 and in left-padded batches of
+    3 (rows accept different numbers of drafts), token for token against HF greedy."""
+    model = sliding_model(arch)
+    assert model.config.text_config.sliding_window == WINDOW
+    g = torch.Generator().manual_seed(0)
+    proposed = accepted = 0
+    for lengths in ([13], [10], [3], [10, 4, 13], [7, 12, 3], [2, 9, 5]):
+        prompts = [_periodic(1, n, g)[0] for n in lengths]
+        if len(prompts) > 1:  # one row with a random prompt: other acceptance counts
+            prompts[1] = torch.randint(1, VOCAB, (lengths[1],), generator=g)
+        ids, mask = left_padded(prompts)
+        new = 2 * WINDOW + 4 - min(lengths)
+        out = generate(model, ids, new, attention_mask=mask)
+        assert torch.equal(out.sequences, hf_greedy(model, ids, mask, new)), lengths
+        proposed += sum(out.proposed_counts)
+        accepted += sum(out.accepted_counts)
+    assert 0 < accepted < proposed

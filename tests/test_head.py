@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cpd_mtp import CPDMTPConfig, CPDMTPHead
@@ -249,3 +249,112 @@ def test_bad_forward_input_is_a_value_error():
     with pytest.raises(ValueError, match="chosen must hold"):
         log_w, log_p = head.draft_state(hidden[:, 0])
         CPDMTPHead.conditional(log_w, log_p, torch.zeros(2, 3, dtype=torch.long))
+
+
+def reference_loss_terms(head: CPDMTPHead, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The head's loss and statistics position by position, from their definitions."""
+    cfg = head.config
+    n, r = cfg.n_future, cfg.rank
+    batch, seq = labels.shape
+    nll_sum, num_targets, rows = 0.0, 0, []  # rows: (log w, gamma, has a target, gate logits)
+    head_nll, head_count = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+    position_nll = torch.zeros(batch, seq, dtype=torch.float64)
+    for b, t in itertools.product(range(batch), range(seq)):
+        h = hidden[b, t]
+        z = head.gate(h)  # (r,)
+        log_w = torch.log_softmax(z, -1)
+        log_p = torch.log_softmax(head.experts(h[None])[0] @ head.weight.T, -1)  # (n, r, V)
+        joint, observed = log_w.clone(), 0
+        for s in range(1, n + 1):
+            if t + s < seq and labels[b, t + s] != cfg.ignore_index:
+                x = labels[b, t + s]
+                joint = joint + log_p[s - 1, :, x]
+                head_nll[s - 1] -= torch.logsumexp(log_w + log_p[s - 1, :, x], 0)
+                head_count[s - 1] += 1
+                observed += 1
+        if observed:
+            position_nll[b, t] = -torch.logsumexp(joint, 0)
+            nll_sum = nll_sum + position_nll[b, t]
+        num_targets += observed
+        rows.append((log_w, torch.softmax(joint, -1), observed > 0, z))
+    with_target = [row for row in rows if row[2]]
+    stat_rows = with_target or rows  # no target anywhere: every position, where gamma = w
+    if stat_rows:
+        weight = torch.stack([row[0].exp() for row in stat_rows]).mean(0)
+        resp = torch.stack([row[1] for row in stat_rows]).mean(0)
+        entropy = torch.stack([-(row[0].exp() * row[0]).sum() for row in stat_rows]).mean()
+    else:
+        weight = resp = torch.zeros(r, dtype=torch.float64)
+        entropy = torch.zeros((), dtype=torch.float64)
+    aux = torch.zeros((), dtype=torch.float64)
+    if with_target:
+        mean_w = torch.stack([row[0].exp() for row in with_target]).mean(0)
+        mean_f = torch.stack([row[1] for row in with_target]).mean(0)
+        z_loss = torch.stack([torch.logsumexp(row[3], 0) ** 2 for row in with_target]).mean()
+        aux = cfg.balance_coef * r * (mean_f * mean_w).sum() + cfg.router_z_coef * z_loss
+    joint_nll = torch.as_tensor(nll_sum, dtype=torch.float64) / max(len(with_target), 1)
+    return {
+        "loss": joint_nll + aux,
+        "joint_nll": joint_nll,
+        "joint_nll_per_target": torch.as_tensor(nll_sum, dtype=torch.float64) / max(num_targets, 1),
+        "per_head_nll": head_nll / head_count.clamp(min=1),
+        "aux_loss": aux,
+        "position_nll": position_nll,
+        "expert_weight": weight,
+        "expert_responsibility": resp,
+        "gate_entropy": entropy,
+        "num_positions": len(with_target),
+        "num_targets": num_targets,
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(0, 3),
+    seq=st.integers(0, 5),
+    n_future=st.integers(1, 3),
+    rank=st.integers(1, 3),
+    ignore=st.sampled_from(["none", "all", "random", "tail"]),
+    seed=st.integers(0, 2**16),
+)
+@example(batch=0, seq=4, n_future=2, rank=3, ignore="none", seed=0)  # B = 0
+@example(batch=2, seq=0, n_future=2, rank=3, ignore="none", seed=1)  # T = 0
+@example(batch=2, seq=1, n_future=3, rank=2, ignore="none", seed=2)  # T = 1: no target
+@example(batch=2, seq=4, n_future=2, rank=3, ignore="all", seed=3)  # every label ignored
+def test_degenerate_shapes_and_ignore_patterns_match_the_definition(
+    batch, seq, n_future, rank, ignore, seed
+):
+    """B or T = 0, T = 1 and all-ignored labels: finite, defined outputs that match a
+    position-by-position computation, and a loss that backward accepts."""
+    head = make_head(seed=seed % 7, n_future=n_future, rank=rank, balance="switch",
+                     balance_coef=0.3, router_z_coef=0.1)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, 6, dtype=torch.float64, generator=g).requires_grad_()
+    labels = torch.randint(0, 5, (batch, seq), generator=g)
+    if ignore == "all":
+        labels[:] = -100
+    elif ignore == "random":
+        labels[torch.rand(batch, seq, generator=g) < 0.5] = -100
+    elif ignore == "tail":
+        labels[:, seq // 2 :] = -100
+    out = head(hidden, labels=labels)
+    with torch.no_grad():
+        want = reference_loss_terms(head, hidden, labels)
+    assert int(out.num_positions) == want["num_positions"]
+    assert int(out.num_targets) == want["num_targets"]
+    for name in ("loss", "joint_nll", "joint_nll_per_target", "per_head_nll", "aux_loss",
+                 "position_nll", "expert_weight", "expert_responsibility", "gate_entropy"):  # fmt: skip
+        got = getattr(out, name)
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.to(torch.float64), want[name], msg=name)
+    if batch * seq:  # at least one position: the statistics are distributions over experts
+        torch.testing.assert_close(out.expert_weight.sum(), torch.tensor(1.0).double())
+        torch.testing.assert_close(out.expert_responsibility.sum(), torch.tensor(1.0).double())
+    assert out.logits.shape == (batch, seq, 5)
+    torch.testing.assert_close(out.logits, head(hidden))
+    out.loss.backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    for name, param in head.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        if want["num_positions"] == 0:  # nothing observed: the loss is a constant 0
+            assert not param.grad.any(), name

@@ -6,6 +6,7 @@ applied to the trunk's hidden states, and a hand-written greedy loop.
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -179,6 +180,27 @@ def test_return_logits_false_and_logits_to_keep() -> None:
     as_tuple = model(input_ids=ids, labels=ids, return_dict=False, use_cache=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
     torch.testing.assert_close(as_tuple[0], full.loss)
+
+
+def test_return_dict_none_is_resolved_from_the_config() -> None:
+    """``return_dict=None`` (what PEFT passes) follows ``config.return_dict`` like HF models."""
+    model = make_model("llama")
+    ids = batch()
+    with torch.no_grad():
+        as_dict = model(input_ids=ids, labels=ids, return_dict=True, use_cache=False)
+        resolved = model(input_ids=ids, labels=ids, return_dict=None, use_cache=False)
+        assert isinstance(resolved, CPDMTPCausalLMOutputWithPast)
+        torch.testing.assert_close(resolved.logits, as_dict.logits, rtol=0, atol=0)
+        torch.testing.assert_close(resolved.loss, as_dict.loss, rtol=0, atol=0)
+        model.config.return_dict = False
+        as_tuple = model(input_ids=ids, labels=ids, return_dict=None, use_cache=False)
+        default = model(input_ids=ids, use_cache=False)
+        explicit = model(input_ids=ids, use_cache=False, return_dict=True)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+    torch.testing.assert_close(as_tuple[0], as_dict.loss, rtol=0, atol=0)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits, rtol=0, atol=0)
+    assert isinstance(default, tuple) and len(default) == 1
+    assert isinstance(explicit, CPDMTPCausalLMOutputWithPast)  # an explicit value wins
 
 
 @settings(max_examples=8, deadline=None)
@@ -425,6 +447,125 @@ def test_hf_trainer_runs(arch: str, tmp_path) -> None:
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     after = trainer.evaluate()["eval_loss"]
     assert after != before
+
+
+def _zero3_round_trip(out_dir: str, tied: bool) -> None:
+    """Convert, save, reload and train under Hugging Face ZeRO-3, then reload outside ZeRO.
+
+    Runs in its own process (see ``test_hf_zero3_convert_save_reload_train``): the
+    TrainingArguments come first, so every model below is built under ``deepspeed.zero.Init``
+    and its parameters are partitioned (``.shape`` is (0,)).
+    """
+    import deepspeed
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    zero3 = {
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        # torch's AdamW: DeepSpeed's FusedAdam would be compiled first (minutes on CPU)
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}},
+    }
+    args = TrainingArguments(
+        output_dir=f"{out_dir}/trainer",
+        deepspeed=zero3,
+        use_cpu=True,
+        report_to=[],
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    assert is_deepspeed_zero3_enabled()
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, tie_word_embeddings=tied
+    )
+    lm = AutoModelForCausalLM.from_config(config)
+    assert lm.get_output_embeddings().weight.shape == (0,)  # really partitioned
+    model = CPDMTPForCausalLM.from_causal_lm(lm, n_future=2, rank=2)
+    assert (model.head.weight is model.get_input_embeddings().weight) == tied
+    converted = gathered_state(model)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        model.save_pretrained(f"{out_dir}/converted")
+
+    loaded = CPDMTPForCausalLM.from_pretrained(f"{out_dir}/converted")
+    assert loaded.head.weight.shape == (0,)  # loaded under zero.Init too
+    reloaded = gathered_state(loaded)
+    assert reloaded.keys() == converted.keys()
+    for key, value in converted.items():
+        assert torch.equal(reloaded[key], value), key
+
+    rows = torch.randint(0, 64, (8, 10), generator=torch.Generator().manual_seed(1))
+    trainer = Trainer(model=loaded, args=args, train_dataset=_TokenDataset(rows))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(map(math.isfinite, losses)), losses
+    engine = trainer.model_wrapped
+    engine.eval()
+    with torch.no_grad():
+        zero_logits = engine(input_ids=rows[:2]).logits
+    trained = gathered_state(trainer.model)
+    assert any(not torch.equal(trained[k], converted[k]) for k in converted)  # it trained
+    trainer.save_model(f"{out_dir}/trained")
+    saved = load_file(f"{out_dir}/trained/model.safetensors")
+    for key, value in saved.items():
+        assert torch.equal(value, trained[key]), key
+
+    unset_hf_deepspeed_config()  # from here on, plain (unpartitioned) models
+    assert not is_deepspeed_zero3_enabled()
+    plain = CPDMTPForCausalLM.from_pretrained(f"{out_dir}/trained").eval()
+    assert (plain.head.weight is plain.get_input_embeddings().weight) == tied
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    with torch.no_grad():
+        plain_logits = plain(input_ids=rows[:2]).logits
+    torch.testing.assert_close(plain_logits, zero_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_zero3_convert_save_reload_train(tied: bool, tmp_path) -> None:
+    """``from_causal_lm`` and ``from_pretrained`` under HF ZeRO-3 (partitioned parameters).
+
+    A world of one on CPU (gloo), in a child process so DeepSpeed's and accelerate's global
+    state does not leak into the other tests.
+    """
+    pytest.importorskip("deepspeed")
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".venv" / "torch_extensions"))
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_modeling; "
+        f"test_modeling._zero3_round_trip({str(tmp_path)!r}, tied={tied})"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
 def test_gradient_checkpointing_gives_same_gradients() -> None:

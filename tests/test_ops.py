@@ -174,3 +174,100 @@ def test_bad_input_is_a_value_error(change, message, impl):
 def test_unknown_impl_is_a_value_error():
     with pytest.raises(ValueError, match="impl must be one of"):
         ops.mixture_nll(*make_inputs(3, 4, 2, 3, 5, 9, 0.0), impl="fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# Label dtypes: the range check and the ignore_index test must not wrap around in narrow dtypes.
+
+LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+def _impls_here() -> list[str]:
+    """reference and chunked, plus triton where it can run (CUDA or the interpreter)."""
+    try:
+        ops.resolve_impl("triton", torch.device("cpu"))
+    except ValueError:
+        return ["reference", "chunked"]
+    return ["reference", "chunked", "triton"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(dtype=st.sampled_from(LABEL_DTYPES), data=st.data())
+def test_in_range_labels_of_every_integer_dtype_are_accepted(dtype, data):
+    top = torch.iinfo(dtype).max
+    # A vocabulary larger than the dtype's max where that is cheap (uint8, int8, int16).
+    vocab = data.draw(st.integers(min(top, 2**15) + 1, min(top, 2**15) + 40), label="vocab")
+    ids = st.integers(0, min(top, vocab - 1))
+    if torch.iinfo(dtype).min <= IGNORE:
+        ids = ids | st.just(IGNORE)
+    labels = data.draw(st.lists(ids, min_size=6, max_size=6), label="labels")
+    u, weight, log_w, _ = make_inputs(1, 3, 2, 2, 3, vocab, 0.0)
+    targets = torch.tensor(labels, dtype=torch.int64).view(3, 2)
+    ops.check_targets(targets.to(dtype), vocab, IGNORE, "targets")  # no false error
+    want = explicit_nll(u, weight, log_w, targets)
+    for impl in ("reference", "chunked"):
+        nll = ops.mixture_nll(u, weight, log_w, targets.to(dtype), impl=impl)
+        torch.testing.assert_close(nll.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(dtype=st.sampled_from(LABEL_DTYPES), data=st.data())
+def test_out_of_range_labels_of_every_integer_dtype_are_a_value_error(dtype, data):
+    info = torch.iinfo(dtype)
+    vocab = data.draw(st.integers(2, min(info.max, 1000)), label="vocab")
+    too_big = st.integers(vocab, info.max) if vocab <= info.max else st.nothing()
+    negative = (
+        st.integers(info.min, -1).filter(lambda x: x != IGNORE) if info.min < 0 else st.nothing()
+    )
+    bad = data.draw(too_big | negative, label="bad")
+    targets = torch.zeros(3, 2, dtype=dtype)
+    targets[1, 1] = bad
+    with pytest.raises(ValueError, match=rf"targets holds {bad}, outside \[0, {vocab}\)"):
+        ops.check_targets(targets, vocab, IGNORE, "targets")
+
+
+@pytest.mark.parametrize("impl", _impls_here())
+def test_uint8_label_equal_to_ignore_index_mod_256_is_a_target(impl):
+    # -100 wraps to 156 in uint8: label 156 is a real token, not a missing one.
+    u, weight, log_w, _ = make_inputs(2, 3, 2, 2, 4, 200, 0.0)
+    targets = torch.full((3, 2), 156, dtype=torch.int64)
+    want = explicit_nll(u, weight, log_w, targets)
+    nll = ops.mixture_nll(u, weight, log_w, targets.to(torch.uint8), impl=impl)
+    torch.testing.assert_close(nll.double(), want, rtol=1e-5, atol=1e-5)
+    lp = ops.row_logprobs(u, weight, targets.to(torch.uint8), impl=impl)
+    torch.testing.assert_close(lp, ops.row_logprobs(u, weight, targets, impl="reference"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast: u and W_U are cast to the autocast dtype before the dtype check, like F.linear.
+
+
+@pytest.mark.parametrize("impl", _impls_here())
+@pytest.mark.parametrize(
+    ("u_dtype", "w_dtype"),
+    [
+        (torch.bfloat16, torch.float32),  # a bf16 trunk under autocast, an fp32 W_U parameter
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_autocast_casts_u_and_weight_before_the_dtype_check(impl, u_dtype, w_dtype):
+    u, weight, log_w, targets = make_inputs(3, 5, 3, 2, 16, 40, 0.2)
+    u = u.to(u_dtype).requires_grad_()
+    weight = weight.to(w_dtype).requires_grad_()
+    upstream = torch.linspace(0.5, 1.5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nll = ops.mixture_nll(u, weight, log_w, targets, impl=impl)
+        lp = ops.row_logprobs(u, weight, targets, impl=impl)
+    # The same calls with both tensors already in bf16, outside autocast.
+    ub, wb = (t.detach().bfloat16().requires_grad_() for t in (u, weight))
+    want_nll = ops.mixture_nll(ub, wb, log_w, targets, impl=impl)
+    want_lp = ops.row_logprobs(ub, wb, targets, impl=impl)
+    torch.testing.assert_close(nll, want_nll, rtol=0, atol=0)
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=0)
+    gu, gw = torch.autograd.grad((nll * upstream).sum(), (u, weight))
+    want_gu, want_gw = torch.autograd.grad((want_nll * upstream).sum(), (ub, wb))
+    # Gradients reach each leaf in its own dtype: the bf16 gradient, cast back.
+    assert gu.dtype == u_dtype and gw.dtype == w_dtype
+    torch.testing.assert_close(gu, want_gu.to(u_dtype), rtol=0, atol=0)
+    torch.testing.assert_close(gw, want_gw.to(w_dtype), rtol=0, atol=0)

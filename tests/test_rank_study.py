@@ -62,3 +62,45 @@ def test_tiny_study_end_to_end(tmp_path):
     for name in ("joint_nll_vs_rank", "tokens_per_forward_vs_rank", "acceptance_by_position"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert payload["wall_time_s"] > 0
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("a bad call must not train")
+
+
+@pytest.mark.parametrize("seeds", ["-1", "0", "two"])
+def test_bad_seed_counts_are_usage_errors_and_keep_published_results(
+    tmp_path, monkeypatch, capsys, seeds
+):
+    out = tmp_path / "study"
+    out.mkdir()
+    published = out / "results.json"
+    published.write_text('{"published": true}\n')
+    monkeypatch.setattr(rank_study, "train_one", _no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        rank_study.main(["--size", "tiny", "--seeds", seeds, "--out", str(out),
+                         "--runs", str(tmp_path / "runs")])  # fmt: skip
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--seeds" in errors[0]
+    assert published.read_text() == '{"published": true}\n'
+    assert [p.name for p in out.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("seeds", [-1, 0])
+def test_run_study_rejects_bad_seeds_before_writing(tmp_path, monkeypatch, seeds):
+    monkeypatch.setattr(rank_study, "train_one", _no_training)
+    with pytest.raises(ValueError, match="seeds"):
+        rank_study.run_study("tiny", tmp_path / "study", tmp_path / "runs", seeds=seeds)
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_study_with_no_runs_writes_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "results.json").write_text("published\n")
+    monkeypatch.setattr(rank_study, "PLAN", [])
+    with pytest.raises(RuntimeError, match="no runs"):
+        rank_study.run_study("tiny", out, tmp_path / "runs", seeds=1, log=lambda *_: None)
+    assert (out / "results.json").read_text() == "published\n"
+    assert [p.name for p in out.iterdir()] == ["results.json"]

@@ -7,7 +7,10 @@ the ``tiny`` preset (a 2-layer trunk on a few stdlib files).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +20,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from cpd_mtp.train import check_config, deepspeed_config, micro_batch_indices
+from cpd_mtp import train as train_module
+from cpd_mtp.head import shift_targets
+from cpd_mtp.train import (
+    OutDirError,
+    Trainer,
+    atomic_write_text,
+    check_config,
+    deepspeed_config,
+    json_line,
+    lock_out_dir,
+    main,
+    micro_batch_indices,
+)
 from cpd_mtp.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,6 +189,11 @@ def test_deepspeed_config_from_the_run_config():
         (["run.zero_stage=4"], ValueError, "run.zero_stage must be 0, 1, 2 or 3"),
         (["data.source=/no/such/corpus"], FileNotFoundError, "does not exist"),
         (["trunk.init_from=/no/such/model"], FileNotFoundError, "is not a directory"),
+        # Runs that would silently learn or measure nothing:
+        (["data.block_size=1"], ValueError, "data.block_size must be >= 2"),
+        (["run.eval_batches=0"], ValueError, "run.eval_batches must be >= 1"),
+        (["head.n_future=32"], ValueError, "head.n_future=32 must be < data.block_size=32"),
+        (["run.resume=true", "run.overwrite=true"], ValueError, "exclude each other"),
     ],
 )
 def test_bad_config_fails_early(overrides, error, message):
@@ -194,3 +216,167 @@ def test_vocab_mismatch_between_tokenizer_and_model_is_an_error(tmp_path):
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "trunk.vocab_size=999 does not match the tokenizer's 300 tokens" in output
+
+
+@settings(max_examples=60, deadline=None)
+@given(block_size=st.integers(1, 12), n_future=st.integers(1, 14))
+def test_config_is_refused_iff_some_offset_never_has_a_target(block_size, n_future):
+    # The reference: the head's own target layout, (1, T, n) with -100 where t+s >= T.
+    targets = shift_targets(torch.zeros(1, block_size, dtype=torch.long), n_future, -100)
+    empty_offset = bool((targets == -100).all(dim=(0, 1)).any())
+    cfg = load_train_config("tiny", [f"data.block_size={block_size}", f"head.n_future={n_future}"])
+    if empty_offset:
+        with pytest.raises(ValueError, match=r"data\.block_size"):
+            check_config(cfg, on_gpu=False)
+    else:
+        check_config(cfg, on_gpu=False)
+
+
+def test_cli_refuses_a_bad_config_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "tiny", f"run.out_dir={tmp_path}", "data.block_size=1"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: data.block_size must be >= 2") and "\n" not in message
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def _strict_json(line: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.floats() | st.integers() | st.none(), max_size=6))
+def test_metrics_lines_are_strict_json_with_null_for_non_finite(record):
+    line = json_line(record)
+    assert line.endswith("\n") and line.count("\n") == 1
+    want = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+    assert _strict_json(line) == want
+
+
+def test_atomic_write_text_replaces_the_file(tmp_path):
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("old\n")
+    atomic_write_text(target, "new\n" * 3)
+    assert target.read_text() == "new\n" * 3
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_atomic_write_text_failing_midway_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.jsonl"
+    old = '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n'
+    target.write_text(old)
+    # A write that fails after the file is opened: a character UTF-8 cannot encode.
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(target, '{"step": 1}\n' * 100 + "\ud800")
+    assert target.read_text() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+    # A full disk at the flush to storage.
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module.os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(target, '{"step": 1}\n')
+    assert target.read_text() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+# ---------------------------------------------------------------------- the run directory
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 2-step tiny run: metrics, a checkpoint at step 2, an export."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    launch(out, "run.steps=2", "run.save_every=2", "run.eval_every=2")
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def tiny_cfg(out: Path, *overrides: str):
+    return load_train_config("tiny", [f"run.out_dir={out}", *overrides])
+
+
+def test_a_second_run_on_an_out_dir_that_holds_one_is_refused(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(OutDirError, match=r"already holds a run .*--resume .*--overwrite"):
+        Trainer(tiny_cfg(out, "run.steps=3"))
+    with pytest.raises(SystemExit) as exit_info:  # the command line: one line, no traceback
+        main(["--preset", "tiny", f"run.out_dir={out}", "run.steps=3"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: run.out_dir") and str(out) in message
+    assert "\n" not in message
+    assert snapshot(out) == before
+
+
+def hold_lock(lock: Path) -> subprocess.Popen:
+    """Another process that holds an exclusive flock on ``lock`` until killed."""
+    code = ("import fcntl, sys, time\n"
+            "h = open(sys.argv[1], 'a'); fcntl.flock(h, fcntl.LOCK_EX); print('locked', flush=True)\n"
+            "time.sleep(600)")  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_locked_out_dir_is_refused_and_the_lock_dies_with_its_process(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    before = snapshot(out)
+    holders = [hold_lock(out / ".lock"), hold_lock(fresh / ".lock")]
+    try:
+        cases = [(out, "run.resume=true"), (out, "run.overwrite=true"), (fresh, "run.steps=3")]
+        for directory, extra in cases:
+            start = time.perf_counter()
+            pattern = re.escape(repr(str(directory))) + " is in use by another training run"
+            with pytest.raises(OutDirError, match=pattern):
+                Trainer(tiny_cfg(directory, extra))
+            assert time.perf_counter() - start < 10  # at once, not after waiting for the lock
+        assert snapshot(out) == before
+    finally:
+        for holder in holders:
+            holder.kill()  # SIGKILL: the holder runs no clean-up
+            holder.wait()
+    lock_out_dir(out).close()  # the kernel dropped the dead process's lock
+
+
+def test_overwrite_replaces_the_old_run(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    old_final = (out / "final" / "model.safetensors").read_bytes()
+    launch(out, "run.steps=3", "run.save_every=3", "run.eval_every=3", "--overwrite")
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000003"]
+    assert (out / "checkpoints" / "latest").read_text() == "step00000003"
+    assert (out / "final" / "model.safetensors").read_bytes() != old_final
+
+
+def test_resume_drops_a_torn_last_line_of_the_metrics(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    old = metrics(out)
+    assert [r["step"] for r in old] == [1, 2]
+    with (out / "metrics.jsonl").open("a") as handle:  # killed mid-write of step 3's record
+        handle.write('{"step": 3, "loss": 5.7')
+    output = launch(out, "run.steps=3", "run.save_every=3", "run.eval_every=3", "--resume")
+    assert f"{out / 'metrics.jsonl'}:3: dropping an unreadable record" in output
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [_strict_json(line) for line in lines]
+    assert records[:2] == old
+    assert [r["step"] for r in records] == [1, 2, 3]

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from cpd_mtp.ops.checks import check_mixture_args, check_targets
+from cpd_mtp.ops.checks import autocast_operands, check_mixture_args, check_targets
 from cpd_mtp.ops.chunked import row_logprobs_chunked
 from cpd_mtp.ops.mixture import mixture_logsumexp
 from cpd_mtp.ops.reference import row_logprobs_reference
@@ -77,10 +77,15 @@ def row_logprobs(
         weight: shared unembedding W_U, (V, d).
         targets: (N, n) token ids or ``ignore_index``.
 
+    Under an enabled autocast for u's device, u and W_U are first cast to the autocast dtype,
+    as ``F.linear`` would be (float64 is left alone).
+
     Returns:
         (N, n, r) float32; 0 where the target is ignored (the factor is marginalised out).
     """
+    u, weight = autocast_operands(u, weight)
     check_mixture_args(u, weight, None, targets, ignore_index)
+    targets = targets.to(torch.int64)  # narrow label dtypes would wrap ignore_index
     impl = resolve_impl(impl, u.device)
     if impl == "reference":
         return row_logprobs_reference(u, weight, targets, ignore_index)
@@ -105,7 +110,8 @@ def mixture_nll(
 
     Args:
         u: expert states u_{t,s,a}, (N, n, r, d).
-        weight: shared unembedding W_U, (V, d), same dtype and device as ``u``.
+        weight: shared unembedding W_U, (V, d), same dtype (after the autocast cast) and
+            device as ``u``.
         log_w: log mixture weights, (N, r); normalised over r.
         targets: (N, n) ids of x_{t+1..t+n}; ``ignore_index`` marks a missing target.
         ignore_index: the id of a missing target.
@@ -114,9 +120,12 @@ def mixture_nll(
 
     Returns:
         (N,) float32. A token with no target gets 0. Gradients flow to ``u``, ``weight``
-        and ``log_w``.
+        and ``log_w``. Under an enabled autocast for u's device, u and W_U are first cast to
+        the autocast dtype, as ``F.linear`` would be; gradients come back in their own dtype.
     """
+    u, weight = autocast_operands(u, weight)
     check_mixture_args(u, weight, log_w, targets, ignore_index)
+    targets = targets.to(torch.int64)  # narrow label dtypes would wrap ignore_index
     impl = resolve_impl(impl, u.device)
     if impl == "triton":
         from cpd_mtp.kernels import mixture_nll_triton

@@ -19,12 +19,39 @@ def check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int, nam
         raise ValueError(f"{name} must be an integer tensor, got dtype {targets.dtype}")
     if targets.numel() == 0:
         return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    # Compare in int64: a bound such as vocab_size = 300 or ignore_index = -100 would wrap
+    # around in a narrow label dtype (uint8, int8, int16) and flag valid labels.
+    wide = targets.to(torch.int64)
+    bad = (wide != ignore_index) & ((wide < 0) | (wide >= vocab_size))
     if bool(bad.any()):
-        value = int(targets[bad][0])
+        value = int(wide[bad][0])
         raise ValueError(
             f"{name} holds {value}, outside [0, {vocab_size}) and not ignore_index={ignore_index}"
         )
+
+
+def autocast_operands(u: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """u and W_U cast to the autocast dtype when autocast is enabled for u's device.
+
+    This is the cast ``F.linear`` gets under autocast; like autocast, float64 is left alone.
+    Autograd casts the gradients back to each input's own dtype.
+
+    Args:
+        u: expert states, (N, n, r, d).
+        weight: shared unembedding W_U, (V, d).
+
+    Returns:
+        (u, weight), each in the autocast dtype, or unchanged when autocast is off.
+    """
+    device_type = u.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return u, weight
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return cast(u), cast(weight)
 
 
 def check_mixture_args(
