@@ -17,7 +17,7 @@ DEMO_ARGS ?=
 $(VENV)/.installed: pyproject.toml setup.cfg
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIN)
-	$(PY) -m pip install -e '.[test,docs]'
+	$(PY) -m pip install -e '.[all]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m cpd_mtp.demo $(DEMO_ARGS)
+	$(PY) -m cpd_mtp.apps.demo $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check cpd_mtp kernels tests benchmarks
@@ -43,7 +43,7 @@ bench-decode: install
 	$(PY) benchmarks/bench_decode.py --model runs/demo/final
 
 bench-ranks: install
-	$(PY) -m cpd_mtp.rank_study
+	$(PY) -m cpd_mtp.apps.rank_study
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site

@@ -1,9 +1,9 @@
 """Self-speculative decoding against autoregressive decoding of the same model, same run.
 
 For greedy and sampling, batch 1 and batch 8: tokens per forward, per-position acceptance and
-the wall-clock speedup of ``cpd_mtp.generation.generate`` over Hugging Face ``generate`` (one
+the wall-clock speedup of ``cpd_mtp.decoding.speculative.generate`` over Hugging Face ``generate`` (one
 forward per token) on the same ``CPDMTPForCausalLM`` and the same held-out prompts. Runs of the
-two decoders alternate (``cpd_mtp.generation.compare_decoding``); times are p20/p50/p80 over
+two decoders alternate (``cpd_mtp.decoding.speculative.compare_decoding``); times are p20/p50/p80 over
 the runs. Results go to ``docs/benchmarks/decode.json`` and ``decode.png``; ``--quick`` runs
 go to ``benchmarks/results/tmp/`` (git-ignored) unless ``--out`` is given.
 
@@ -13,8 +13,8 @@ go to ``benchmarks/results/tmp/`` (git-ignored) unless ``--out`` is given.
 
 Prompts: ``--prompts-file`` (one prompt per blank-line-separated block), else the held-out
 documents of the model's training corpus (the ``data`` section of ``train_config.json`` beside
-the model, default the stdlib), split exactly as ``cpd_mtp.data.build_corpus`` splits it, cut
-by ``cpd_mtp.data.held_out_prompts`` (without tokenizing the training split).
+the model, default the stdlib), split exactly as ``cpd_mtp.training.data.build_corpus`` splits it, cut
+by ``cpd_mtp.training.data.held_out_prompts`` (without tokenizing the training split).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def quick_model(vocab: int = 64, n_future: int = 4, rank: int = 4, seed: int = 0
     """A tiny random ``CPDMTPForCausalLM`` (d=32, 2 layers): for tests of the harness only."""
     from transformers import AutoModelForCausalLM
 
-    from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
 
     torch.manual_seed(seed)
     config = tiny_llama_config(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4)
@@ -59,9 +59,9 @@ def read_prompts_file(path: Path) -> list[str]:
 
 def held_out_prompts(model_dir: Path, tokenizer: Any, n: int, prompt_tokens: int) -> list[str]:
     """Prompts from the validation documents of the corpus the model was trained on."""
-    from cpd_mtp.data import DataConfig, split_documents
-    from cpd_mtp.data import held_out_prompts as cut_prompts
-    from cpd_mtp.sources import load_documents
+    from cpd_mtp.training.data import DataConfig, split_documents
+    from cpd_mtp.training.data import held_out_prompts as cut_prompts
+    from cpd_mtp.training.sources import load_documents
 
     data: dict[str, Any] = {}
     train_config = model_dir / "train_config.json"
@@ -91,8 +91,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor], int,
         ]
         pad, source = 0, "random ids"
     else:
-        from cpd_mtp.modeling import CPDMTPForCausalLM
-        from cpd_mtp.tokenizer import load_tokenizer
+        from cpd_mtp.hf.modeling import CPDMTPForCausalLM
+        from cpd_mtp.training.tokenizer import load_tokenizer
 
         model = CPDMTPForCausalLM.from_pretrained(args.model).to(args.device).eval()
         tokenizer = load_tokenizer(args.model)
@@ -138,7 +138,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor], int,
 def run_case(
     model: Any, prompts: list[torch.Tensor], pad: int, mode: str, batch: int, args
 ) -> dict[str, Any]:
-    from cpd_mtp.generation import compare_decoding
+    from cpd_mtp.decoding.speculative import compare_decoding
 
     raw = compare_decoding(
         model, prompts, args.max_new_tokens, batch_size=batch, pad_token_id=pad,

@@ -15,10 +15,10 @@ from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CPDMTPForCausalLM": "cpd_mtp.modeling",
-    "CPDMTPModelConfig": "cpd_mtp.modeling",
-    "tiny_llama_config": "cpd_mtp.modeling",
-    "generate": "cpd_mtp.generation",
+    "CPDMTPForCausalLM": "cpd_mtp.hf.modeling",
+    "CPDMTPModelConfig": "cpd_mtp.hf.modeling",
+    "tiny_llama_config": "cpd_mtp.hf.modeling",
+    "generate": "cpd_mtp.decoding.speculative",
 }
 
 __all__ = ["CPDMTPConfig", "CPDMTPHead", "CPDMTPHeadOutput", *_LAZY]

@@ -1,8 +1,8 @@
 """The ``cpd-mtp`` command.
 
-cpd-mtp train --preset demo run.steps=500      # DeepSpeed training (see cpd_mtp.train)
+cpd-mtp train --preset demo run.steps=500      # DeepSpeed training (see cpd_mtp.training.trainer)
 cpd-mtp generate --model runs/demo/final --prompt "def parse(" [--sample ...]
-cpd-mtp bench ranks [--size default]           # the rank study (see cpd_mtp.rank_study)
+cpd-mtp bench ranks [--size default]           # the rank study (see cpd_mtp.apps.rank_study)
 cpd-mtp demo                                   # the main job, as `make demo` runs it
 """
 
@@ -31,9 +31,9 @@ def generate_command(argv: list[str]) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from cpd_mtp.generation import _special_token_ids, generate
-    from cpd_mtp.modeling import CPDMTPForCausalLM
-    from cpd_mtp.sampling import check_warping
+    from cpd_mtp.decoding.sampling import check_warping
+    from cpd_mtp.decoding.speculative import _special_token_ids, generate
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -84,19 +84,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from cpd_mtp.train import main as train_main
+        from cpd_mtp.training.trainer import main as train_main
 
         train_main(rest)
     elif command == "generate":
         generate_command(rest)
     elif command == "demo":
-        from cpd_mtp.demo import main as demo_main
+        from cpd_mtp.apps.demo import main as demo_main
 
         demo_main(rest)
     else:
         if rest[:1] != ["ranks"]:
             sys.exit("usage: cpd-mtp bench ranks [options]")
-        from cpd_mtp.rank_study import main as study_main
+        from cpd_mtp.apps.rank_study import main as study_main
 
         study_main(rest[1:])
 

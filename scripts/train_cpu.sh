@@ -9,4 +9,4 @@ export DS_ACCELERATOR=cpu
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" \
-  --master_port "${MASTER_PORT:-29500}" -m cpd_mtp.train "$@"
+  --master_port "${MASTER_PORT:-29500}" -m cpd_mtp.training.trainer "$@"

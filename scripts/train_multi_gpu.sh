@@ -4,4 +4,4 @@
 set -euo pipefail
 NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
-  --module cpd_mtp.train "$@"
+  --module cpd_mtp.training.trainer "$@"

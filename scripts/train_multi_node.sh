@@ -11,4 +11,4 @@ if [ ! -f "$HOSTFILE" ]; then
 fi
 MASTER_ADDR=${MASTER_ADDR:-$(head -n1 "$HOSTFILE" | awk '{print $1}')}
 exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
-  --master_port "${MASTER_PORT:-29500}" --module cpd_mtp.train "$@"
+  --master_port "${MASTER_PORT:-29500}" --module cpd_mtp.training.trainer "$@"

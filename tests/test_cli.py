@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cpd_mtp import cli
-from cpd_mtp.generation import generate
-from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
-from cpd_mtp.tokenizer import train_bpe_tokenizer
+from cpd_mtp.decoding.speculative import generate
+from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
+from cpd_mtp.training.tokenizer import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cpd_mtp import rank_study
+from cpd_mtp.apps import rank_study
 
 
 def fake_run(name, seed, joint, tpf, rank, n_future=4):

@@ -3,7 +3,7 @@
 Each example's hidden state names one of ``modes`` modes; a coin the hidden state does *not*
 show then picks one of two fixed continuations. Every future token is a 50/50 guess on its
 own, but the continuation is one coin flip: the best joint NLL is ln 2 nats, while rank 1
-(independent heads) cannot go below n·ln 2. ``python -m cpd_mtp.synthetic`` trains both.
+(independent heads) cannot go below n·ln 2. ``python -m cpd_mtp.apps.synthetic`` trains both.
 """
 
 from __future__ import annotations

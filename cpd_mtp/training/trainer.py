@@ -1,10 +1,10 @@
 """Train a CP-MTP model with DeepSpeed: one CPU, one GPU, or many GPUs across nodes.
 
-    python -m cpd_mtp.train --preset demo run.steps=500 head.rank=8
-    torchrun --nproc_per_node 2 -m cpd_mtp.train --preset tiny run.zero_stage=3  # CPU, gloo
-    deepspeed --num_gpus 8 -m cpd_mtp.train --preset small                      # GPUs
+    python -m cpd_mtp.training.trainer --preset demo run.steps=500 head.rank=8
+    torchrun --nproc_per_node 2 -m cpd_mtp.training.trainer --preset tiny run.zero_stage=3  # CPU, gloo
+    deepspeed --num_gpus 8 -m cpd_mtp.training.trainer --preset small                      # GPUs
 
-Every run goes through a DeepSpeed engine (ZeRO stage 0-3 from ``configs/deepspeed/``) with
+Every run goes through a DeepSpeed engine (ZeRO stage 0-3 from ``cpd_mtp/training/presets/deepspeed/``) with
 AdamW, warmup + cosine LR, gradient accumulation and clipping. The data order is a pure
 function of (seed, step), so ``run.resume=true`` continues a killed run exactly.
 """
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cpd_mtp import checkpoint
 from cpd_mtp.head import shift_targets
-from cpd_mtp.train_config import CONFIG_DIR, TrainConfig, config_to_dict, load_train_config
+from cpd_mtp.training import checkpoint
+from cpd_mtp.training.config import CONFIG_DIR, TrainConfig, config_to_dict, load_train_config
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -49,7 +49,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:  # a plain `python -m cpd_mtp.train`: a world of one
+    if "RANK" not in os.environ:  # a plain `python -m cpd_mtp.training.trainer`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
@@ -204,7 +204,7 @@ def build_model(cfg: TrainConfig, vocab_size: int):
     """A Llama-shaped trunk from the preset (or a local model) with a CP head on top."""
     from transformers import AutoModelForCausalLM
 
-    from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
 
     t, h = cfg.trunk, cfg.head
     head_kwargs = dict(
@@ -242,7 +242,7 @@ def load_causal_lm(path: str):
     """A local HF causal LM; from a cpd_mtp export, its trunk and W_U as a plain causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from cpd_mtp.modeling import CPDMTPForCausalLM
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     if AutoConfig.from_pretrained(path, local_files_only=True).model_type != "cpd_mtp":
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
@@ -289,7 +289,7 @@ def micro_batch_indices(
 
 @functools.lru_cache(maxsize=4)
 def _permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
-    from cpd_mtp.data import epoch_permutation
+    from cpd_mtp.training.data import epoch_permutation
 
     return epoch_permutation(num_blocks, seed, epoch)
 
@@ -342,7 +342,7 @@ class Trainer:
             self._lock = None
 
     def _start(self) -> None:
-        from cpd_mtp.data import DataConfig, build_corpus
+        from cpd_mtp.training.data import DataConfig, build_corpus
 
         cfg, on_gpu = self.cfg, torch.cuda.is_available()
         d = cfg.data
@@ -560,13 +560,13 @@ class Trainer:
     def export(self, path: Path) -> None:
         """An HF-format model and tokenizer; gathers ZeRO-3 partitions first.
 
-        Written by ``cpd_mtp.export.save_export``: the tokenizer's bos/eos/pad ids go into the
+        Written by ``cpd_mtp.hf.export.save_export``: the tokenizer's bos/eos/pad ids go into the
         model and generation configs, the files into a temporary folder renamed over ``path``
         only when complete, with a SHA-256 record that ``from_pretrained`` checks.
         """
         import deepspeed
 
-        from cpd_mtp.export import save_export
+        from cpd_mtp.hf.export import save_export
 
         module = self.engine.module
         gather = (

@@ -27,9 +27,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from cpd_mtp.generation import CPDrafter, UniformDrafter, autoregressive_generate, generate
-from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
-from cpd_mtp.sampling import verify, warp_log_probs
+from cpd_mtp.decoding.sampling import verify, warp_log_probs
+from cpd_mtp.decoding.speculative import (
+    CPDrafter,
+    UniformDrafter,
+    autoregressive_generate,
+    generate,
+)
+from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
 
 VOCAB = 16
 PAD = 0
@@ -570,7 +575,7 @@ def test_draft_conditionals_equal_enumerated_joint(do_sample):
 
 
 def test_sample_never_draws_removed_tokens_and_matches_frequencies():
-    from cpd_mtp.sampling import sample
+    from cpd_mtp.decoding.sampling import sample
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
     log_probs = probs.log().expand(20_000, -1)

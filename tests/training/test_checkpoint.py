@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpd_mtp import checkpoint
+from cpd_mtp.training import checkpoint
 
 
 def write_tag(root, step, payload=b"weights"):
@@ -309,7 +309,7 @@ def test_torch_saves_write_failure_on_a_full_disk_names_the_path(tmp_path, monke
 
 
 # ---------------------------------------------------------------------- with real DeepSpeed
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_tiny(out_dir: Path, *overrides: str) -> str:
@@ -318,7 +318,7 @@ def train_tiny(out_dir: Path, *overrides: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "cpd_mtp.train", "--preset", "tiny", f"run.out_dir={out_dir}",
+    cmd = [sys.executable, "-m", "cpd_mtp.training.trainer", "--preset", "tiny", f"run.out_dir={out_dir}",
            "run.steps=2", "run.save_every=1", "run.eval_every=2", "run.export=false", *overrides]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr

@@ -7,7 +7,7 @@ One trunk forward per iteration, over a Hugging Face ``DynamicCache``:
    pi_a ∝ w_a prod_{s<=k} p_{s,a}(x_{t+s}) and q_{k+1} = sum_a pi_a p_{k+1,a}
    (``CPDMTPHead.conditional``), one token after the other (greedy: argmax; sampling: a draw).
 3. The next forward feeds [x_{t+1}, drafts]. The marginal at each fed position is the target p_j
-   of the next token: drafts are verified against it (``cpd_mtp.sampling.verify``: greedy
+   of the next token: drafts are verified against it (``cpd_mtp.decoding.sampling.verify``: greedy
    equality or rejection sampling), and it gives the correction / bonus token. The cache is
    cropped to the accepted tokens, and the head at the new last accepted position drafts again.
 
@@ -51,8 +51,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from cpd_mtp.decoding.sampling import check_warping, sample, verify, warp_log_probs
 from cpd_mtp.head import CPDMTPHead
-from cpd_mtp.sampling import check_warping, sample, verify, warp_log_probs
 
 __all__ = [
     "CPDrafter",
@@ -427,7 +427,7 @@ def generate(
         max_new_tokens: most new tokens per row.
         do_sample: rejection sampling from the warped marginal; False: greedy.
         temperature, top_k, top_p: warping applied identically to the target p and the drafts q
-            (``cpd_mtp.sampling.warp_log_probs``, which validates them); ignored when greedy.
+            (``cpd_mtp.decoding.sampling.warp_log_probs``, which validates them); ignored when greedy.
         eos_token_id: one id or several; a row stops after emitting one of them. None: the
             model's ``generation_config.eos_token_id``, as in HF ``generate`` (a model without a
             generation config: its config's); ``[]``: no EOS, always ``max_new_tokens``.

@@ -1,4 +1,4 @@
-"""Tests for cpd_mtp.data, cpd_mtp.sources and cpd_mtp.tokenizer, each against a direct reference."""
+"""Tests for cpd_mtp.training.data, cpd_mtp.training.sources and cpd_mtp.training.tokenizer, each against a direct reference."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cpd_mtp import data as data_mod
-from cpd_mtp import tokenizer as tok_mod
-from cpd_mtp.data import (
+from cpd_mtp.training import data as data_mod
+from cpd_mtp.training import tokenizer as tok_mod
+from cpd_mtp.training.data import (
     DataConfig,
     EpochSampler,
     PackedDataset,
@@ -35,7 +35,7 @@ from cpd_mtp.data import (
     tokenize_documents,
     user_documents,
 )
-from cpd_mtp.tokenizer import (
+from cpd_mtp.training.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
     cache_root,

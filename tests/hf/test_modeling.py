@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from cpd_mtp.modeling import (
+from cpd_mtp.hf.modeling import (
     CPDMTPCausalLMOutputWithPast,
     CPDMTPForCausalLM,
     CPDMTPModelConfig,
@@ -549,7 +549,7 @@ def test_hf_zero3_convert_save_reload_train(tied: bool, tmp_path) -> None:
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

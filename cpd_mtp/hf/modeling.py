@@ -338,12 +338,12 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
         weights are scanned for NaN and inf.
 
         Raises:
-            cpd_mtp.export.ExportError: a file differs from the record (the file is named), or a
+            cpd_mtp.hf.export.ExportError: a file differs from the record (the file is named), or a
                 loaded weight is not finite (the weight is named).
         """
         import os
 
-        from cpd_mtp.export import check_finite, verify_export
+        from cpd_mtp.hf.export import check_finite, verify_export
 
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         local = None

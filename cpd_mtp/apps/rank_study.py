@@ -4,7 +4,7 @@
     cpd-mtp bench ranks --size tiny      # seconds; what the tests run
     cpd-mtp bench ranks --size gpu       # larger models for a GPU
 
-Every configuration trains with the same token budget and seeds through ``cpd_mtp.train`` (one
+Every configuration trains with the same token budget and seeds through ``cpd_mtp.training.trainer`` (one
 process each), then is measured on the validation split and on held-out prompts:
 
 - (a) ``ntp``: plain next-token model, n = 1, r = 1;
@@ -96,7 +96,7 @@ def run_dir(runs: Path, spec: RunSpec, seed: int) -> Path:
 
 
 def train_overrides(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) -> list[str]:
-    """The ``cpd_mtp.train`` overrides of one run."""
+    """The ``cpd_mtp.training.trainer`` overrides of one run."""
     overrides = [
         *size["train"],
         f"run.out_dir={run_dir(runs, spec, seed)}",
@@ -121,7 +121,7 @@ def train_overrides(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) 
 def train_one(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) -> dict[str, Any]:
     """Train one run in its own process; its validation metrics and median step time."""
     directory = run_dir(runs, spec, seed)
-    cmd = [sys.executable, "-m", "cpd_mtp.train", "--preset", "demo",
+    cmd = [sys.executable, "-m", "cpd_mtp.training.trainer", "--preset", "demo",
            *train_overrides(spec, seed, size, runs)]  # fmt: skip
     env = {k: v for k, v in os.environ.items()
            if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}  # fmt: skip
@@ -138,8 +138,8 @@ def train_one(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) -> dic
 @torch.no_grad()
 def measure_decoding(model_dir: Path, prompts: list[list[int]], new_tokens: int, seed: int) -> dict:
     """Tokens per forward and acceptance (greedy, sampling at T=1) and speedup over HF greedy."""
-    from cpd_mtp.generation import generate
-    from cpd_mtp.modeling import CPDMTPForCausalLM
+    from cpd_mtp.decoding.speculative import generate
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     model = CPDMTPForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     result: dict[str, Any] = {}
@@ -346,8 +346,8 @@ def held_out_prompts(size: dict[str, Any], runs: Path) -> list[list[int]]:
 
     model_dir = run_dir(runs, PLAN[0], 0) / "final"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    from cpd_mtp.data import DataConfig, build_corpus
-    from cpd_mtp.train_config import load_train_config
+    from cpd_mtp.training.config import load_train_config
+    from cpd_mtp.training.data import DataConfig, build_corpus
 
     d = load_train_config("demo", size["train"]).data
     corpus = build_corpus(DataConfig(source=d.source, vocab_size=d.vocab_size,

@@ -1,6 +1,6 @@
 """DeepSpeed training: multi-process equals single-process, resume equals straight, bad configs.
 
-Runs go through real launchers (``python -m cpd_mtp.train``, ``torchrun``) in subprocesses on
+Runs go through real launchers (``python -m cpd_mtp.training.trainer``, ``torchrun``) in subprocesses on
 the ``tiny`` preset (a 2-layer trunk on a few stdlib files).
 """
 
@@ -24,9 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from cpd_mtp import train as train_module
 from cpd_mtp.head import shift_targets
-from cpd_mtp.train import (
+from cpd_mtp.training import trainer as train_module
+from cpd_mtp.training.config import load_train_config
+from cpd_mtp.training.trainer import (
     OutDirError,
     Trainer,
     atomic_write_text,
@@ -37,9 +38,8 @@ from cpd_mtp.train import (
     main,
     micro_batch_indices,
 )
-from cpd_mtp.train_config import load_train_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_env() -> dict[str, str]:
@@ -52,7 +52,14 @@ def run_env() -> dict[str, str]:
 
 
 def launch(out_dir: Path, *overrides: str, nproc: int = 1, wait: bool = True):
-    module = ["-m", "cpd_mtp.train", "--preset", "tiny", f"run.out_dir={out_dir}", *overrides]
+    module = [
+        "-m",
+        "cpd_mtp.training.trainer",
+        "--preset",
+        "tiny",
+        f"run.out_dir={out_dir}",
+        *overrides,
+    ]
     env = run_env()
     if nproc > 1:  # the launch script CI and users run on CPU
         env.update(
@@ -157,7 +164,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_short_run_on_the_embedded_corpus_lowers_validation_nll(tmp_path):
-    from cpd_mtp.train import Trainer
+    from cpd_mtp.training.trainer import Trainer
 
     cfg = load_train_config("tiny", [f"run.out_dir={tmp_path}", "run.steps=12", "run.eval_every=12",
                                      "run.save_every=12"])  # fmt: skip

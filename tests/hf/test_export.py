@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from cpd_mtp import export
-from cpd_mtp.export import EXPORT_RECORD, ExportError, save_export
-from cpd_mtp.modeling import CPDMTPForCausalLM, tiny_llama_config
-from cpd_mtp.tokenizer import train_bpe_tokenizer
+from cpd_mtp.hf import export
+from cpd_mtp.hf.export import EXPORT_RECORD, ExportError, save_export
+from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
+from cpd_mtp.training.tokenizer import train_bpe_tokenizer
 
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -57,8 +57,8 @@ def test_an_export_carries_the_tokenizers_special_tokens(tokenizer, tmp_path):
 
 
 def test_the_trainers_export_carries_the_tokenizers_special_tokens(tmp_path):
-    from cpd_mtp.train import Trainer
-    from cpd_mtp.train_config import load_train_config
+    from cpd_mtp.training.config import load_train_config
+    from cpd_mtp.training.trainer import Trainer
 
     trainer = Trainer(load_train_config("tiny", [f"run.out_dir={tmp_path / 'run'}"]))
     try:

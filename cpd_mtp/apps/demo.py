@@ -1,14 +1,14 @@
 """The main job, as ``make demo`` runs it.
 
 1. Train a small Llama-shaped trunk with a CP head (n=4, r=4) on the embedded corpus, the
-   Python standard library, through DeepSpeed on this machine (``configs/demo.yaml``).
+   Python standard library, through DeepSpeed on this machine (``cpd_mtp/training/presets/demo.yaml``).
 2. Report validation joint NLL, next-token NLL of the marginal, per-head NLL, expert usage.
 3. Complete held-out prompts with greedy self-speculative decoding and compare its
    wall-clock time with autoregressive decoding (HF ``generate``) of the same model.
 
-    python -m cpd_mtp.demo                       # the default, a few minutes on 2 cores
-    python -m cpd_mtp.demo run.steps=50          # any training override
-    python -m cpd_mtp.demo --skip-train          # decode with runs/demo/final as it is
+    python -m cpd_mtp.apps.demo                       # the default, a few minutes on 2 cores
+    python -m cpd_mtp.apps.demo run.steps=50          # any training override
+    python -m cpd_mtp.apps.demo --skip-train          # decode with runs/demo/final as it is
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cpd_mtp.train_config import load_train_config
+from cpd_mtp.training.config import load_train_config
 
 
 def report_training(metrics: dict[str, float], n_future: int, rank: int) -> None:
@@ -37,8 +37,8 @@ def report_training(metrics: dict[str, float], n_future: int, rank: int) -> None
 def decode_and_compare(model_dir: Path, prompts: list[str], max_new_tokens: int) -> None:
     from transformers import AutoTokenizer
 
-    from cpd_mtp.generation import compare_decoding, generate
-    from cpd_mtp.modeling import CPDMTPForCausalLM
+    from cpd_mtp.decoding.speculative import compare_decoding, generate
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = CPDMTPForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides) if args.skip_train else ["run.overwrite=true", *args.overrides]
     cfg = load_train_config(args.preset, overrides)
     if not args.skip_train:
-        from cpd_mtp.train import Trainer
+        from cpd_mtp.training.trainer import Trainer
 
         trainer = Trainer(cfg)
         report_training(trainer.train(), cfg.head.n_future, cfg.head.rank)
         corpus = trainer.corpus
     else:
-        from cpd_mtp.data import DataConfig, build_corpus
+        from cpd_mtp.training.data import DataConfig, build_corpus
 
         d = cfg.data
         corpus = build_corpus(DataConfig(source=d.source, vocab_size=d.vocab_size,

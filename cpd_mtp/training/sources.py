@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpd_mtp.tokenizer import stable_hash
+from cpd_mtp.training.tokenizer import stable_hash
 
 PathLike = str | os.PathLike[str]
 JSONL_SUFFIXES = (".jsonl", ".ndjson")

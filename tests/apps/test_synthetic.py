@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from cpd_mtp.synthetic import train
+from cpd_mtp.apps.synthetic import train
 
 
 def test_rank_beats_independent_heads_on_correlated_futures():

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from cpd_mtp.sources import (
+from cpd_mtp.training.sources import (
     Document,
     PathLike,
     check_max_files,
@@ -46,7 +46,7 @@ from cpd_mtp.sources import (
     stdlib_root,
     user_documents,
 )
-from cpd_mtp.tokenizer import (
+from cpd_mtp.training.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     cache_root,
     load_or_train_tokenizer,

@@ -1,7 +1,7 @@
 """Training configuration: typed dataclasses, YAML presets in ``configs/`` and overrides.
 
 ``load_train_config("demo", ["run.steps=100", "head.rank=8"])`` merges, in order, the
-dataclass defaults, the preset ``configs/demo.yaml`` (or any YAML path) and the dotted
+dataclass defaults, the preset ``cpd_mtp/training/presets/demo.yaml`` (or any YAML path) and the dotted
 overrides, through OmegaConf, which rejects unknown keys and wrong types.
 """
 
@@ -14,7 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets ship inside the package (package data), so an installed wheel finds them.
+CONFIG_DIR = Path(__file__).resolve().parent / "presets"
 
 
 @dataclass
@@ -50,7 +51,7 @@ class HeadSettings:
 
 @dataclass
 class DataSettings:
-    """Where the text comes from (see ``cpd_mtp.data.DataConfig``)."""
+    """Where the text comes from (see ``cpd_mtp.training.data.DataConfig``)."""
 
     source: Any = "stdlib"  # "stdlib", a path, or a list of paths
     vocab_size: int = 4096
@@ -80,7 +81,9 @@ class RunSettings:
     grad_accum: int = 1
     zero_stage: int = 2
     dtype: str = "bf16"  # fp32 | bf16 | fp16 (fp16: GPU only)
-    deepspeed_config: str | None = None  # a JSON to start from; default configs/deepspeed/
+    deepspeed_config: str | None = (
+        None  # a JSON to start from; default cpd_mtp/training/presets/deepspeed/
+    )
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 200
