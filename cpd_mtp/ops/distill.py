@@ -1,0 +1,181 @@
+"""The self-distillation loss: KL from the base model's next-token distribution to a CP conditional.
+
+For one drafted offset of one position (a *row*), the student is the CP conditional
+
+    log q(v) = logsumexp_a( log pi_a + log_softmax(W_U u_a)(v) )
+
+(r experts with states u_a and posterior weights pi over the experts, given the tokens already
+in the window), and the teacher is the frozen model's own next-token distribution at the same
+target, p = softmax(W_U h) for its hidden state h. The loss of a row is
+
+    KL(p || q) = sum_v p(v) (log p(v) - log q(v)),
+
+differentiable in the expert states u, in log pi (so in the gate and, through pi, in the
+earlier offsets' expert probabilities) and in W_U; the teacher is a constant. Over a draft
+vocabulary D, pass ``weight[D]``: both distributions are then restricted to D and
+renormalised.
+
+Gradients, with rho_{a,v} = pi_a p_a(v) / q(v) the posterior of expert a given token v and
+c_a = sum_v p(v) rho_{a,v}:
+
+    d KL / d log pi_a  = -c_a
+    d KL / d z_a(v)    = -p(v) rho_{a,v} + p_a(v) c_a        (z_a = W_U u_a, the logits)
+
+Two implementations, one contract (like the mixture NLL):
+
+- ``reference``: materialises the (M, r, V) logits; the oracle for tests.
+- ``chunked``: an ``autograd.Function`` that keeps one chunk of rows' logits alive and
+  recomputes them in backward; O(chunk·r·V) memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cpd_mtp.ops.checks import accumulation_dtype
+
+DISTILL_IMPLS = ("reference", "chunked")
+
+
+def _check(u: torch.Tensor, weight: torch.Tensor, log_pi: torch.Tensor, teacher: torch.Tensor):
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape [M, r, d], got {tuple(u.shape)}")
+    rows, rank, dim = u.shape
+    if weight.dim() != 2 or weight.shape[1] != dim:
+        raise ValueError(f"weight must have shape [V, d={dim}], got {tuple(weight.shape)}")
+    if tuple(log_pi.shape) != (rows, rank):
+        raise ValueError(
+            f"log_pi must have shape [M, r] = {(rows, rank)}, got {tuple(log_pi.shape)}"
+        )
+    if tuple(teacher.shape) != (rows, dim):
+        raise ValueError(
+            f"teacher_hidden must have shape [M, d] = {(rows, dim)}, got {tuple(teacher.shape)}"
+        )
+    for name, tensor in (("u", u), ("weight", weight), ("log_pi", log_pi), ("teacher", teacher)):
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor, got {tensor.dtype}")
+        if tensor.device != u.device:
+            raise ValueError(f"{name} is on {tensor.device} but u is on {u.device}")
+
+
+def _row_kl(
+    u: torch.Tensor, weight: torch.Tensor, log_pi: torch.Tensor, teacher: torch.Tensor
+) -> torch.Tensor:
+    """KL per row, plain autograd: u (m, r, d), weight (V, d), log_pi (m, r), teacher (m, d)."""
+    acc = accumulation_dtype(u.dtype)
+    # The teacher is a constant: no gradient reaches W_U through it.
+    teacher_logits = teacher.to(weight.dtype) @ weight.detach().T
+    log_p = torch.log_softmax(teacher_logits.to(acc), dim=-1)  # (m, V)
+    student = torch.log_softmax((u @ weight.T).to(acc), dim=-1)  # (m, r, V)
+    log_q = torch.logsumexp(log_pi.to(acc)[:, :, None] + student, dim=1)  # (m, V)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def distill_kl_reference(
+    u: torch.Tensor, weight: torch.Tensor, log_pi: torch.Tensor, teacher_hidden: torch.Tensor
+) -> torch.Tensor:
+    """KL(p_teacher || q) per row, materialising every logit; see the module docstring.
+
+    Args:
+        u: (M, r, d) expert states of the rows' offset.
+        weight: (V, d) unembedding W_U (or its draft-vocabulary rows).
+        log_pi: (M, r) log posterior weights of the experts, normalised over r.
+        teacher_hidden: (M, d) the frozen model's hidden state whose next-token distribution
+            is the teacher; no gradient flows to it.
+
+    Returns:
+        (M,) float32 (float64 for float64 input) KL divergences, >= 0.
+    """
+    _check(u, weight, log_pi, teacher_hidden)
+    return _row_kl(u, weight, log_pi, teacher_hidden.detach())
+
+
+def chunk_rows_for_budget(vocab_size: int, rank: int, chunk_bytes: int) -> int:
+    """Rows per chunk so that a chunk's fp32 buffers (about 3·(r + 1)·V numbers a row) fit."""
+    return max(1, chunk_bytes // (vocab_size * 4 * 3 * (rank + 1)))
+
+
+class _ChunkedDistillKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, weight, log_pi, teacher, chunk_rows):
+        rows = u.shape[0]
+        out = torch.empty(rows, dtype=accumulation_dtype(u.dtype), device=u.device)
+        with torch.no_grad():
+            for start in range(0, rows, chunk_rows):
+                end = start + chunk_rows
+                out[start:end] = _row_kl(
+                    u[start:end], weight, log_pi[start:end], teacher[start:end]
+                )
+        ctx.save_for_backward(u, weight, log_pi, teacher)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, weight, log_pi, teacher = ctx.saved_tensors
+        acc = accumulation_dtype(u.dtype)
+        need_u, need_w, need_pi = ctx.needs_input_grad[:3]
+        grad_u = torch.zeros_like(u) if need_u else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_pi = torch.zeros_like(log_pi) if need_pi else None
+        for start in range(0, u.shape[0], ctx.chunk_rows):
+            end = start + ctx.chunk_rows
+            x = u[start:end]  # (m, r, d)
+            g = grad_out[start:end].to(acc)[:, None, None]  # (m, 1, 1)
+            p = torch.softmax((teacher[start:end].to(weight.dtype) @ weight.T).to(acc), dim=-1)
+            student = torch.log_softmax((x @ weight.T).to(acc), dim=-1)  # (m, r, V)
+            joint = log_pi[start:end].to(acc)[:, :, None] + student
+            rho = torch.softmax(joint, dim=1)  # (m, r, V): expert posterior given each token
+            weighted = p[:, None, :] * rho  # p(v) rho_{a,v}
+            c = weighted.sum(dim=-1, keepdim=True)  # (m, r, 1)
+            grad_logits = (student.exp() * c - weighted) * g  # (m, r, V)
+            del student, joint, rho, weighted
+            if need_pi:
+                grad_pi[start:end] = (-c.squeeze(-1) * g.squeeze(-1)).to(grad_pi.dtype)
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_u:
+                grad_u[start:end] = grad_logits @ weight
+            if need_w:
+                grad_w += torch.einsum("mrv,mrd->vd", grad_logits, x).to(acc)
+        return (
+            grad_u,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_pi,
+            None,
+            None,
+        )
+
+
+def distill_kl(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    log_pi: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    *,
+    impl: str = "chunked",
+    chunk_bytes: int = 64 * 2**20,
+) -> torch.Tensor:
+    """KL(p_teacher || q) per row: the self-distillation loss of one offset's CP conditional.
+
+    Args:
+        u: (M, r, d) expert states of the rows' offset.
+        weight: (V, d) unembedding W_U, same dtype as ``u`` (or its draft-vocabulary rows).
+        log_pi: (M, r) log posterior weights of the experts given the window prefix.
+        teacher_hidden: (M, d) hidden states whose ``softmax(W_U h)`` is the teacher.
+        impl: ``chunked`` (O(chunk·r·V) memory) or ``reference``.
+        chunk_bytes: memory budget of one chunk for ``chunked``.
+
+    Returns:
+        (M,) float32 (float64 for float64 input), differentiable in u, weight and log_pi.
+    """
+    if impl not in DISTILL_IMPLS:
+        raise ValueError(f"impl must be one of {DISTILL_IMPLS}, got {impl!r}")
+    _check(u, weight, log_pi, teacher_hidden)
+    if weight.dtype != u.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from u dtype {u.dtype}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if impl == "reference":
+        return _row_kl(u, weight, log_pi, teacher_hidden.detach())
+    chunk = chunk_rows_for_budget(weight.shape[0], u.shape[1], chunk_bytes)
+    return _ChunkedDistillKL.apply(u, weight, log_pi, teacher_hidden.detach(), chunk)
