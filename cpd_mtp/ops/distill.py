@@ -179,3 +179,102 @@ def distill_kl(
         return _row_kl(u, weight, log_pi, teacher_hidden.detach())
     chunk = chunk_rows_for_budget(weight.shape[0], u.shape[1], chunk_bytes)
     return _ChunkedDistillKL.apply(u, weight, log_pi, teacher_hidden.detach(), chunk)
+
+
+def window_distill_loss(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    log_w: torch.Tensor,
+    row_lp: torch.Tensor,
+    observed: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_observed: torch.Tensor,
+    *,
+    beta: float = 0.9,
+    gamma: float = 0.8,
+    impl: str = "chunked",
+    chunk_bytes: int = 64 * 2**20,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced distillation of every offset of a CP window, per position.
+
+    For offset k = 1..n at position t, with the CP conditional given the true window prefix,
+
+        log pi_k = log_softmax_a( log w_a + sum_{s<k} log p_{s,a}(x_{t+s}) )
+        q_k(v)   = sum_a pi_{k,a} p_{k,a}(v),
+
+    the loss of the position is sum_k gamma^(k-1) (beta·KL(p_k || q_k) + (1 - beta)·NLL_k),
+    where p_k = softmax(W_U h_{t+k-1}) is the frozen model's own next-token distribution for
+    x_{t+k} and NLL_k = -log q_k(x_{t+k}). The NLL terms sum (gamma = 1) to the exact joint
+    NLL of the window, since -log P(x_{t+1..t+n}) = sum_k -log q_k(x_{t+k} | x_{t+1..t+k-1}).
+
+    Args:
+        u: (N, n, r, d) expert states.
+        weight: (V, d) W_U (or its draft-vocabulary rows: then every distribution lives on
+            those ids and ``row_lp`` must be computed over the same rows).
+        log_w: (N, r) log gate weights.
+        row_lp: (N, n, r) log p_{s,a}(x_{t+s}) of the observed targets, 0 where not observed.
+        observed: (N, n) bool, whether x_{t+s} is observed (in the block, not ignored).
+        teacher_hidden: (N, n, d) h_{t+k-1}, the hidden state whose next-token distribution is
+            the teacher of offset k (any values where ``teacher_observed`` is False).
+        teacher_observed: (N, n) bool, whether position t+k-1 exists.
+        beta: weight of the KL against the NLL, in [0, 1].
+        gamma: decay of the offsets' weights, in (0, 1].
+
+    Returns:
+        loss: (N,) per-position loss (0 where nothing is observed); kl: (N, n) KL terms and
+        nll: (N, n) conditional NLL terms (0 where not defined), both detached.
+
+    A term of offset k counts only where every prefix target x_{t+1..t+k-1} is observed (the
+    conditional is defined); its KL also needs the teacher, its NLL the target x_{t+k}.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
+    n_tokens, n_future, rank, dim = u.shape
+    if tuple(row_lp.shape) != (n_tokens, n_future, rank) or tuple(log_w.shape) != (n_tokens, rank):
+        raise ValueError(
+            f"row_lp must be [N, n, r] = {(n_tokens, n_future, rank)} and log_w [N, r], got "
+            f"{tuple(row_lp.shape)} and {tuple(log_w.shape)}"
+        )
+    if tuple(observed.shape) != (n_tokens, n_future) or tuple(teacher_observed.shape) != (
+        n_tokens,
+        n_future,
+    ):
+        raise ValueError("observed and teacher_observed must have shape [N, n]")
+    if tuple(teacher_hidden.shape) != (n_tokens, n_future, dim):
+        raise ValueError(
+            f"teacher_hidden must have shape [N, n, d] = {(n_tokens, n_future, dim)}, "
+            f"got {tuple(teacher_hidden.shape)}"
+        )
+    acc = accumulation_dtype(u.dtype)
+    prefix = log_w.to(acc)  # (N, r): log w + sum of the earlier offsets' evidence
+    prefix_ok = torch.ones(n_tokens, dtype=torch.bool, device=u.device)
+    loss = torch.zeros(n_tokens, dtype=acc, device=u.device)
+    kls, nlls = [], []
+    for k in range(n_future):
+        log_pi = torch.log_softmax(prefix, dim=-1)  # (N, r)
+        lp_k = row_lp[:, k].to(acc)
+        kl_rows = prefix_ok & teacher_observed[:, k]
+        kl = torch.zeros(n_tokens, dtype=acc, device=u.device)
+        if beta > 0 and bool(kl_rows.any()):
+            index = kl_rows.nonzero().squeeze(1)
+            kl = kl.index_put(
+                (index,),
+                distill_kl(
+                    u[index, k],
+                    weight,
+                    log_pi[index],
+                    teacher_hidden[index, k],
+                    impl=impl,
+                    chunk_bytes=chunk_bytes,
+                ),
+            )
+        nll_rows = prefix_ok & observed[:, k]
+        nll = torch.where(nll_rows, -torch.logsumexp(log_pi + lp_k, dim=-1), 0.0)
+        loss = loss + gamma**k * (beta * kl + (1.0 - beta) * nll)
+        kls.append(kl.detach())
+        nlls.append(nll.detach())
+        prefix = prefix + lp_k  # lp is 0 where x_{t+k} is not observed
+        prefix_ok = prefix_ok & observed[:, k]
+    return loss, torch.stack(kls, dim=1), torch.stack(nlls, dim=1)

@@ -125,3 +125,121 @@ def test_bad_inputs_are_value_errors(change, message):
         distill_kl(*change(make(3, 2, 4, 6, seed=0)))
     with pytest.raises(ValueError, match="impl"):
         distill_kl(*make(3, 2, 4, 6, seed=0), impl="triton")
+
+
+# ---------------------------------------------------------------- the window loss
+
+
+def _softmax(values):
+    top = max(values)
+    z = sum(math.exp(x - top) for x in values)
+    return [math.exp(x - top) / z for x in values]
+
+
+def brute_force_window(u, weight, log_w, targets, observed, teacher, teacher_ok, beta, gamma):
+    """Per-position loss from the joint P(x_{1..n}) = sum_a w_a prod_s p_{s,a}(x_s), with the
+    conditionals q_k(v | prefix) obtained by explicit sums over the experts."""
+    n_tokens, n_future, rank, _ = u.shape
+    vocab = weight.shape[0]
+    out = []
+    for t in range(n_tokens):
+        w = _softmax([float(x) for x in log_w[t]])
+        p = [
+            [_softmax([float(weight[v] @ u[t, s, a]) for v in range(vocab)]) for a in range(rank)]
+            for s in range(n_future)
+        ]
+        total = 0.0
+        for k in range(n_future):
+            if not all(observed[t, s] for s in range(k)):
+                break
+            # P(prefix, x_k = v) = sum_a w_a prod_{s<k} p_{s,a}(x_s) p_{k,a}(v)
+            joint = [
+                sum(
+                    w[a] * math.prod(p[s][a][int(targets[t, s])] for s in range(k)) * p[k][a][v]
+                    for a in range(rank)
+                )
+                for v in range(vocab)
+            ]
+            q = [j / sum(joint) for j in joint]
+            term = 0.0
+            if teacher_ok[t, k]:
+                pt = _softmax([float(weight[v] @ teacher[t, k]) for v in range(vocab)])
+                term += beta * sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, q))
+            if observed[t, k]:
+                term += (1 - beta) * -math.log(q[int(targets[t, k])])
+            total += gamma**k * term
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@FEW
+@given(
+    n_tokens=st.integers(1, 4),
+    n_future=st.integers(1, 3),
+    rank=st.integers(1, 3),
+    dim=st.integers(1, 4),
+    vocab=st.integers(2, 4),
+    beta=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+    gamma=st.sampled_from([1.0, 0.8]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_window_loss_equals_brute_force(n_tokens, n_future, rank, dim, vocab, beta, gamma, seed):
+    from cpd_mtp.ops.distill import window_distill_loss
+    from cpd_mtp.ops.reference import row_logprobs_reference
+
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n_tokens, n_future, rank, dim, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, dim, generator=g, dtype=torch.float64)
+    log_w = torch.randn(n_tokens, rank, generator=g, dtype=torch.float64).log_softmax(-1)
+    targets = torch.randint(0, vocab, (n_tokens, n_future), generator=g)
+    observed = torch.rand(n_tokens, n_future, generator=g) < 0.8
+    teacher = torch.randn(n_tokens, n_future, dim, generator=g, dtype=torch.float64)
+    teacher_ok = torch.rand(n_tokens, n_future, generator=g) < 0.8
+    row_lp = row_logprobs_reference(u, weight, torch.where(observed, targets, -100), -100)
+    expected = brute_force_window(
+        u, weight, log_w, targets, observed, teacher, teacher_ok, beta, gamma
+    )
+    for impl in ("reference", "chunked"):
+        loss, kl, nll = window_distill_loss(
+            u,
+            weight,
+            log_w,
+            row_lp,
+            observed,
+            teacher,
+            teacher_ok,
+            beta=beta,
+            gamma=gamma,
+            impl=impl,
+        )
+        torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-10)
+        weights = gamma ** torch.arange(n_future, dtype=torch.float64)
+        torch.testing.assert_close(loss, ((beta * kl + (1 - beta) * nll) * weights).sum(1))
+
+
+def test_window_nll_terms_sum_to_the_joint_nll():
+    from cpd_mtp.ops import mixture_logsumexp
+    from cpd_mtp.ops.distill import window_distill_loss
+    from cpd_mtp.ops.reference import row_logprobs_reference
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(6, 4, 3, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    log_w = torch.randn(6, 3, generator=g, dtype=torch.float64).log_softmax(-1)
+    targets = torch.randint(0, 9, (6, 4), generator=g)
+    observed = torch.ones(6, 4, dtype=torch.bool)
+    row_lp = row_logprobs_reference(u, weight, targets, -100)
+    loss, _, nll = window_distill_loss(
+        u,
+        weight,
+        log_w,
+        row_lp,
+        observed,
+        torch.zeros(6, 4, 5, dtype=torch.float64),
+        torch.ones(6, 4, dtype=torch.bool),
+        beta=0.0,
+        gamma=1.0,
+    )
+    joint, _ = mixture_logsumexp(row_lp, log_w)
+    torch.testing.assert_close(loss, joint)
+    torch.testing.assert_close(nll.sum(1), joint)
