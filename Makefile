@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test demo lint format bench-loss bench-decode bench-ranks docs clean
+.PHONY: install test demo lint format bench-loss bench-decode bench-ranks docs wheel clean
 
 $(VENV)/.installed: pyproject.toml setup.cfg
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +47,11 @@ bench-ranks: install
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
+# The wheel into dist/ (a stale build/ is removed first: setuptools would copy its files in).
+wheel: install
+	rm -rf build
+	$(PY) -m pip wheel . --no-deps --no-build-isolation -w dist
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -40,12 +40,20 @@ MODES = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "temperat
 
 def quick_model(vocab: int = 64, n_future: int = 4, rank: int = 4, seed: int = 0):
     """A tiny random ``CPDMTPForCausalLM`` (d=32, 2 layers): for tests of the harness only."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_llama_config(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
     lm = AutoModelForCausalLM.from_config(config)
     return CPDMTPForCausalLM.from_causal_lm(lm, n_future=n_future, rank=rank).eval()
 
@@ -74,9 +82,9 @@ def held_out_prompts(model_dir: Path, tokenizer: Any, n: int, prompt_tokens: int
         data.get("max_files", defaults.max_files),
     )
     _, val_index = split_documents(
-        [d.name for d in docs], data.get("val_fraction", defaults.val_fraction)
+        list(docs["name"]), data.get("val_fraction", defaults.val_fraction)
     )
-    return cut_prompts([docs[i] for i in val_index], tokenizer, n, prompt_tokens)
+    return cut_prompts(docs.select(val_index), tokenizer, n, prompt_tokens)
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor], int, dict[str, Any]]:
@@ -138,12 +146,19 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor], int,
 def run_case(
     model: Any, prompts: list[torch.Tensor], pad: int, mode: str, batch: int, args
 ) -> dict[str, Any]:
-    from cpd_mtp.decoding.speculative import compare_decoding
+    from cpd_mtp.apps.compare import compare_decoding
 
     raw = compare_decoding(
-        model, prompts, args.max_new_tokens, batch_size=batch, pad_token_id=pad,
-        repeats=args.repeats, warmup=1, seed=args.seed, **MODES[mode],
-    )  # fmt: skip
+        model,
+        prompts,
+        args.max_new_tokens,
+        batch_size=batch,
+        pad_token_id=pad,
+        repeats=args.repeats,
+        warmup=1,
+        seed=args.seed,
+        **MODES[mode],
+    )
     spec_tps = [t / s for t, s in zip(raw["new_tokens"], raw["spec_time_s"])]
     ar_tps = [t / s for t, s in zip(raw["ar_new_tokens"], raw["ar_time_s"])]
     spec_time = harness.percentiles(raw["spec_time_s"])
@@ -235,9 +250,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=count, default=None, help="torch threads (CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default: docs/benchmarks/decode.json, or "
-                             "benchmarks/results/tmp/decode.json with --quick)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default: docs/benchmarks/decode.json, or "
+        "benchmarks/results/tmp/decode.json with --quick)",
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = (harness.SCRATCH_DIR if args.quick else ROOT / "docs" / "benchmarks") / (
@@ -264,11 +283,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rates = ", ".join(
                 "-" if r is None else f"{r:.2f}" for r in row["spec"]["acceptance_rate"]
             )
-            print(f"{row['label']:>16s}  tokens/forward {row['spec']['tokens_per_forward']['p50']:.2f}"
-                  f"  speedup {row['speedup']:.2f}x  acceptance [{rates}]"
-                  + ("" if row.get("identical_to_autoregressive", True) else "  OUTPUT DIFFERS"))  # fmt: skip
-    config = {k: (harness.portable_path(v) if isinstance(v, Path) else v)
-              for k, v in vars(args).items()}  # fmt: skip
+            print(
+                f"{row['label']:>16s}  tokens/forward {row['spec']['tokens_per_forward']['p50']:.2f}"
+                f"  speedup {row['speedup']:.2f}x  acceptance [{rates}]"
+                + ("" if row.get("identical_to_autoregressive", True) else "  OUTPUT DIFFERS")
+            )
+    config = {
+        k: (harness.portable_path(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+    }
     payload = {
         **env,
         "benchmark": "self-speculative decoding vs HF generate",

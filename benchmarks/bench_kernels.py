@@ -260,13 +260,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for n_tokens, n_future, rank, vocab, dim in cases:
         label = f"{n_tokens},{n_future},{rank},{vocab},{dim}"
         for impl in args.impls:
-            case = dict(N=n_tokens, n=n_future, r=rank, V=vocab, d=dim, impl=impl, label=label,
-                        device=device, dtype=dtype, repeats=repeats, interpret=args.smoke)  # fmt: skip
+            case = dict(
+                N=n_tokens,
+                n=n_future,
+                r=rank,
+                V=vocab,
+                d=dim,
+                impl=impl,
+                label=label,
+                device=device,
+                dtype=dtype,
+                repeats=repeats,
+                interpret=args.smoke,
+            )
             row = harness.run_worker(Path(__file__), case)
             results.append(row)
             if "time_s" in row:
-                print(f"{label:>26s} {impl:>10s} {row['time_s']['p50'] * 1e3:10.2f} ms "
-                      f"{row['peak_extra_bytes'] / 2**20:9.1f} MiB {row['tflops_p50']:9.4f} TFLOP/s")  # fmt: skip
+                print(
+                    f"{label:>26s} {impl:>10s} {row['time_s']['p50'] * 1e3:10.2f} ms "
+                    f"{row['peak_extra_bytes'] / 2**20:9.1f} MiB {row['tflops_p50']:9.4f} TFLOP/s"
+                )
             else:
                 print(f"{label:>26s} {impl:>10s}  {row.get('skipped') or 'ERROR ' + row['error']}")
     payload = {

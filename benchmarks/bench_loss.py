@@ -132,9 +132,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=harness.positive_int, default=5)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default: docs/benchmarks/loss.json for the default "
-                             "sweep, benchmarks/results/tmp/loss.json otherwise)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default: docs/benchmarks/loss.json for the default "
+        "sweep, benchmarks/results/tmp/loss.json otherwise)",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -149,16 +153,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for n_tokens, n_future, rank, vocab, dim in cases:
         label = f"{n_tokens},{n_future},{rank},{vocab},{dim}"
         for impl in args.impls:
-            case = dict(N=n_tokens, n=n_future, r=rank, V=vocab, d=dim, impl=impl, label=label,
-                        device=args.device, dtype=args.dtype, repeats=args.repeats)  # fmt: skip
+            case = dict(
+                N=n_tokens,
+                n=n_future,
+                r=rank,
+                V=vocab,
+                d=dim,
+                impl=impl,
+                label=label,
+                device=args.device,
+                dtype=args.dtype,
+                repeats=args.repeats,
+            )
             row = harness.run_worker(Path(__file__), case)
             row["device_name"] = env["device"]
             results.append(row)
             if "error" in row:
                 print(f"{label:>24s} {impl:>10s}  ERROR {row['error']}")
             else:
-                print(f"{label:>24s} {impl:>10s}  {row['time_s']['p50'] * 1e3:9.1f} ms  "
-                      f"{row['peak_extra_bytes'] / 2**20:9.1f} MiB")  # fmt: skip
+                print(
+                    f"{label:>24s} {impl:>10s}  {row['time_s']['p50'] * 1e3:9.1f} ms  "
+                    f"{row['peak_extra_bytes'] / 2**20:9.1f} MiB"
+                )
     for row in results:  # ratios against reference from the same run
         base = next(
             (r for r in results if r["label"] == row["label"] and r["impl"] == "reference"), None

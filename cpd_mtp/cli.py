@@ -1,53 +1,81 @@
-"""The ``cpd-mtp`` command.
+"""The ``cpd-mtp`` command: one argparse subparser per subcommand.
 
-cpd-mtp train --preset demo run.steps=500      # DeepSpeed training (see cpd_mtp.training.trainer)
-cpd-mtp generate --model runs/demo/final --prompt "def parse(" [--sample ...]
-cpd-mtp bench ranks [--size default]           # the rank study (see cpd_mtp.apps.rank_study)
-cpd-mtp demo                                   # the main job, as `make demo` runs it
+    cpd-mtp train --preset demo run.steps=500     # DeepSpeed training (cpd_mtp.training.trainer)
+    cpd-mtp generate --model runs/demo/final --prompt "def parse(" [--sample ...]
+    cpd-mtp demo                                  # the main job, as `make demo` runs it
+    cpd-mtp bench ranks [--size default]          # the rank study (cpd_mtp.apps.rank_study)
+
+The parsers hold only argument definitions, so ``cpd-mtp --help`` imports no optional
+dependency; each command imports what it needs when it runs. A bad argument is argparse's
+usage line and one ``error:`` line (exit 2), the same in every subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from cpd_mtp.apps.results import non_negative_int, positive_int
 
-def generate_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="cpd-mtp generate",
-                                     description="Stream a completion with self-speculative decoding.")  # fmt: skip
+
+# ---------------------------------------------------------------------- train
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="demo", help="a packaged preset or a YAML path")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in run.out_dir"
+    )
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=100")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from cpd_mtp.training.trainer import run_command
+
+    overrides = list(args.overrides)
+    overrides += ["run.resume=true"] if args.resume else []
+    overrides += ["run.overwrite=true"] if args.overwrite else []
+    run_command(args.preset, overrides)
+
+
+# ---------------------------------------------------------------------- generate
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="a saved CPDMTPForCausalLM")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=non_negative_int, default=128)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """Stream a completion (one prompt) or print every completion (a batch), then statistics."""
     if not (args.model / "config.json").is_file():
         sys.exit(f"error: --model {args.model} is not a saved model directory (no config.json)")
 
     import torch
     from transformers import AutoTokenizer
 
+    from cpd_mtp.decoding import generate
+    from cpd_mtp.decoding.inputs import special_token_ids
     from cpd_mtp.decoding.sampling import check_warping
-    from cpd_mtp.decoding.speculative import _special_token_ids, generate
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
-    if args.max_new_tokens < 0:
-        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.sample:
         try:
             check_warping(args.temperature, args.top_k, args.top_p)
         except ValueError as error:
-            parser.error(str(error))
+            args.parser.error(str(error))
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     tokenizer.padding_side = "left"
     model = CPDMTPForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     # Stop where HF `model.generate` and `cpd_mtp.generate` stop: the model's generation
     # config; the tokenizer's ids only where the model has none.
-    eos_token_id, pad_token_id = _special_token_ids(model, None, None)
+    eos_token_id, pad_token_id = special_token_ids(model, None, None)
     if eos_token_id is None:
         eos_token_id = tokenizer.eos_token_id
     if pad_token_id is None:
@@ -62,43 +90,143 @@ def generate_command(argv: list[str]) -> None:
     if streaming:
         print(args.prompt[0], end="", flush=True)
     out = generate(
-        model, batch.input_ids, args.max_new_tokens, attention_mask=batch.attention_mask,
-        do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        generator=generator, stream=stream if streaming else None,
-    )  # fmt: skip
+        model,
+        batch.input_ids,
+        args.max_new_tokens,
+        attention_mask=batch.attention_mask,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        generator=generator,
+        stream=stream if streaming else None,
+    )
     if not streaming:
         for row in tokenizer.batch_decode(out.sequences, skip_special_tokens=True):
             print(row, end="\n---\n")
     rates = " ".join(f"{a:.2f}" for a in out.acceptance_rate)
-    print(f"\n\n[{out.new_tokens} tokens, {out.forwards} forwards, "
-          f"{out.tokens_per_forward:.2f} tokens/forward, acceptance per draft position: {rates}, "
-          f"{out.wall_time_s:.2f} s]", file=sys.stderr)  # fmt: skip
+    summary = (
+        f"{out.new_tokens} tokens, {out.forwards} forwards, "
+        f"{out.tokens_per_forward:.2f} tokens/forward, acceptance per draft position: {rates}, "
+        f"{out.wall_time_s:.2f} s"
+    )
+    print(f"\n\n[{summary}]", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- demo
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="demo", help="a packaged preset or a YAML path")
+    parser.add_argument("--skip-train", action="store_true", help="decode the existing export")
+    parser.add_argument("--prompts", type=positive_int, default=6, help="held-out prompts")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. run.steps=50")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from cpd_mtp.apps.demo import run
+
+    run(args.preset, args.overrides, args.skip_train, args.prompts, args.max_new_tokens)
+
+
+# ---------------------------------------------------------------------- bench ranks
+def add_rank_study_arguments(parser: argparse.ArgumentParser) -> None:
+    from cpd_mtp.apps.rank_study import PLAN, SIZES  # tables only: it imports torch lazily
+
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help="seeds per configuration (at least 1; default: the size's)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[spec.name for spec in PLAN],
+        help="a subset of configurations (ntp always runs: the others compare to it)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("docs/rank_study"), help="results: JSON, table, plots"
+    )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/rank_study"),
+        help="the trained runs: checkpoints, exports, metrics",
+    )
+
+
+def run_rank_study(args: argparse.Namespace) -> None:
+    from cpd_mtp.apps.rank_study import run_study
+
+    payload = run_study(args.size, args.out, args.runs, args.seeds, args.only)
+    print((args.out / "table.md").read_text())
+    print(f"wrote {args.out} in {payload['wall_time_s'] / 60:.1f} min")
+
+
+# ---------------------------------------------------------------------- the parser
+def _command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], None],
+    prog: str,
+) -> None:
+    parser = commands.add_parser(name, help=summary, description=summary, prog=prog)
+    add_arguments(parser)
+    parser.set_defaults(run=run, parser=parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``cpd-mtp`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="cpd-mtp",
+        description="Rank-r CP multi-token prediction: train, generate, demo, benchmarks.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _command(
+        commands,
+        "train",
+        "Train a CP-MTP model with DeepSpeed.",
+        add_train_arguments,
+        run_train,
+        "cpd-mtp train",
+    )
+    _command(
+        commands,
+        "generate",
+        "Stream a completion with self-speculative decoding.",
+        add_generate_arguments,
+        run_generate,
+        "cpd-mtp generate",
+    )
+    _command(
+        commands,
+        "demo",
+        "The main job: train on the embedded corpus, evaluate, decode.",
+        add_demo_arguments,
+        run_demo,
+        "cpd-mtp demo",
+    )
+    bench = commands.add_parser("bench", help="studies", description="Studies.")
+    studies = bench.add_subparsers(dest="study", required=True, metavar="STUDY")
+    _command(
+        studies,
+        "ranks",
+        "The rank study: does rank r beat rank 1, end to end on the embedded corpus.",
+        add_rank_study_arguments,
+        run_rank_study,
+        "cpd-mtp bench ranks",
+    )
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "generate", "bench", "demo")
-    if not argv or argv[0] not in commands:
-        print(__doc__)
-        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        from cpd_mtp.training.trainer import main as train_main
-
-        train_main(rest)
-    elif command == "generate":
-        generate_command(rest)
-    elif command == "demo":
-        from cpd_mtp.apps.demo import main as demo_main
-
-        demo_main(rest)
-    else:
-        if rest[:1] != ["ranks"]:
-            sys.exit("usage: cpd-mtp bench ranks [options]")
-        from cpd_mtp.apps.rank_study import main as study_main
-
-        study_main(rest[1:])
+    args = build_parser().parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -12,25 +12,28 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
 
-from cpd_mtp import ops
 from cpd_mtp.balance import balance_loss, expert_statistics, router_z_loss
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.experts import ExpertStates
-from cpd_mtp.ops.checks import accumulation_dtype
+from cpd_mtp.ops.checks import accumulation_dtype, check_targets
+from cpd_mtp.ops.dispatch import row_logprobs_unchecked
+from cpd_mtp.ops.mixture import mixture_logsumexp
 
 
-@dataclass
-class CPDMTPHeadOutput(ModelOutput):
-    """What ``CPDMTPHead.forward(hidden, labels=...)`` returns.
+class CPDMTPHeadOutput(dict):
+    """What ``CPDMTPHead.forward(hidden, labels=...)`` returns: a dict with attribute access.
 
-    A ``transformers`` ``ModelOutput`` (a dataclass that is also a dict), so DeepSpeed ZeRO-3
-    finds its tensors and gathers the head's parameters again for backward.
+    A plain ``dict`` subclass, so DeepSpeed ZeRO-3 (which rewrites a dict's tensors in place,
+    ``out[key] = ...``) finds its tensors and gathers the head's parameters again for
+    backward; every attribute read goes through the dict, so it sees those rewrites. As in a
+    ``transformers`` ``ModelOutput``, a field that is None is not a key, reads as None, and is
+    left out of ``to_tuple()``.
 
     Attributes:
         loss: scalar training objective, ``joint_nll + aux_loss``.
@@ -50,18 +53,47 @@ class CPDMTPHeadOutput(ModelOutput):
         num_targets: observed targets summed over positions and offsets.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    joint_nll: torch.Tensor | None = None
-    joint_nll_per_target: torch.Tensor | None = None
-    per_head_nll: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    expert_weight: torch.Tensor | None = None
-    expert_responsibility: torch.Tensor | None = None
-    gate_entropy: torch.Tensor | None = None
-    position_nll: torch.Tensor | None = None
-    num_positions: torch.Tensor | None = None
-    num_targets: torch.Tensor | None = None
+    FIELDS = (
+        "loss",
+        "logits",
+        "joint_nll",
+        "joint_nll_per_target",
+        "per_head_nll",
+        "aux_loss",
+        "expert_weight",
+        "expert_responsibility",
+        "gate_entropy",
+        "position_nll",
+        "num_positions",
+        "num_targets",
+    )
+    __slots__ = ()
+
+    def __init__(self, values: Mapping[str, Any] | None = None, /, **fields: Any) -> None:
+        # ``type(out)({k: f(v) ...})`` is how transformers and accelerate rebuild a mapping.
+        fields = {**(values or {}), **fields}
+        unknown = set(fields) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"CPDMTPHeadOutput has no fields {sorted(unknown)}")
+        # Keys in field order, None left out, as ModelOutput does.
+        super().__init__((k, fields[k]) for k in self.FIELDS if fields.get(k) is not None)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.FIELDS:
+            return self.get(name)
+        raise AttributeError(f"CPDMTPHeadOutput has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.FIELDS:
+            raise AttributeError(f"CPDMTPHeadOutput has no field {name!r}")
+        if value is None:
+            self.pop(name, None)
+        else:
+            self[name] = value
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The fields that are not None, in field order."""
+        return tuple(self[k] for k in self.FIELDS if k in self)
 
 
 def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -71,6 +103,16 @@ def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
     real one.
     """
     return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def check_bias_free(module: nn.Module, what: str = "lm_head") -> None:
+    """Raise ``ValueError`` when ``module`` (an output embedding) has a bias.
+
+    A CP-MTP head shares only the unembedding W_U (V, d) of a causal LM; a bias would be
+    silently dropped.
+    """
+    if getattr(module, "bias", None) is not None:
+        raise ValueError(f"{what} has a bias; a CP-MTP head shares only a bias-free W_U")
 
 
 def shift_targets(labels: torch.Tensor, n_future: int, ignore_index: int) -> torch.Tensor:
@@ -134,8 +176,7 @@ class CPDMTPHead(nn.Module):
         """
         if not isinstance(lm_head, nn.Linear):
             raise ValueError(f"lm_head must be an nn.Linear, got {type(lm_head).__name__}")
-        if lm_head.bias is not None:
-            raise ValueError("lm_head has a bias; a CP-MTP head shares only a bias-free W_U")
+        check_bias_free(lm_head)
         vocab, d = _full_shape(lm_head.weight)  # (V, d), also when ZeRO-3 partitioned it
         config = CPDMTPConfig(
             hidden_size=d, vocab_size=vocab, n_future=n_future, rank=rank, **config_kwargs
@@ -190,9 +231,23 @@ class CPDMTPHead(nn.Module):
 
     def marginal_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log P(x_{t+1} = v) = logsumexp_a(log w_a + log p_{1,a}(v)): (..., d) -> (..., V)."""
+        return self.marginal_and_pieces(hidden)[0]
+
+    def marginal_and_pieces(
+        self, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next-token marginal with the pieces it is made of (a drafter reuses them).
+
+        Args:
+            hidden: (..., d) hidden states.
+
+        Returns:
+            marginal: (..., V) log P(x_{t+1}); log_w: (..., r) log gate weights;
+            log_p1: (..., r, V) log p_{1,a}, the experts' next-token log-probabilities.
+        """
         log_w = self.log_gate(hidden)  # (..., r)
         log_p1 = self.expert_log_probs(hidden, slice(0, 1))[..., 0, :, :]  # (..., r, V)
-        return torch.logsumexp(log_w[..., None] + log_p1, dim=-2)
+        return torch.logsumexp(log_w[..., None] + log_p1, dim=-2), log_w, log_p1
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -228,7 +283,8 @@ class CPDMTPHead(nn.Module):
                 f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])} "
                 f"(hidden needs a sequence dimension), got labels {tuple(labels.shape)}"
             )
-        ops.check_targets(labels, cfg.vocab_size, cfg.ignore_index, "labels")
+        # The one label check of a training step; the loss below runs unchecked.
+        check_targets(labels, cfg.vocab_size, cfg.ignore_index, "labels")
         # In a narrow dtype ignore_index would wrap (uint8: -100 is 156) and alias a real id.
         labels = labels.to(torch.int64)
 
@@ -242,7 +298,7 @@ class CPDMTPHead(nn.Module):
         u = self.experts(h)  # (N, n, r, d)
         if torch.is_autocast_enabled(u.device.type):
             u = u.to(torch.get_autocast_dtype(u.device.type))
-        row_lp = ops.row_logprobs(
+        row_lp = row_logprobs_unchecked(
             u,
             self._unembedding_for(u),
             targets,
@@ -250,7 +306,7 @@ class CPDMTPHead(nn.Module):
             impl=cfg.loss_impl,
             chunk_bytes=cfg.chunk_bytes,
         )  # (N, n, r)
-        nll, gamma = ops.mixture_logsumexp(row_lp, log_w)  # (N,), (N, r)
+        nll, gamma = mixture_logsumexp(row_lp, log_w)  # (N,), (N, r)
         # A position without targets has -l_t = -logsumexp(log w) = 0 only up to rounding.
         nll = nll.masked_fill(~has_target, 0.0)
 

@@ -3,10 +3,6 @@
 See docs/kernels.md for the algorithm, memory model, dtypes and gradient filtering.
 """
 
-from cpd_mtp.kernels.ops import (
-    mixture_logsumexp_triton,
-    mixture_nll_triton,
-    row_logprobs_triton,
-)
+from cpd_mtp.kernels.ops import row_logprobs_triton
 
-__all__ = ["mixture_logsumexp_triton", "mixture_nll_triton", "row_logprobs_triton"]
+__all__ = ["row_logprobs_triton"]

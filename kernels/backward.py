@@ -75,10 +75,23 @@ def _lse_backward_kernel(
     lse = tl.load(lse_ptr + offs_k, mask=mask_k, other=0.0)
     coef = tl.load(coef_ptr + offs_k, mask=mask_k, other=0.0)
     logits = logit_tile(
-        u_ptr, w_ptr, rows, mask_k, offs_v, mask_v, D,
-        stride_um, stride_ud, stride_wv, stride_wd,
-        BLOCK_M, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION,
-    )  # fmt: skip
+        u_ptr,
+        w_ptr,
+        rows,
+        mask_k,
+        offs_v,
+        mask_v,
+        D,
+        stride_um,
+        stride_ud,
+        stride_wv,
+        stride_wd,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_D,
+        DOT_FP32,
+        PRECISION,
+    )
     probs = tl.exp(logits - lse[:, None])
     onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
     live = mask_k[:, None] & mask_v[None, :]

@@ -52,12 +52,11 @@ class BlockConfig:
 
 @dataclass(frozen=True)
 class KernelConfigs:
-    """The configs of the vocabulary forward, target dot, backward and mixture kernels."""
+    """The configs of the vocabulary forward, target dot and backward kernels."""
 
     forward: BlockConfig
     target_dot: BlockConfig
     backward: BlockConfig
-    mixture_block_t: int
 
 
 # One fixed config per dtype on GPU (chosen from the shape of the work: 16-bit inputs use
@@ -68,13 +67,11 @@ _GPU_CONFIGS = {
         forward=BlockConfig(128, 128, 64, num_warps=8, num_stages=3),
         target_dot=BlockConfig(64, 1, 128, num_warps=4, num_stages=1),
         backward=BlockConfig(128, 128, 64, num_warps=8, num_stages=2),
-        mixture_block_t=64,
     ),
     torch.float32: KernelConfigs(
         forward=BlockConfig(64, 64, 32, num_warps=4, num_stages=3),
         target_dot=BlockConfig(64, 1, 128, num_warps=4, num_stages=1),
         backward=BlockConfig(64, 64, 32, num_warps=4, num_stages=2),
-        mixture_block_t=64,
     ),
 }
 _GPU_CONFIGS[torch.float16] = _GPU_CONFIGS[torch.bfloat16]
@@ -85,7 +82,6 @@ _INTERPRETER_CONFIG = KernelConfigs(
     forward=BlockConfig(16, 32, 16, num_warps=1, num_stages=1),
     target_dot=BlockConfig(16, 1, 16, num_warps=1, num_stages=1),
     backward=BlockConfig(16, 32, 16, num_warps=1, num_stages=1),
-    mixture_block_t=16,
 )
 
 

@@ -49,10 +49,23 @@ def _lse_forward_kernel(
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         mask_v = offs_v < V
         logits = logit_tile(
-            u_ptr, w_ptr, rows, mask_k, offs_v, mask_v, D,
-            stride_um, stride_ud, stride_wv, stride_wd,
-            BLOCK_M, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION,
-        )  # fmt: skip
+            u_ptr,
+            w_ptr,
+            rows,
+            mask_k,
+            offs_v,
+            mask_v,
+            D,
+            stride_um,
+            stride_ud,
+            stride_wv,
+            stride_wd,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_D,
+            DOT_FP32,
+            PRECISION,
+        )
         logits = tl.where(mask_v[None, :], logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)

@@ -7,6 +7,7 @@ interpreter; with CUDA the variable is left alone so the CUDA tests exercise rea
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -18,3 +19,42 @@ os.environ["WANDB_MODE"] = "disabled"  # tests never talk to wandb, whatever the
 os.environ.setdefault("CPD_MTP_CACHE", os.path.join(os.path.dirname(__file__), "..", ".test_cache"))
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def build_tiny_llama_config(
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = False,
+    **kwargs,
+):
+    """A small ``LlamaConfig`` (no hub access): ``AutoModelForCausalLM.from_config(config)``.
+
+    Handed out by the ``tiny_llama_config`` fixture. ``num_kv_heads`` defaults to
+    ``num_heads``, ``intermediate_size`` to 4 d rounded up to a multiple of 8.
+    """
+    from transformers import LlamaConfig
+
+    if intermediate_size is None:
+        intermediate_size = -(-4 * hidden_size // 8) * 8
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads if num_kv_heads is not None else num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_config():
+    """The builder of small Llama configs: ``tiny_llama_config(vocab_size=..., ...)``."""
+    return build_tiny_llama_config

@@ -80,9 +80,17 @@ def test_expert_statistics_on_hand_made_gates():
 
 def test_head_reports_balance_and_stats_from_its_gate():
     torch.manual_seed(0)
-    cfg = CPDMTPConfig(hidden_size=8, vocab_size=11, n_future=2, rank=3, balance="switch",
-                       balance_coef=0.3, router_z_coef=0.1, expert_type="lowrank",
-                       expert_inner_size=2)  # fmt: skip
+    cfg = CPDMTPConfig(
+        hidden_size=8,
+        vocab_size=11,
+        n_future=2,
+        rank=3,
+        balance="switch",
+        balance_coef=0.3,
+        router_z_coef=0.1,
+        expert_type="lowrank",
+        expert_inner_size=2,
+    )
     head = CPDMTPHead(cfg).double()
     hidden = torch.randn(2, 5, 8, dtype=torch.float64)
     labels = torch.randint(0, 11, (2, 5))

@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from cpd_mtp import cli
 from cpd_mtp.decoding.speculative import generate
-from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
+from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 from cpd_mtp.training.tokenizer import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
+def saved_model(tmp_path_factory, tiny_llama_config):
     text = ["def add(a, b):\n    return a + b\n", "class Point:\n    x = 0\n    y = 0\n"] * 20
     tokenizer = train_bpe_tokenizer(text, vocab_size=300)
     torch.manual_seed(0)
@@ -37,9 +37,13 @@ def test_generate_streams_the_greedy_continuation(saved_model, capsys):
     captured = capsys.readouterr()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=12, do_sample=False,
-                              eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        want = model.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     assert captured.out.startswith(prompt + tokenizer.decode(want[0, ids.shape[1] :]))
     assert "tokens/forward" in captured.err and "acceptance per draft position" in captured.err
 
@@ -52,8 +56,13 @@ def test_generate_stops_at_the_model_eos_like_hf_and_the_library(saved_model, tm
     prompt = "def add(a, b):"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        free = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                              pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]  # fmt: skip
+        free = model.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, ids.shape[1] :]
     # The first token that first appears after at least two others: the run stops early.
     k = next(k for k in range(2, 12) if int(free[k]) not in free[:k].tolist())
     eos = int(free[k])
@@ -79,8 +88,12 @@ def test_generate_stops_at_the_model_eos_like_hf_and_the_library(saved_model, tm
 
 def test_generate_rejects_nonsense_sampling_arguments(saved_model, capsys):
     path, _, _ = saved_model
-    for flags, name in ((["--top-p", "1.5"], "top_p"), (["--top-k", "-1"], "top_k"),
-                        (["--temperature", "nan"], "temperature")):  # fmt: skip
+    cases = [
+        (["--top-p", "1.5"], "top_p"),
+        (["--top-k", "-1"], "top_k"),
+        (["--temperature", "nan"], "temperature"),
+    ]
+    for flags, name in cases:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["generate", "--model", str(path), "--prompt", "x", "--sample", *flags])
         assert exit_info.value.code == 2 and name in capsys.readouterr().err
@@ -88,8 +101,9 @@ def test_generate_rejects_nonsense_sampling_arguments(saved_model, capsys):
 
 def test_generate_batch_prints_every_prompt(saved_model, capsys):
     path, _, _ = saved_model
-    cli.main(["generate", "--model", str(path), "--prompt", "class", "--prompt", "def add(a",
-              "--sample", "--top-k", "5", "--max-new-tokens", "5"])  # fmt: skip
+    prompts = ["--prompt", "class", "--prompt", "def add(a"]
+    sampling = ["--sample", "--top-k", "5", "--max-new-tokens", "5"]
+    cli.main(["generate", "--model", str(path), *prompts, *sampling])
     out = capsys.readouterr().out
     assert out.count("\n---\n") == 2 and "class" in out and "def add(a" in out
 
@@ -97,8 +111,70 @@ def test_generate_batch_prints_every_prompt(saved_model, capsys):
 def test_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="is not a saved model directory"):
         cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"])
-    with pytest.raises(SystemExit, match="usage: cpd-mtp bench ranks"):
-        cli.main(["bench", "loss"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["frobnicate"])
-    assert exit_info.value.code == 2 and "cpd-mtp train" in capsys.readouterr().out
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """The one ``error:`` line of a refused command line (exit 2, argparse's format)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog", "message"),
+    [
+        ([], "cpd-mtp", "the following arguments are required: COMMAND"),
+        (["bench"], "cpd-mtp bench", "the following arguments are required: STUDY"),
+        (["bench", "loss"], "cpd-mtp bench", "invalid choice: 'loss'"),
+        (["train", "--bogus"], "cpd-mtp", "unrecognized arguments: --bogus"),
+        (["generate", "--prompt", "x"], "cpd-mtp generate", "required: --model"),
+        (
+            ["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "-1"],
+            "cpd-mtp generate",
+            "argument --max-new-tokens: must be >= 0, got -1",
+        ),
+        (["demo", "--prompts", "0"], "cpd-mtp demo", "argument --prompts: must be at least 1"),
+        (
+            ["bench", "ranks", "--seeds", "two"],
+            "cpd-mtp bench ranks",
+            "argument --seeds: expected an integer, got 'two'",
+        ),
+        (["bench", "ranks", "--size", "huge"], "cpd-mtp bench ranks", "invalid choice: 'huge'"),
+    ],
+)
+def test_argument_errors_are_one_line_in_every_subcommand(argv, prog, message, capsys):
+    line = _usage_error(argv, capsys)
+    assert line.startswith(f"{prog}: error: ") and message in line
+
+
+def test_module_entry_points_are_the_subcommands(monkeypatch):
+    """``python -m cpd_mtp.training.trainer`` (the launch scripts) runs ``cpd-mtp train``."""
+    from cpd_mtp.apps import demo, rank_study
+    from cpd_mtp.training import trainer
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv))
+    trainer.main(["--preset", "tiny", "run.steps=2"])
+    demo.main(["--skip-train"])
+    rank_study.main(["--size", "tiny"])
+    assert seen == [
+        ["train", "--preset", "tiny", "run.steps=2"],
+        ["demo", "--skip-train"],
+        ["bench", "ranks", "--size", "tiny"],
+    ]
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "generate", "demo", "bench"):
+        assert command in out

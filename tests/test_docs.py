@@ -7,6 +7,9 @@ every public name.
    namespace, on CPU. A block opts out only by not being ```python (```bash, ```text, ...).
 3. Every name in ``cpd_mtp.__all__`` and ``cpd_mtp.ops.__all__`` has its own docstring and a
    ``:::`` entry in the API reference pages.
+4. The docs match the tree: every dotted ``cpd_mtp.x`` name and every ``cpd_mtp/...`` path they
+   mention exists, nothing cites the design notes, and the README's layout table and the
+   architecture page name every sub-package.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 API_PAGES = sorted((DOCS / "api").glob("*.md"))
-FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
-                   re.MULTILINE | re.DOTALL)  # fmt: skip
+# A fenced block: its indentation, its info string (```python), its body, and the closing fence
+# at the same indentation.
+FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+    re.MULTILINE | re.DOTALL,
+)
 
 
 def _markdown_files() -> list[Path]:
@@ -75,7 +82,8 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     assert result.returncode == 0, (
         f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
     )
-    for page in ("index.html", "concepts/index.html", "api/head/index.html", "kernels/index.html"):
+    pages = ("index.html", "concepts/index.html", "architecture/index.html", "api/head/index.html")
+    for page in (*pages, "kernels/index.html"):
         assert (tmp_path / "site" / page).is_file(), page
 
 
@@ -108,7 +116,8 @@ def _public_names() -> list[tuple[str, str]]:
 
 
 def _attribute_docstring(module_name: str, name: str) -> str | None:
-    """The string literal right after ``name = ...`` in the module that defines it."""
+    """The string literal right after ``name = ...`` in the module that defines it, following
+    ``from module import name`` re-exports (a package's ``__init__`` re-exports its modules')."""
     spec = importlib.util.find_spec(module_name)
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     body = tree.body
@@ -118,6 +127,10 @@ def _attribute_docstring(module_name: str, name: str) -> str | None:
             isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
         ):
             return following.value.value
+    for node in body:
+        imported = isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+        if imported and any((alias.asname or alias.name) == name for alias in node.names):
+            return _attribute_docstring(node.module, name)
     return None
 
 
@@ -143,3 +156,73 @@ def test_public_name_in_api_reference(module_name: str, name: str) -> None:
     assert any(entry.rsplit(".", 1)[-1] == name for entry in documented), (
         f"{module_name}.{name} has no ':::' entry in docs/api/*.md"
     )
+
+
+# ----------------------------------------------------------------------------- 4. the tree
+
+DOTTED = re.compile(r"\bcpd_mtp(?:\.[A-Za-z_]\w*)+")
+# A repository path in a code span: `cpd_mtp/training/presets/demo.yaml`, `kernels/`, ...
+PATH = re.compile(r"`((?:cpd_mtp|kernels|benchmarks|scripts|tests)/[\w./-]*)`")
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``dotted`` is a module, or an attribute reached from the longest module prefix."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                raise  # a dependency of an existing module is missing: not a stale name
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def _mentions(pattern: re.Pattern[str]) -> dict[str, set[str]]:
+    """Each match of ``pattern`` in the markdown files, with the files that mention it."""
+    found: dict[str, set[str]] = {}
+    for path in _markdown_files():
+        for match in pattern.finditer(path.read_text(encoding="utf-8")):
+            name = match[1] if pattern.groups else match[0]
+            found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_dotted_names_in_docs_exist() -> None:
+    stale = {name: files for name, files in _mentions(DOTTED).items() if not _resolves(name)}
+    assert not stale, f"names the docs mention that do not exist: {stale}"
+
+
+def test_repository_paths_in_docs_exist() -> None:
+    # Outputs of runs and benchmarks (results/tmp/) are not part of the tree.
+    mentions = _mentions(PATH).items()
+    stale = {p: f for p, f in mentions if "/tmp/" not in p and not (ROOT / p).exists()}
+    assert not stale, f"paths the docs mention that do not exist: {stale}"
+
+
+def test_docs_do_not_cite_design_notes() -> None:
+    for path in _markdown_files():
+        text = path.read_text(encoding="utf-8")
+        assert "DESIGN" not in text and "§" not in text, path
+
+
+def test_layout_names_every_subpackage() -> None:
+    folders = {
+        f"cpd_mtp/{init.parent.relative_to(ROOT / 'cpd_mtp').as_posix()}/"
+        for init in (ROOT / "cpd_mtp").glob("*/__init__.py")
+    } | {"kernels/"}
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") :]
+    architecture = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    for folder in sorted(folders):
+        assert f"`{folder}`" in layout, f"README.md's layout table lacks {folder}"
+        short = folder.removeprefix("cpd_mtp/")
+        assert f"`{folder}`" in architecture or f"`{short}`" in architecture, (
+            f"docs/architecture.md lacks {folder}"
+        )

@@ -11,8 +11,15 @@ from cpd_mtp.experts import ExpertStates
 
 def experts(expert_type, noise=0.5, n=3, r=2, d=5, k=2):
     torch.manual_seed(0)
-    cfg = CPDMTPConfig(hidden_size=d, vocab_size=7, n_future=n, rank=r, expert_type=expert_type,
-                       expert_inner_size=k, expert_init_noise=noise)  # fmt: skip
+    cfg = CPDMTPConfig(
+        hidden_size=d,
+        vocab_size=7,
+        n_future=n,
+        rank=r,
+        expert_type=expert_type,
+        expert_inner_size=k,
+        expert_init_noise=noise,
+    )
     return ExpertStates(cfg).double()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cpd_mtp import CPDMTPConfig, CPDMTPHead
+import cpd_mtp.head as head_module
+from cpd_mtp import CPDMTPConfig, CPDMTPHead, CPDMTPHeadOutput, ops
+from cpd_mtp.ops import checks
 
 EXPERT_TYPES = ["linear", "resblock", "lowrank"]
 
@@ -18,9 +21,15 @@ EXPERT_TYPES = ["linear", "resblock", "lowrank"]
 def make_head(seed=0, dtype=torch.float64, **kwargs) -> CPDMTPHead:
     torch.manual_seed(seed)
     defaults = dict(
-        hidden_size=6, vocab_size=5, n_future=3, rank=4, expert_type="linear",
-        expert_init_noise=1.0, expert_inner_size=3, balance="none",
-    )  # fmt: skip
+        hidden_size=6,
+        vocab_size=5,
+        n_future=3,
+        rank=4,
+        expert_type="linear",
+        expert_init_noise=1.0,
+        expert_inner_size=3,
+        balance="none",
+    )
     head = CPDMTPHead(CPDMTPConfig(**{**defaults, **kwargs})).to(dtype)
     with torch.no_grad():  # a spread-out gate and W_U so every expert matters
         head.gate.weight.normal_(0, 1.0)
@@ -208,8 +217,9 @@ def test_gradients_reach_every_parameter_and_shared_weight():
 def test_from_linear_starts_near_the_original_lm_head():
     torch.manual_seed(14)
     lm_head = torch.nn.Linear(32, 50, bias=False)
-    head = CPDMTPHead.from_linear(lm_head, n_future=2, rank=1, expert_type="linear",
-                                  expert_init_noise=0.0)  # fmt: skip
+    head = CPDMTPHead.from_linear(
+        lm_head, n_future=2, rank=1, expert_type="linear", expert_init_noise=0.0
+    )
     hidden = torch.randn(3, 32)
     torch.testing.assert_close(head(hidden), torch.log_softmax(lm_head(hidden), -1))
 
@@ -326,8 +336,14 @@ def test_degenerate_shapes_and_ignore_patterns_match_the_definition(
 ):
     """B or T = 0, T = 1 and all-ignored labels: finite, defined outputs that match a
     position-by-position computation, and a loss that backward accepts."""
-    head = make_head(seed=seed % 7, n_future=n_future, rank=rank, balance="switch",
-                     balance_coef=0.3, router_z_coef=0.1)  # fmt: skip
+    head = make_head(
+        seed=seed % 7,
+        n_future=n_future,
+        rank=rank,
+        balance="switch",
+        balance_coef=0.3,
+        router_z_coef=0.1,
+    )
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(batch, seq, 6, dtype=torch.float64, generator=g).requires_grad_()
     labels = torch.randint(0, 5, (batch, seq), generator=g)
@@ -342,8 +358,17 @@ def test_degenerate_shapes_and_ignore_patterns_match_the_definition(
         want = reference_loss_terms(head, hidden, labels)
     assert int(out.num_positions) == want["num_positions"]
     assert int(out.num_targets) == want["num_targets"]
-    for name in ("loss", "joint_nll", "joint_nll_per_target", "per_head_nll", "aux_loss",
-                 "position_nll", "expert_weight", "expert_responsibility", "gate_entropy"):  # fmt: skip
+    for name in (
+        "loss",
+        "joint_nll",
+        "joint_nll_per_target",
+        "per_head_nll",
+        "aux_loss",
+        "position_nll",
+        "expert_weight",
+        "expert_responsibility",
+        "gate_entropy",
+    ):
         got = getattr(out, name)
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got.to(torch.float64), want[name], msg=name)
@@ -358,3 +383,64 @@ def test_degenerate_shapes_and_ignore_patterns_match_the_definition(
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
         if want["num_positions"] == 0:  # nothing observed: the loss is a constant 0
             assert not param.grad.any(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The output: a dict with attribute access (what DeepSpeed ZeRO-3 and transformers walk into).
+
+
+def test_output_is_a_dict_whose_attributes_read_through_it():
+    head = make_head()
+    hidden = torch.randn(2, 4, 6, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 4))
+    out = head(hidden, labels=labels, return_logits=False)
+    assert isinstance(out, dict)
+    assert out.logits is None and "logits" not in out  # a None field is not a key
+    assert list(out) == [f for f in CPDMTPHeadOutput.FIELDS if f != "logits"]
+    assert out.to_tuple() == tuple(out.values())
+    for key in out:
+        assert getattr(out, key) is out[key]
+    # ZeRO-3 replaces every tensor in place (``value[key] = ...``); attributes must see it.
+    for key in list(out.keys()):
+        out[key] = out[key] * 1
+        assert getattr(out, key) is out[key]
+    # transformers / accelerate rebuild a mapping as ``type(out)({...})``.
+    rebuilt = type(out)({k: v.detach() for k, v in out.items()})
+    assert isinstance(rebuilt, CPDMTPHeadOutput) and rebuilt.keys() == out.keys()
+    copied = pickle.loads(pickle.dumps(rebuilt))
+    assert isinstance(copied, CPDMTPHeadOutput)
+    torch.testing.assert_close(copied.joint_nll, out.joint_nll)
+    out.logits = torch.zeros(1)
+    assert "logits" in out and out.to_tuple()[1] is out.logits
+    out.logits = None
+    assert "logits" not in out
+    with pytest.raises(AttributeError):
+        out.no_such_field = 1
+    with pytest.raises(AttributeError):
+        _ = out.no_such_field
+    with pytest.raises(TypeError, match="no fields"):
+        CPDMTPHeadOutput(lossy=1)
+
+
+def test_a_training_step_checks_its_labels_once(monkeypatch):
+    """The head checks labels itself and runs the loss unchecked: one range check per step."""
+    calls = []
+
+    def counting(real):
+        def check(*args, **kwargs):
+            calls.append(real.__name__)
+            return real(*args, **kwargs)
+
+        return check
+
+    monkeypatch.setattr(checks, "check_targets", counting(checks.check_targets))
+    monkeypatch.setattr(head_module, "check_targets", counting(head_module.check_targets))
+    monkeypatch.setattr(ops, "check_mixture_args", counting(ops.check_mixture_args))
+    for impl in ("reference", "chunked"):
+        calls.clear()
+        head = make_head(loss_impl=impl)
+        out = head(torch.randn(2, 4, 6, dtype=torch.float64), labels=torch.randint(0, 5, (2, 4)))
+        out.loss.backward()
+        assert calls == ["check_targets"], impl
+    with pytest.raises(ValueError, match=r"labels holds 7"):
+        head(torch.randn(2, 4, 6, dtype=torch.float64), labels=torch.full((2, 4), 7))

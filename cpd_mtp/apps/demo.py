@@ -1,7 +1,7 @@
 """The main job, as ``make demo`` runs it.
 
 1. Train a small Llama-shaped trunk with a CP head (n=4, r=4) on the embedded corpus, the
-   Python standard library, through DeepSpeed on this machine (``cpd_mtp/training/presets/demo.yaml``).
+   Python standard library, through DeepSpeed on this machine (the ``demo`` preset).
 2. Report validation joint NLL, next-token NLL of the marginal, per-head NLL, expert usage.
 3. Complete held-out prompts with greedy self-speculative decoding and compare its
    wall-clock time with autoregressive decoding (HF ``generate``) of the same model.
@@ -9,23 +9,26 @@
     python -m cpd_mtp.apps.demo                       # the default, a few minutes on 2 cores
     python -m cpd_mtp.apps.demo run.steps=50          # any training override
     python -m cpd_mtp.apps.demo --skip-train          # decode with runs/demo/final as it is
+
+``python -m cpd_mtp.apps.demo`` is ``cpd-mtp demo`` (the arguments are defined in
+``cpd_mtp.cli``).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from cpd_mtp.training.config import load_train_config
+from cpd_mtp.training.config import data_config, load_train_config
 
 
 def report_training(metrics: dict[str, float], n_future: int, rank: int) -> None:
     print("\n== validation (held-out stdlib files) ==")
-    print(f"joint NLL per position     {metrics['val/joint_nll']:.3f} nats "
-          f"({n_future} future tokens)")  # fmt: skip
+    joint = metrics["val/joint_nll"]
+    print(f"joint NLL per position     {joint:.3f} nats ({n_future} future tokens)")
     print(f"joint NLL per target       {metrics['val/joint_nll_per_target']:.3f} nats")
     print(f"next-token NLL (marginal)  {metrics['val/next_token_nll']:.3f} nats")
     heads = "  ".join(f"{metrics[f'val/head{s}_nll']:.3f}" for s in range(1, n_future + 1))
@@ -37,7 +40,8 @@ def report_training(metrics: dict[str, float], n_future: int, rank: int) -> None
 def decode_and_compare(model_dir: Path, prompts: list[str], max_new_tokens: int) -> None:
     from transformers import AutoTokenizer
 
-    from cpd_mtp.decoding.speculative import compare_decoding, generate
+    from cpd_mtp.apps.compare import compare_decoding
+    from cpd_mtp.decoding import generate
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -58,36 +62,42 @@ def decode_and_compare(model_dir: Path, prompts: list[str], max_new_tokens: int)
     print(f"tokens per forward          {statistics.median(stats['tokens_per_forward']):.2f}")
     print(f"acceptance per draft pos.   {rates}")
     print(f"identical to HF generate    {stats['identical']}")
-    print(f"wall clock (median of 3)    speculative {spec:.2f} s, autoregressive (HF generate) "
-          f"{ar:.2f} s: speedup {stats['speedup']:.2f}x")  # fmt: skip
+    print(
+        f"wall clock (median of 3)    speculative {spec:.2f} s, "
+        f"autoregressive (HF generate) {ar:.2f} s: speedup {stats['speedup']:.2f}x"
+    )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="cpd_mtp's main job on the embedded corpus.")
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--skip-train", action="store_true", help="decode the existing export")
-    parser.add_argument("--prompts", type=int, default=6, help="held-out prompts to decode")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. run.steps=50")
-    args = parser.parse_args(argv)
+def run(
+    preset: str,
+    overrides: list[str],
+    skip_train: bool = False,
+    prompts: int = 6,
+    max_new_tokens: int = 64,
+) -> None:
+    """Train (unless ``skip_train``), report, then decode ``prompts`` held-out prompts."""
     # `make demo` re-trains into the same folder on every call: replace its own earlier run.
-    overrides = list(args.overrides) if args.skip_train else ["run.overwrite=true", *args.overrides]
-    cfg = load_train_config(args.preset, overrides)
-    if not args.skip_train:
+    if not skip_train:
+        overrides = ["run.overwrite=true", *overrides]
+    cfg = load_train_config(preset, overrides)
+    if not skip_train:
         from cpd_mtp.training.trainer import Trainer
 
         trainer = Trainer(cfg)
         report_training(trainer.train(), cfg.head.n_future, cfg.head.rank)
         corpus = trainer.corpus
     else:
-        from cpd_mtp.training.data import DataConfig, build_corpus
+        from cpd_mtp.training.data import build_corpus
 
-        d = cfg.data
-        corpus = build_corpus(DataConfig(source=d.source, vocab_size=d.vocab_size,
-                                         tokenizer=d.tokenizer, max_files=d.max_files,
-                                         block_size=d.block_size, val_fraction=d.val_fraction))  # fmt: skip
-    prompts = corpus.held_out_prompts(args.prompts, prompt_tokens=48)
-    decode_and_compare(Path(cfg.run.out_dir) / "final", prompts, args.max_new_tokens)
+        corpus = build_corpus(data_config(cfg.data, progress=cfg.run.progress))
+    texts = corpus.held_out_prompts(prompts, prompt_tokens=48)
+    decode_and_compare(Path(cfg.run.out_dir) / "final", texts, max_new_tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cpd_mtp.cli import main as cli_main
+
+    cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
     cpd-mtp bench ranks --size tiny      # seconds; what the tests run
     cpd-mtp bench ranks --size gpu       # larger models for a GPU
 
-Every configuration trains with the same token budget and seeds through ``cpd_mtp.training.trainer`` (one
-process each), then is measured on the validation split and on held-out prompts:
+Every configuration trains with the same token budget and seeds through
+``cpd_mtp.training.trainer`` (one process each), then is measured on the validation split and
+on held-out prompts:
 
 - (a) ``ntp``: plain next-token model, n = 1, r = 1;
 - (b) ``n4_r1``: n = 4 with rank 1 (independent heads);
@@ -14,7 +15,8 @@ process each), then is measured on the validation split and on held-out prompts:
 - (e) ``n4_r8_none``, ``n4_r8_importance``: the load-balancing ablation at r = 8 (``switch``
   is ``n4_r8``).
 
-Outputs under ``--out`` (default ``docs/rank_study``): ``results.json`` with every number and
+Paths are relative to the current directory (``make bench-ranks`` runs from the repository
+root). Outputs under ``--out`` (default ``docs/rank_study``): ``results.json`` with every number and
 its config, ``table.md``, and the plots ``joint_nll_vs_rank.png``,
 ``tokens_per_forward_vs_rank.png``, ``acceptance_by_position.png``, ``expert_usage.png``.
 The trained runs (checkpoints, exports, metrics) go under ``--runs`` (default
@@ -23,7 +25,6 @@ The trained runs (checkpoints, exports, metrics) go under ``--runs`` (default
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,13 +32,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from cpd_mtp.apps.results import environment, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
+# torch is imported where it is used: the command line reads PLAN and SIZES without it.
 
 
 @dataclass(frozen=True)
@@ -68,27 +70,45 @@ PLAN = [
 # Training overrides per size; every run of a size gets the same token budget.
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "train": ["trunk.hidden_size=32", "trunk.num_layers=2", "trunk.num_heads=2",
-                  "data.vocab_size=300", "data.max_files=40", "data.block_size=32",
-                  "run.micro_batch_size=4", "run.steps=6", "run.eval_every=6",
-                  "run.eval_batches=2", "optim.warmup_steps=2", "optim.lr=1e-2"],
-        "finetune_steps": 4, "seeds": 1, "prompts": 2, "prompt_tokens": 16, "new_tokens": 12,
+        "train": [
+            *("trunk.hidden_size=32", "trunk.num_layers=2", "trunk.num_heads=2"),
+            *("data.vocab_size=300", "data.max_files=40", "data.block_size=32"),
+            *("run.micro_batch_size=4", "run.steps=6", "run.eval_every=6", "run.eval_batches=2"),
+            *("optim.warmup_steps=2", "optim.lr=1e-2"),
+        ],
+        "finetune_steps": 4,
+        "seeds": 1,
+        "prompts": 2,
+        "prompt_tokens": 16,
+        "new_tokens": 12,
     },
     "default": {
-        "train": ["trunk.hidden_size=96", "trunk.num_layers=3", "trunk.num_heads=4",
-                  "data.vocab_size=1024", "data.block_size=128", "run.micro_batch_size=8",
-                  "run.steps=250", "run.eval_every=250", "run.eval_batches=16",
-                  "optim.warmup_steps=25", "optim.lr=3e-3"],
-        "finetune_steps": 125, "seeds": 3, "prompts": 8, "prompt_tokens": 48, "new_tokens": 48,
+        "train": [
+            *("trunk.hidden_size=96", "trunk.num_layers=3", "trunk.num_heads=4"),
+            *("data.vocab_size=1024", "data.block_size=128", "run.micro_batch_size=8"),
+            *("run.steps=250", "run.eval_every=250", "run.eval_batches=16"),
+            *("optim.warmup_steps=25", "optim.lr=3e-3"),
+        ],
+        "finetune_steps": 125,
+        "seeds": 3,
+        "prompts": 8,
+        "prompt_tokens": 48,
+        "new_tokens": 48,
     },
     "gpu": {
-        "train": ["trunk.hidden_size=512", "trunk.num_layers=8", "trunk.num_heads=8",
-                  "data.vocab_size=4096", "data.block_size=512", "run.micro_batch_size=32",
-                  "run.steps=3000", "run.eval_every=3000", "run.eval_batches=32",
-                  "run.dtype=bf16", "optim.warmup_steps=200", "optim.lr=1e-3"],
-        "finetune_steps": 1500, "seeds": 3, "prompts": 32, "prompt_tokens": 64, "new_tokens": 128,
+        "train": [
+            *("trunk.hidden_size=512", "trunk.num_layers=8", "trunk.num_heads=8"),
+            *("data.vocab_size=4096", "data.block_size=512", "run.micro_batch_size=32"),
+            *("run.steps=3000", "run.eval_every=3000", "run.eval_batches=32", "run.dtype=bf16"),
+            *("optim.warmup_steps=200", "optim.lr=1e-3"),
+        ],
+        "finetune_steps": 1500,
+        "seeds": 3,
+        "prompts": 32,
+        "prompt_tokens": 64,
+        "new_tokens": 128,
     },
-}  # fmt: skip
+}
 
 
 def run_dir(runs: Path, spec: RunSpec, seed: int) -> Path:
@@ -112,76 +132,86 @@ def train_overrides(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) 
     ]
     if spec.finetune_from is not None:
         base = run_dir(runs, next(s for s in PLAN if s.name == spec.finetune_from), seed)
-        overrides += [f"trunk.init_from={base / 'final'}", "trunk.freeze_trunk=true",
-                      f"run.steps={size['finetune_steps']}",
-                      f"run.eval_every={size['finetune_steps']}"]  # fmt: skip
+        steps = size["finetune_steps"]
+        overrides += [
+            f"trunk.init_from={base / 'final'}",
+            "trunk.freeze_trunk=true",
+            f"run.steps={steps}",
+            f"run.eval_every={steps}",
+        ]
     return overrides
 
 
 def train_one(spec: RunSpec, seed: int, size: dict[str, Any], runs: Path) -> dict[str, Any]:
     """Train one run in its own process; its validation metrics and median step time."""
     directory = run_dir(runs, spec, seed)
-    cmd = [sys.executable, "-m", "cpd_mtp.training.trainer", "--preset", "demo",
-           *train_overrides(spec, seed, size, runs)]  # fmt: skip
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "cpd_mtp.training.trainer", "--preset", "demo"]
+    cmd += train_overrides(spec, seed, size, runs)
+    # A child picks its own rendezvous, whatever a distributed parent set.
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"training {spec.name} seed {seed} failed:\n{proc.stdout[-3000:]}"
-                           f"\n{proc.stderr[-3000:]}")  # fmt: skip
+        raise RuntimeError(
+            f"training {spec.name} seed {seed} failed:\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-3000:]}"
+        )
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     val = {k[4:]: v for k, v in records[-1].items() if k.startswith("val/")}
     times = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
     return {"val": val, "step_time_s": statistics.median(times), "steps": len(records)}
 
 
-@torch.no_grad()
 def measure_decoding(model_dir: Path, prompts: list[list[int]], new_tokens: int, seed: int) -> dict:
     """Tokens per forward and acceptance (greedy, sampling at T=1) and speedup over HF greedy."""
-    from cpd_mtp.decoding.speculative import generate
+    import torch
+
+    with torch.no_grad():
+        return _measure_decoding(model_dir, prompts, new_tokens, seed)
+
+
+def _measure_decoding(
+    model_dir: Path, prompts: list[list[int]], new_tokens: int, seed: int
+) -> dict:
+    import torch
+
+    from cpd_mtp.decoding import generate
+    from cpd_mtp.decoding.stats import DecodingStats
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     model = CPDMTPForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     result: dict[str, Any] = {}
     for mode in ("greedy", "sample"):
         generator = torch.Generator().manual_seed(seed)
-        new = forwards = 0
-        proposed = accepted = None
-        spec_time = 0.0
-        for ids in prompts:
-            x = torch.tensor([ids])
-            # No EOS stop: the HF baseline below decodes every token too (min_new_tokens).
-            out = generate(
+        # No EOS stop: the HF baseline below decodes every token too (min_new_tokens).
+        outs = [
+            generate(
                 model,
-                x,
+                torch.tensor([ids]),
                 new_tokens,
                 do_sample=mode == "sample",
                 generator=generator,
                 eos_token_id=[],
             )
-            new, forwards, spec_time = (
-                new + out.new_tokens,
-                forwards + out.forwards,
-                spec_time + out.wall_time_s,
-            )
-            proposed = (
-                [a + b for a, b in zip(proposed, out.proposed_counts)]
-                if proposed
-                else list(out.proposed_counts)
-            )
-            accepted = (
-                [a + b for a, b in zip(accepted, out.accepted_counts)]
-                if accepted
-                else list(out.accepted_counts)
-            )
-        rates = [a / p if p else None for a, p in zip(accepted or [], proposed or [])]
-        result[mode] = {"tokens_per_forward": new / forwards, "acceptance": rates,
-                        "time_s": spec_time}  # fmt: skip
+            for ids in prompts
+        ]
+        stats = DecodingStats.combine(out.stats for out in outs)
+        result[mode] = {
+            "tokens_per_forward": stats.new_tokens / stats.forwards,
+            "acceptance": [None if r != r else r for r in stats.acceptance_rate],
+            "time_s": sum(out.wall_time_s for out in outs),
+        }
     start = time.perf_counter()
     for ids in prompts:
         x = torch.tensor([ids])
-        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+        model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     ar_time = time.perf_counter() - start
     result["autoregressive_time_s"] = ar_time
     result["greedy"]["speedup"] = ar_time / result["greedy"]["time_s"]
@@ -192,8 +222,8 @@ def summarise(values: list[float]) -> dict[str, float]:
     clean = [v for v in values if v is not None and not math.isnan(v)]
     if not clean:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": statistics.fmean(clean), "std": statistics.stdev(clean) if len(clean) > 1 else 0.0,
-            "n": len(clean)}  # fmt: skip
+    spread = statistics.stdev(clean) if len(clean) > 1 else 0.0
+    return {"mean": statistics.fmean(clean), "std": spread, "n": len(clean)}
 
 
 def usage_entropy(val: dict[str, float], rank: int) -> float:
@@ -204,8 +234,8 @@ def usage_entropy(val: dict[str, float], rank: int) -> float:
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and spread over seeds of every reported number, per configuration."""
-    base_time = statistics.fmean(r["step_time_s"] for r in runs if r["name"] == "ntp") if any(
-        r["name"] == "ntp" for r in runs) else None  # fmt: skip
+    ntp_times = [r["step_time_s"] for r in runs if r["name"] == "ntp"]
+    base_time = statistics.fmean(ntp_times) if ntp_times else None
     rows = []
     for spec in PLAN:
         mine = [r for r in runs if r["name"] == spec.name]
@@ -219,27 +249,37 @@ def _config_row(
 ) -> dict[str, Any]:
     """Mean and spread over the seeds ``mine`` of one configuration."""
 
-    def get(f):
+    def get(f: Callable[[dict[str, Any]], float]) -> dict[str, float]:
         return summarise([f(r) for r in mine])
 
-    return {**asdict(spec), "seeds": len(mine),
-               "joint_nll_per_target": get(lambda r: r["val"]["joint_nll_per_target"]),
-               "next_token_nll": get(lambda r: r["val"]["next_token_nll"]),
-               "per_head_nll": [get(lambda r, s=s: r["val"][f"head{s}_nll"])
-                                for s in range(1, spec.n_future + 1)],
-               "usage_entropy": get(lambda r: usage_entropy(r["val"], spec.rank)),
-               "gate_entropy": get(lambda r: r["val"]["gate_entropy"]),
-               "expert_usage": [get(lambda r, a=a: r["val"][f"expert{a}_weight"])
-                                for a in range(spec.rank)],
-               "step_time_s": get(lambda r: r["step_time_s"]),
-               "step_time_vs_ntp": get(lambda r: r["step_time_s"] / base_time) if base_time else None,
-               "greedy_tokens_per_forward": get(lambda r: r["decode"]["greedy"]["tokens_per_forward"]),
-               "sample_tokens_per_forward": get(lambda r: r["decode"]["sample"]["tokens_per_forward"]),
-               "greedy_speedup": get(lambda r: r["decode"]["greedy"]["speedup"]),
-               "greedy_acceptance": [get(lambda r, j=j: r["decode"]["greedy"]["acceptance"][j])
-                                     for j in range(spec.n_future - 1)],
-               "sample_acceptance": [get(lambda r, j=j: r["decode"]["sample"]["acceptance"][j])
-                                     for j in range(spec.n_future - 1)]}  # fmt: skip
+    def val(key: str) -> dict[str, float]:
+        return get(lambda r: r["val"][key])
+
+    def decode(mode: str, key: str) -> dict[str, float]:
+        return get(lambda r: r["decode"][mode][key])
+
+    def acceptance(mode: str) -> list[dict[str, float]]:
+        return [
+            get(lambda r, j=j: r["decode"][mode]["acceptance"][j]) for j in range(spec.n_future - 1)
+        ]
+
+    return {
+        **asdict(spec),
+        "seeds": len(mine),
+        "joint_nll_per_target": val("joint_nll_per_target"),
+        "next_token_nll": val("next_token_nll"),
+        "per_head_nll": [val(f"head{s}_nll") for s in range(1, spec.n_future + 1)],
+        "usage_entropy": get(lambda r: usage_entropy(r["val"], spec.rank)),
+        "gate_entropy": val("gate_entropy"),
+        "expert_usage": [val(f"expert{a}_weight") for a in range(spec.rank)],
+        "step_time_s": get(lambda r: r["step_time_s"]),
+        "step_time_vs_ntp": get(lambda r: r["step_time_s"] / base_time) if base_time else None,
+        "greedy_tokens_per_forward": decode("greedy", "tokens_per_forward"),
+        "sample_tokens_per_forward": decode("sample", "tokens_per_forward"),
+        "greedy_speedup": decode("greedy", "speedup"),
+        "greedy_acceptance": acceptance("greedy"),
+        "sample_acceptance": acceptance("sample"),
+    }
 
 
 def fmt(stat: dict[str, float] | None, digits: int = 3) -> str:
@@ -264,8 +304,13 @@ def markdown_table(rows: list[dict[str, Any]], machine: str, size: str) -> str:
             f"{fmt(r['greedy_tokens_per_forward'], 2)} | {fmt(r['sample_tokens_per_forward'], 2)} | "
             f"{fmt(r['greedy_speedup'], 2)} | {r['seeds']} |"
         )
-    lines += ["", "Acceptance rate per draft position (greedy; sampling at T=1):", "",
-              "| config | greedy alpha_1..3 | sample alpha_1..3 |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Acceptance rate per draft position (greedy; sampling at T=1):",
+        "",
+        "| config | greedy alpha_1..3 | sample alpha_1..3 |",
+        "|---|---|---|",
+    ]
     for r in rows:
         if r["n_future"] > 1:
             g = ", ".join(fmt(a, 2) for a in r["greedy_acceptance"])
@@ -281,8 +326,10 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    groups = {"scratch (n=4)": [r for r in rows if r["group"] == "scratch" and r["n_future"] == 4],
-              "frozen trunk (n=4)": [r for r in rows if r["group"] == "finetune"]}  # fmt: skip
+    groups = {
+        "scratch (n=4)": [r for r in rows if r["group"] == "scratch" and r["n_future"] == 4],
+        "frozen trunk (n=4)": [r for r in rows if r["group"] == "finetune"],
+    }
 
     def errorbar(ax, key, sub=None):
         for label, members in groups.items():
@@ -290,8 +337,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 continue
             xs = [m["rank"] for m in members]
             stats = [m[key] if sub is None else m[key][sub] for m in members]
-            ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats],
-                        marker="o", capsize=3, label=label)  # fmt: skip
+            means, spreads = [s["mean"] for s in stats], [s["std"] for s in stats]
+            ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank r")
         ax.legend()
@@ -303,8 +350,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    for ax, key, title in zip(axes, ("greedy_tokens_per_forward", "sample_tokens_per_forward"),
-                              ("greedy", "sampling, T=1")):  # fmt: skip
+    keys = ("greedy_tokens_per_forward", "sample_tokens_per_forward")
+    for ax, key, title in zip(axes, keys, ("greedy", "sampling, T=1")):
         errorbar(ax, key)
         ax.set_title(title)
     axes[0].set_ylabel("tokens per trunk forward")
@@ -346,27 +393,29 @@ def held_out_prompts(size: dict[str, Any], runs: Path) -> list[list[int]]:
 
     model_dir = run_dir(runs, PLAN[0], 0) / "final"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    from cpd_mtp.training.config import load_train_config
-    from cpd_mtp.training.data import DataConfig, build_corpus
+    from cpd_mtp.training.config import data_config, load_train_config
+    from cpd_mtp.training.data import build_corpus
 
-    d = load_train_config("demo", size["train"]).data
-    corpus = build_corpus(DataConfig(source=d.source, vocab_size=d.vocab_size,
-                                     max_files=d.max_files, block_size=d.block_size,
-                                     val_fraction=d.val_fraction, progress=False))  # fmt: skip
+    settings = load_train_config("demo", size["train"]).data
+    corpus = build_corpus(data_config(settings, progress=False))
     texts = corpus.held_out_prompts(size["prompts"], prompt_tokens=size["prompt_tokens"])
     return [tokenizer(t).input_ids for t in texts]
 
 
-def run_study(size_name: str, out: Path, runs: Path | None = None, seeds: int | None = None,
-              only: list[str] | None = None,
-              log=print) -> dict[str, Any]:  # fmt: skip
+def run_study(
+    size_name: str,
+    out: Path,
+    runs: Path | None = None,
+    seeds: int | None = None,
+    only: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train and measure every configuration; write JSON, markdown and plots under ``out``.
 
     ``seeds`` (default: the size's) must be at least 1. Nothing is written under ``out`` unless
     at least one run finished, so a bad call never replaces published results.
     """
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from harness import environment, write_json
+    import torch
 
     size = SIZES[size_name]
     # ``seeds or default`` would turn an explicit 0 into the default; check instead.
@@ -383,60 +432,43 @@ def run_study(size_name: str, out: Path, runs: Path | None = None, seeds: int | 
             result = train_one(spec, seed, size, runs)
             if prompts is None:
                 prompts = held_out_prompts(size, runs)
-            result["decode"] = measure_decoding(run_dir(runs, spec, seed) / "final", prompts,
-                                                size["new_tokens"], seed)  # fmt: skip
+            model_dir = run_dir(runs, spec, seed) / "final"
+            result["decode"] = measure_decoding(model_dir, prompts, size["new_tokens"], seed)
             results.append({"name": spec.name, "seed": seed, **result})
-            log(f"[{time.perf_counter() - started:7.0f} s] {spec.name} seed {seed}: "
-                f"joint/target {result['val']['joint_nll_per_target']:.3f}, "
-                f"next-token {result['val']['next_token_nll']:.3f}, "
-                f"greedy tok/fwd {result['decode']['greedy']['tokens_per_forward']:.2f} "
-                f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+            val, greedy = result["val"], result["decode"]["greedy"]
+            log(
+                f"[{time.perf_counter() - started:7.0f} s] {spec.name} seed {seed}: "
+                f"joint/target {val['joint_nll_per_target']:.3f}, "
+                f"next-token {val['next_token_nll']:.3f}, "
+                f"greedy tok/fwd {greedy['tokens_per_forward']:.2f} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
     if not results:
         raise RuntimeError(f"the study produced no runs; nothing written to {out}")
     rows = aggregate(results)
     out.mkdir(parents=True, exist_ok=True)
     env = environment("cuda" if torch.cuda.is_available() else "cpu")
-    payload = {**env, "size": size_name, "size_config": size, "seeds": n_seeds,
-               "plan": [asdict(s) for s in plan], "runs": results, "summary": rows,
-               "wall_time_s": time.perf_counter() - started}  # fmt: skip
+    payload = {
+        **env,
+        "size": size_name,
+        "size_config": size,
+        "seeds": n_seeds,
+        "plan": [asdict(s) for s in plan],
+        "runs": results,
+        "summary": rows,
+        "wall_time_s": time.perf_counter() - started,
+    }
     write_json(out / "results.json", payload)
     (out / "table.md").write_text(markdown_table(rows, env["device"], size_name))
     plot(rows, out)
     return payload
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (a bad count is a usage error, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="cpd-mtp bench ranks", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--size", choices=sorted(SIZES), default="default")
-    parser.add_argument("--seeds", type=positive_int, default=None,
-                        help="seeds per configuration (at least 1; default: the size's)")  # fmt: skip
-    parser.add_argument("--only", nargs="+", choices=[s.name for s in PLAN],
-                        help="a subset of configurations (ntp always runs: others compare to it)")  # fmt: skip
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=ROOT / "docs" / "rank_study",
-        help="results: JSON, table and plots",
-    )
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "rank_study",
-                        help="the trained runs: checkpoints, exports, metrics")  # fmt: skip
-    args = parser.parse_args(argv)
-    payload = run_study(args.size, args.out, args.runs, args.seeds, args.only)
-    print((args.out / "table.md").read_text())
-    print(f"wrote {args.out} in {payload['wall_time_s'] / 60:.1f} min")
+    """``python -m cpd_mtp.apps.rank_study ...`` is ``cpd-mtp bench ranks ...``."""
+    from cpd_mtp.cli import main as cli_main
+
+    cli_main(["bench", "ranks", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

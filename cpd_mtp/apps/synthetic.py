@@ -36,8 +36,14 @@ def make_task(modes: int, n_future: int, vocab: int, dim: int, seed: int):
 
 def train(rank: int, args: argparse.Namespace) -> list[float]:
     torch.manual_seed(args.seed)
-    cfg = CPDMTPConfig(hidden_size=args.dim, vocab_size=args.vocab, n_future=args.n_future,
-                       rank=rank, expert_type="resblock", expert_init_noise=0.1)  # fmt: skip
+    cfg = CPDMTPConfig(
+        hidden_size=args.dim,
+        vocab_size=args.vocab,
+        n_future=args.n_future,
+        rank=rank,
+        expert_type="resblock",
+        expert_init_noise=0.1,
+    )
     head = CPDMTPHead(cfg)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr)
     sample = make_task(args.modes, args.n_future, args.vocab, args.dim, args.seed)
@@ -65,8 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     curves = {rank: train(rank, args) for rank in args.ranks}
-    print(f"joint NLL of the {args.n_future} future tokens (nats; best possible ln 2 = "
-          f"{math.log(2):.3f}, independent-heads floor n·ln 2 = {args.n_future * math.log(2):.3f})")  # fmt: skip
+    best, floor = math.log(2), args.n_future * math.log(2)
+    print(
+        f"joint NLL of the {args.n_future} future tokens (nats; best possible ln 2 = {best:.3f}, "
+        f"independent-heads floor n·ln 2 = {floor:.3f})"
+    )
     print("step  " + "  ".join(f"rank {r:<3d}" for r in args.ranks))
     marks = sorted({0, *range(args.steps // 10 - 1, args.steps, args.steps // 10)})
     for step in marks:

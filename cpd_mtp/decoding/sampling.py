@@ -4,9 +4,12 @@ Everything here works on *normalised log-probabilities* (the CP head's marginal 
 are already normalised) and returns normalised log-probabilities, with ``-inf`` for tokens a
 warper removed.
 
-The warpers follow the semantics (and order) of the ``transformers`` logits processors used by
-``generate(do_sample=True)``: temperature, then top-k (ties with the k-th value are kept), then
-top-p (the smallest set of most likely tokens whose mass exceeds ``top_p``; at least one token).
+Warping is Hugging Face's own: a ``transformers.LogitsProcessorList`` of
+``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper``, in the order
+``generate(do_sample=True)`` applies them: temperature, then top-k (ties with the k-th value are
+kept), then top-p (the smallest set of most likely tokens whose mass exceeds ``top_p``; at least
+one token). The arguments are validated here first, so that a bad one is a ``ValueError`` naming
+it (HF's own checks accept a NaN ``top_p`` and reject an int temperature).
 
 ``verify`` is the speculative-decoding acceptance step: greedy (accept while the draft equals the
 target's argmax) or the rejection sampling of Leviathan et al. (2023) / Chen et al. (2023), which
@@ -19,8 +22,53 @@ import math
 import numbers
 
 import torch
+from transformers import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-__all__ = ["check_warping", "sample", "verify", "warp_log_probs"]
+__all__ = ["apply_warpers", "build_warpers", "check_warping", "sample", "verify", "warp_log_probs"]
+
+
+def build_warpers(
+    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> LogitsProcessorList:
+    """The HF logits warpers for these arguments, validated (``check_warping``).
+
+    Warpers that would change nothing (temperature 1, top_k None or 0, top_p None or 1) are
+    left out, as ``generate`` does.
+    """
+    check_warping(temperature, top_k, top_p)
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k:
+        warpers.append(TopKLogitsWarper(int(top_k)))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(float(top_p)))
+    return warpers
+
+
+def apply_warpers(warpers: LogitsProcessorList, log_probs: torch.Tensor) -> torch.Tensor:
+    """Apply ``warpers`` to log-probabilities and renormalise.
+
+    Args:
+        warpers: from ``build_warpers``.
+        log_probs: (..., V) log-probabilities (or logits: only differences matter).
+
+    Returns:
+        (..., V) float32 (float64 for float64) normalised log-probabilities; ``-inf`` for
+        removed tokens.
+    """
+    dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    scores = log_probs.to(dtype)
+    if warpers:
+        # HF's processors take (batch, V) scores (top-p scatters along dim 1).
+        flat = scores.reshape(-1, scores.shape[-1])
+        scores = warpers(None, flat).reshape(scores.shape)
+    return torch.log_softmax(scores, dim=-1)
 
 
 def warp_log_probs(
@@ -48,23 +96,7 @@ def warp_log_probs(
         ValueError: a warping argument out of range, NaN or of the wrong type
             (``check_warping``).
     """
-    check_warping(temperature, top_k, top_p)
-    dtype = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
-    scores = log_probs.to(dtype)
-    if temperature != 1.0:
-        scores = scores / temperature
-    vocab = scores.shape[-1]
-    if top_k is not None and 0 < top_k < vocab:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1.0 - top_p)
-        remove_sorted[..., -1] = False  # the most likely token always stays
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        scores = scores.masked_fill(remove, float("-inf"))
-    return torch.log_softmax(scores, dim=-1)
+    return apply_warpers(build_warpers(temperature, top_k, top_p), log_probs)
 
 
 def check_warping(temperature: float, top_k: int | None, top_p: float | None) -> None:

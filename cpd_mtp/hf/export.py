@@ -11,7 +11,6 @@ place, so a kill or an error at any point leaves the previous export readable.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file
 
 EXPORT_RECORD = "cpd_mtp_export.json"
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -37,23 +38,6 @@ __all__ = [
 
 class ExportError(RuntimeError):
     """An export is corrupt (a file differs from its record) or holds non-finite weights."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def set_special_tokens(model: Any, tokenizer: Any) -> None:
@@ -78,18 +62,14 @@ def write_record(directory: Path) -> dict[str, Any]:
     files = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != EXPORT_RECORD:
-            _fsync(path)
+            fsync_path(path)
             files[str(path.relative_to(directory))] = {
                 "bytes": path.stat().st_size,
-                "sha256": _sha256(path),
+                "sha256": sha256_file(path),
             }
     record = {"files": files}
-    target = directory / EXPORT_RECORD
-    with target.open("w") as handle:
-        handle.write(json.dumps(record, indent=1))
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync(directory)
+    atomic_write_text(directory / EXPORT_RECORD, json.dumps(record, indent=1))
+    fsync_path(directory)
     return record
 
 
@@ -119,7 +99,7 @@ def verify_export(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
             raise ExportError(f"export {directory}: {EXPORT_RECORD} names {name!r}, outside it")
         if not path.is_file():
             raise ExportError(f"export {directory} is corrupt: {name} is missing")
-        if path.stat().st_size != size or _sha256(path) != digest:
+        if path.stat().st_size != size or sha256_file(path) != digest:
             raise ExportError(
                 f"export {directory} is corrupt: {name} does not match its SHA-256 in "
                 f"{EXPORT_RECORD}"
@@ -168,7 +148,7 @@ def atomic_export(target: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 

@@ -10,12 +10,7 @@ input and output embeddings survives). Its ``forward`` returns a ``CausalLMOutpu
   on them exactly as on raw logits.
 - ``loss``: the CP-MTP loss (exact joint NLL of the next n tokens plus the balancing terms).
 
-Label convention (the Hugging Face one): ``labels`` has the shape of ``input_ids`` and is
-*aligned* with it (``labels = input_ids``); the model shifts. The target of position t at
-offset s = 1..n is ``labels[:, t + s]``. Targets equal to ``-100`` (``ignore_index`` of the head
-config), e.g. padding, and targets past the end of the sequence are marginalised out exactly.
-Padding is not masked automatically from ``attention_mask``: set the padded labels to -100
-(``DataCollatorForLanguageModeling`` does).
+Labels are aligned with ``input_ids``, the model shifts; see the label convention in the docs.
 
 Weights, saving and loading: W_U is saved once. When the wrapped LM ties its embeddings, the
 model declares ``_tied_weights_keys = {"head.weight": "trunk.<embedding>.weight"}`` (the
@@ -39,7 +34,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     GenerationMixin,
-    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
 )
@@ -50,13 +44,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.experts import ExpertStates
-from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput, _full_shape
+from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput, _full_shape, check_bias_free
 
 __all__ = [
     "CPDMTPCausalLMOutputWithPast",
     "CPDMTPForCausalLM",
     "CPDMTPModelConfig",
-    "tiny_llama_config",
 ]
 
 # Config attributes of models whose logits are not plain ``lm_head(last_hidden_state)``.
@@ -138,8 +131,10 @@ class CPDMTPCausalLMOutputWithPast(CausalLMOutputWithPast):
         logits: (B, T', V) float32 next-token marginal log-probabilities (T' = T unless
             ``logits_to_keep`` selects fewer positions), or None with ``return_logits=False``.
         past_key_values: the trunk's cache (``DynamicCache``) when ``use_cache``.
-        cp_output: with labels, the ``CPDMTPHeadOutput`` (joint NLL, per-head NLL, aux loss,
-            expert usage, ...) for metrics; None otherwise.
+        cp_output: with labels, the head's ``CPDMTPHeadOutput`` (joint NLL, per-head NLL, aux
+            loss, expert usage, ...) for metrics; None otherwise. It is a plain dict with
+            attribute access, nested here as is: DeepSpeed ZeRO-3 and ``nested_detach`` walk
+            into it like into this output.
     """
 
     cp_output: CPDMTPHeadOutput | None = None
@@ -222,11 +217,7 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
                 f"the output embedding of {type(causal_lm).__name__} must be an nn.Linear, "
                 f"got {type(lm_head).__name__}"
             )
-        if lm_head.bias is not None:
-            raise ValueError(
-                f"{type(causal_lm).__name__}.lm_head has a bias; a CP-MTP head shares only a "
-                "bias-free unembedding W_U"
-            )
+        check_bias_free(lm_head, f"{type(causal_lm).__name__}.lm_head")
         # One config object for the trunk and this model, so later changes reach both.
         config.text_config = causal_lm.config
         config._attn_implementation_internal = causal_lm.config._attn_implementation
@@ -308,12 +299,6 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(model, PreTrainedModel):
             raise ValueError(
                 f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
-            )
-        lm_head = model.get_output_embeddings()
-        if isinstance(lm_head, nn.Linear) and lm_head.bias is not None:
-            raise ValueError(
-                f"{type(model).__name__}.lm_head has a bias; a CP-MTP head shares only a "
-                "bias-free unembedding W_U"
             )
         text = model.config
         head = CPDMTPConfig(
@@ -411,8 +396,7 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
         shape = _full_shape(self.head.weight)  # the logical shape, also under ZeRO-3
         if not isinstance(weight, nn.Parameter) or _full_shape(weight) != shape:
             raise ValueError(f"new output embeddings need a weight Parameter of shape {shape}")
-        if getattr(new_embeddings, "bias", None) is not None:
-            raise ValueError("a CP-MTP head shares only a bias-free unembedding W_U")
+        check_bias_free(new_embeddings, "the new output embedding")
         self.head.weight = weight
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
@@ -491,9 +475,8 @@ class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask: (B, T_past + T) 1 for real tokens, 0 for padding.
             position_ids: (B, T).
             past_key_values: the trunk's cache.
-            labels: (B, T) aligned with ``input_ids`` (HF convention, the model shifts): the
-                target of position t at offset s is ``labels[:, t + s]``; -100 is
-                marginalised out. Values must lie in [0, V) or be -100.
+            labels: (B, T) aligned with ``input_ids``, the model shifts; see the label
+                convention in the docs. Values must lie in [0, V) or be ``ignore_index``.
             use_cache: return the trunk's cache (default: the trunk config's ``use_cache``).
             logits_to_keep: int k: logits for the last k positions only (0: all); or a 1-D
                 tensor of positions. The loss always uses every position.
@@ -574,50 +557,6 @@ def _warn_on_logit_transforms(config: PretrainedConfig) -> None:
                 "original model's distribution even at n=1, r=1 with identity experts",
                 stacklevel=3,
             )
-
-
-def tiny_llama_config(
-    vocab_size: int = 128,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int | None = None,
-    intermediate_size: int | None = None,
-    max_position_embeddings: int = 512,
-    tie_word_embeddings: bool = False,
-    **kwargs: Any,
-) -> LlamaConfig:
-    """A small Llama-shaped config for tests and demos (no hub access needed).
-
-    Args:
-        vocab_size: V.
-        hidden_size: d (divisible by ``num_heads``).
-        num_layers: decoder layers.
-        num_heads: attention heads.
-        num_kv_heads: key/value heads (grouped-query attention); defaults to ``num_heads``.
-        intermediate_size: MLP size; defaults to ``4 * hidden_size``, rounded up to 8.
-        max_position_embeddings: longest sequence.
-        tie_word_embeddings: tie input and output embeddings.
-        **kwargs: any other ``LlamaConfig`` field.
-
-    Returns:
-        A ``LlamaConfig``; build the model with ``AutoModelForCausalLM.from_config(config)``.
-    """
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
-    if intermediate_size is None:
-        intermediate_size = -(-4 * hidden_size // 8) * 8
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads if num_kv_heads is not None else num_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        **kwargs,
-    )
 
 
 AutoConfig.register(CPDMTPModelConfig.model_type, CPDMTPModelConfig, exist_ok=True)

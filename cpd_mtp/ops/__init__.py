@@ -4,27 +4,26 @@
 
     l_t = logsumexp_a( log w_{t,a} + sum_{s in S_t} log softmax(W_U u_{t,s,a})[x_{t+s}] )
 
-and S_t holds the offsets whose target is not ``ignore_index``. Implementations:
+and S_t holds the offsets whose target is not ``ignore_index``. Every implementation computes
+the (N, n, r) row log-probabilities log softmax(W_U u_{t,s,a})[x_{t+s}]; the mixture step on
+those N·n·r numbers is plain torch (``mixture_logsumexp``). Implementations of the rows:
 
 - ``reference``: materialises the (N, n, r, V) logits; the oracle for tests.
 - ``chunked``: an ``autograd.Function`` that keeps O(chunk·V) logits alive; any device.
 - ``triton``: fused Triton kernels in ``cpd_mtp.kernels``; CUDA (or ``TRITON_INTERPRET=1``).
 - ``auto``: ``triton`` on CUDA tensors, ``chunked`` elsewhere.
+
+The public functions validate their arguments once (see ``cpd_mtp.ops.checks`` for what a
+bad label does on CUDA) and apply the autocast cast; the implementations trust their inputs.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from cpd_mtp.ops.checks import autocast_operands, check_mixture_args, check_targets
-from cpd_mtp.ops.chunked import row_logprobs_chunked
+from cpd_mtp.ops.dispatch import IMPLS, resolve_impl, row_logprobs_unchecked
 from cpd_mtp.ops.mixture import mixture_logsumexp
-from cpd_mtp.ops.reference import row_logprobs_reference
-
-IMPLS = ("auto", "reference", "chunked", "triton")
-"""The values ``impl`` accepts: ``auto``, ``reference``, ``chunked`` and ``triton``."""
 
 __all__ = [
     "IMPLS",
@@ -34,31 +33,6 @@ __all__ = [
     "resolve_impl",
     "row_logprobs",
 ]
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation ``impl`` stands for on ``device``; raises for an impossible pair."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "chunked"
-    if impl == "triton":
-        if not _triton_available():
-            raise ValueError("impl='triton' needs the triton package, which is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors, got {device.type}; on CPU set "
-                "TRITON_INTERPRET=1 before importing triton, or use impl='chunked'"
-            )
-    return impl
 
 
 def row_logprobs(
@@ -76,6 +50,9 @@ def row_logprobs(
         u: expert states, (N, n, r, d).
         weight: shared unembedding W_U, (V, d).
         targets: (N, n) token ids or ``ignore_index``.
+        ignore_index: the id of a missing target.
+        impl: ``auto``, ``reference``, ``chunked`` or ``triton``.
+        chunk_bytes: memory budget of one chunk for ``chunked``.
 
     Under an enabled autocast for u's device, u and W_U are first cast to the autocast dtype,
     as ``F.linear`` would be (float64 is left alone).
@@ -86,14 +63,9 @@ def row_logprobs(
     u, weight = autocast_operands(u, weight)
     check_mixture_args(u, weight, None, targets, ignore_index)
     targets = targets.to(torch.int64)  # narrow label dtypes would wrap ignore_index
-    impl = resolve_impl(impl, u.device)
-    if impl == "reference":
-        return row_logprobs_reference(u, weight, targets, ignore_index)
-    if impl == "chunked":
-        return row_logprobs_chunked(u, weight, targets, ignore_index, chunk_bytes)
-    from cpd_mtp.kernels import row_logprobs_triton
-
-    return row_logprobs_triton(u, weight, targets, ignore_index)
+    return row_logprobs_unchecked(
+        u, weight, targets, ignore_index=ignore_index, impl=impl, chunk_bytes=chunk_bytes
+    )
 
 
 def mixture_nll(
@@ -126,12 +98,7 @@ def mixture_nll(
     u, weight = autocast_operands(u, weight)
     check_mixture_args(u, weight, log_w, targets, ignore_index)
     targets = targets.to(torch.int64)  # narrow label dtypes would wrap ignore_index
-    impl = resolve_impl(impl, u.device)
-    if impl == "triton":
-        from cpd_mtp.kernels import mixture_nll_triton
-
-        return mixture_nll_triton(u, weight, log_w, targets, ignore_index)
-    lp = row_logprobs(
+    lp = row_logprobs_unchecked(
         u, weight, targets, ignore_index=ignore_index, impl=impl, chunk_bytes=chunk_bytes
     )
     nll, _ = mixture_logsumexp(lp, log_w)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file
 
 MARKER = "cpd_mtp_complete.json"
 LATEST = "latest"
@@ -92,43 +93,10 @@ def _check_tag_name(checkpoint_dir: Path, tag: str) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new file is durable only once its directory entry is.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with disk_full_is_an_error(path):
-            with tmp.open("w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves the old file and no temporary
-        raise
+    """``atomic_write_text`` with a full disk reported as a ``CheckpointError`` naming ``path``."""
+    with disk_full_is_an_error(path):
+        atomic_write_text(path, text)
 
 
 def _is_stale_tmp(path: Path) -> bool:
@@ -154,19 +122,20 @@ def seal(checkpoint_dir: Path, tag: str, step: int) -> None:
         raise CheckpointError(f"checkpoint {tag_dir} has no files to seal")
     with disk_full_is_an_error(tag_dir):
         for path in paths:
-            _fsync_file(path)
+            fsync_path(path)
+        # A new entry is durable only once its folder is: sub-folders before the tag folder.
         for folder in sorted({p.parent for p in paths}, reverse=True):
-            _fsync_dir(folder)  # DeepSpeed's own entries, sub-folders before the tag folder
+            fsync_path(folder)
     files = {
-        str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in paths
     }
     _atomic_write(tag_dir / MARKER, json.dumps({"step": step, "files": files}, indent=1))
     with disk_full_is_an_error(tag_dir):
-        _fsync_dir(tag_dir)  # the marker's rename
+        fsync_path(tag_dir)  # the marker's rename
     _atomic_write(checkpoint_dir / LATEST, tag)
     with disk_full_is_an_error(checkpoint_dir):
-        _fsync_dir(checkpoint_dir)  # the pointer's rename
+        fsync_path(checkpoint_dir)  # the pointer's rename
 
 
 def _read_record(tag_dir: Path) -> dict[str, Any]:
@@ -218,7 +187,7 @@ def verify(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
         path = tag_dir / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {tag_dir} is corrupt: {name} is missing")
-        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
             raise CheckpointError(
                 f"checkpoint {tag_dir} is corrupt: {name} does not match its record"
             )
@@ -290,8 +259,8 @@ def resolve_resume_tag(checkpoint_dir: Path) -> tuple[str | None, list[str]]:
         except CheckpointError as err:
             reasons.append(f"skipping {tag!r}: {err}")
             continue
-        return tag, [*reasons, f"resuming from {tag!r} in {checkpoint_dir}, the newest "
-                               "checkpoint that verifies"]  # fmt: skip
+        chosen = f"resuming from {tag!r} in {checkpoint_dir}, the newest checkpoint that verifies"
+        return tag, [*reasons, chosen]
     if reasons:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir} verifies: " + "; ".join(reasons))
     return None, []

@@ -1,4 +1,4 @@
-"""Training data: the embedded standard-library corpus, user corpora, splitting and packing.
+"""Training data: tokenizing, splitting and packing a corpus with ``datasets``.
 
 The one call most code needs is :func:`build_corpus`::
 
@@ -7,44 +7,37 @@ The one call most code needs is :func:`build_corpus`::
     corpus.train[0]             # LongTensor [block_size]; input_ids = labels (the model shifts)
     corpus.validation_files     # names of held-out documents
 
-The default source, ``"stdlib"``, is the Python standard library of the running interpreter
-(``.py`` files under ``sysconfig.get_paths()["stdlib"]``, ``site-packages`` excluded). A source
-can instead be a list of user paths: text files, globs, directories, JSONL, Parquet, or a
-directory written by ``datasets.Dataset.save_to_disk``.
-
-Each document is tokenized, followed by the eos token, and the documents of a split are
-concatenated and cut into ``block_size`` blocks (the tail that does not fill a block is dropped).
-Token streams are cached as ``.npy`` files keyed by the corpus fingerprint, the tokenizer
-fingerprint and the split, so later runs memory-map them; a cached stream that is unreadable or
-holds an id outside the vocabulary (a corrupted file) is rebuilt with a warning naming it.
+Documents come from :mod:`cpd_mtp.training.sources` as a ``datasets.Dataset`` of
+``{name, text}``. Each document is tokenized by a batched ``Dataset.map`` (the tokenizer's Rust
+batch encoder), followed by the eos token; the documents of a split are concatenated and cut
+into ``block_size`` blocks by a second map (the tail that does not fill a block is dropped).
+Both maps are cached as Arrow files under ``cache_root()/tokens``, named by a fingerprint of the
+corpus, the tokenizer, the split and the block size, and memory-mapped by later runs; a cached
+file that is unreadable or holds an id outside the vocabulary (a corrupted file) is rebuilt
+with a warning naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from torch.utils.data import Dataset, Sampler
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from cpd_mtp.training.sources import (
-    Document,
     PathLike,
     check_max_files,
-    discover_stdlib_files,
     load_documents,
-    stdlib_documents,
-    stdlib_root,
-    user_documents,
 )
 from cpd_mtp.training.tokenizer import (
     DEFAULT_VOCAB_SIZE,
@@ -54,28 +47,27 @@ from cpd_mtp.training.tokenizer import (
     stable_hash,
     tokenizer_fingerprint,
 )
+from cpd_mtp.utils.extras import require
+
+datasets = require("datasets", "cpd_mtp.training.data")
 
 __all__ = [
     "Corpus",
     "DataConfig",
-    "Document",
-    "EpochSampler",
     "PackedDataset",
     "build_corpus",
-    "cached_array",
-    "discover_stdlib_files",
     "epoch_permutation",
     "held_out_prompts",
-    "load_documents",
+    "num_tokens",
+    "pack",
     "pack_blocks",
     "split_documents",
-    "stdlib_documents",
-    "stdlib_root",
     "token_dtype",
-    "tokenize_documents",
-    "user_documents",
+    "tokenize",
 ]
 
+# Bump when tokenizing or packing changes so stale cache files are not reused.
+TOKENS_RECIPE = "eos-after-each-document-v2"
 _DEF_LINE = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+\w+[ \t]*\(", re.MULTILINE)
 
 
@@ -94,7 +86,7 @@ class DataConfig:
         max_files: keep only the first ``max_files`` documents (sorted), for quick runs;
             None keeps all, anything below 1 is a ValueError.
         text_field: the text field of JSONL records, Parquet tables and HF datasets.
-        progress: show tqdm progress bars (only on a terminal).
+        progress: show progress bars (only on a terminal).
     """
 
     source: PathLike | Sequence[PathLike] = "stdlib"
@@ -140,7 +132,7 @@ def split_documents(names: Sequence[str], val_fraction: float) -> tuple[list[int
     return train, sorted(held)
 
 
-# ----------------------------------------------------------------------------- packing
+# ----------------------------------------------------------------------------- tokens
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -148,45 +140,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def tokenize_documents(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Iterable[str],
-    *,
-    batch_size: int = 256,
-    total: int | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Token ids of every text followed by eos, concatenated, as a 1-D uint16/uint32 array.
+def encode_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype) -> pa.Table:
+    """``input_ids`` of each row's ``text`` followed by eos, as an Arrow list column.
 
     Uses the tokenizer's Rust batch encoder when it has one; no other special tokens are added.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos token; packing needs one")
-    dtype = token_dtype(len(tokenizer))
+    texts = batch.column("text").to_pylist()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    pieces: list[np.ndarray] = []
-    bar = tqdm(total=total, desc="tokenizing", unit="doc", disable=None if progress else True)
-    for batch in _batched(texts, batch_size):
-        if backend is not None:
-            ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
-        else:
-            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        pieces.extend(np.asarray([*row, eos], dtype=dtype) for row in ids)
-        bar.update(len(batch))
-    bar.close()
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-
-
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    if backend is not None:
+        rows = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    else:
+        rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ends = np.cumsum([len(row) + 1 for row in rows], dtype=np.int64)
+    flat = np.full(int(ends[-1]) if len(rows) else 0, tokenizer.eos_token_id, dtype=dtype)
+    for row, end in zip(rows, ends, strict=True):
+        flat[end - 1 - len(row) : end - 1] = row
+    offsets = pa.array(np.concatenate([[0], ends]).astype(np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat))})
 
 
 def pack_blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
@@ -197,65 +167,165 @@ def pack_blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
     return tokens[: num_blocks * block_size].reshape(num_blocks, block_size)
 
 
-def _token_cache_problem(path: Path, vocab_size: int) -> str | None:
-    """Why the cached token stream at ``path`` cannot be used, or None when it is sound.
+def pack_batch(batch: pa.Table, block_size: int) -> pa.Table:
+    """The rows' ``input_ids`` concatenated and cut into [num_blocks, block_size] blocks."""
+    stream = pc.list_flatten(batch.column("input_ids")).combine_chunks()
+    blocks = pack_blocks(stream.to_numpy(zero_copy_only=False), block_size)
+    values = pa.array(blocks.reshape(-1), type=stream.type)
+    return pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(values, block_size)})
 
-    Checks that it loads as a 1-D array of the stream's dtype and that every id is below
-    ``vocab_size``; a max over the memory map reads the file once, far cheaper than tokenizing.
+
+def _token_problem(dataset: datasets.Dataset, vocab_size: int) -> str | None:
+    """Why a dataset of token ids cannot be used, or None when it is sound.
+
+    Checks the id type and that every id is below ``vocab_size``; a max over the memory map
+    reads the file once, far cheaper than tokenizing.
     """
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as error:
-        return f"it cannot be read ({error})"
-    if array.ndim != 1 or array.dtype != token_dtype(vocab_size):
-        return f"it holds a {array.dtype} array of shape {array.shape}, not a 1-D token stream"
-    if array.size and (largest := int(array.max())) >= vocab_size:
+    if dataset.column_names != ["input_ids"]:
+        return f"it holds the columns {dataset.column_names}, not input_ids"
+    column = dataset.data.column("input_ids")
+    expected = pa.from_numpy_dtype(token_dtype(vocab_size))
+    kind = column.type
+    if not pa.types.is_list(kind) and not pa.types.is_fixed_size_list(kind):
+        return f"it holds {kind}, not lists of token ids"
+    if kind.value_type != expected:
+        return f"it holds {kind.value_type} ids, not {expected}"
+    largest = pc.max(pc.list_flatten(column)).as_py()
+    if largest is not None and largest >= vocab_size:
         return f"it holds token id {largest}, outside the vocabulary of {vocab_size}"
     return None
 
 
-def cached_array(
-    path: Path, compute: Callable[[], np.ndarray], vocab_size: int | None = None
-) -> np.ndarray:
-    """Memory-map the ``.npy`` at ``path``, computing and writing it atomically on a miss.
+def cached_map(
+    dataset: datasets.Dataset,
+    function: Callable[[pa.Table], pa.Table],
+    cache_file: Path,
+    fingerprint: str,
+    vocab_size: int,
+    **map_kwargs: object,
+) -> datasets.Dataset:
+    """``dataset.map(function, batched=True)`` of Arrow batches into ``cache_file``, checked.
 
-    With ``vocab_size``, the file holds a token stream: a cached one that is unreadable, not a
-    1-D array of :func:`token_dtype`, or holds an id >= ``vocab_size`` (a corrupted file) is
-    rebuilt with a warning naming it; a freshly computed one that fails the check is an error.
+    The fingerprint is ours (corpus, tokenizer, split, block size), not one hashed from the
+    function: hashing a tokenizer by pickling it is slow and not stable between calls. A cached
+    file that cannot be read or fails :func:`_token_problem` is rebuilt with a warning naming
+    it; a freshly written one that fails is a ValueError naming it.
     """
-    if path.is_file() and vocab_size is not None:
-        problem = _token_cache_problem(path, vocab_size)
-        if problem is not None:
-            warnings.warn(f"token cache {path} is invalid: {problem}; rebuilding it", stacklevel=2)
-            path.unlink()
-    if not path.is_file():
-        array = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        cached = cache_file.is_file()
         try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, array)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        if vocab_size is not None and (problem := _token_cache_problem(path, vocab_size)):
-            raise ValueError(f"the token stream written to {path} is invalid: {problem}")
-    return np.load(path, mmap_mode="r")
+            out = dataset.with_format("arrow").map(
+                function,
+                batched=True,
+                cache_file_name=str(cache_file),
+                new_fingerprint=fingerprint,
+                load_from_cache_file=True,
+                remove_columns=dataset.column_names,
+                **map_kwargs,
+            )
+            problem = _token_problem(out, vocab_size)
+        except Exception as error:  # a torn or foreign file fails to load in many ways
+            if not cached:
+                raise
+            problem = f"it cannot be read ({type(error).__name__}: {error})"
+        if problem is None:
+            return out.with_format(None)
+        if not cached:
+            raise ValueError(f"the token cache written to {cache_file} is invalid: {problem}")
+        warnings.warn(
+            f"token cache {cache_file} is invalid: {problem}; rebuilding it", stacklevel=2
+        )
+        cache_file.unlink()
+    raise AssertionError("unreachable")
 
 
-class PackedDataset(Dataset[torch.Tensor]):
-    """Fixed-length blocks of a token stream; item i is a LongTensor of ``block_size`` ids."""
+def tokenize(
+    documents: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    cache_file: Path,
+    *,
+    fingerprint: str | None = None,
+    batch_size: int = 256,
+) -> datasets.Dataset:
+    """Per-document token ids: a Dataset with one column ``input_ids`` (uint16/uint32 lists).
 
-    def __init__(self, tokens: np.ndarray, block_size: int) -> None:
-        self.tokens = tokens
-        self.block_size = block_size
-        self.blocks = pack_blocks(tokens, block_size)
+    Row i is the ids of ``documents[i]["text"]`` followed by eos, cached in ``cache_file``.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; packing needs one")
+    vocab = len(tokenizer)
+    encode = functools.partial(encode_batch, tokenizer=tokenizer, dtype=token_dtype(vocab))
+    fingerprint = fingerprint or stable_hash(TOKENS_RECIPE, cache_file.name)
+    return cached_map(
+        documents, encode, cache_file, fingerprint, vocab, batch_size=batch_size, desc="tokenizing"
+    )
+
+
+def num_tokens(tokens: datasets.Dataset) -> int:
+    """Total length of the ``input_ids`` rows of ``tokens`` (selected rows only)."""
+    lengths = pc.list_value_length(tokens.with_format("arrow")["input_ids"])
+    return int(pc.sum(lengths).as_py() or 0)
+
+
+def pack(
+    tokens: datasets.Dataset,
+    block_size: int,
+    vocab_size: int,
+    cache_file: Path,
+    *,
+    fingerprint: str | None = None,
+) -> datasets.Dataset:
+    """The rows of ``tokens`` concatenated and cut into blocks, cached in ``cache_file``.
+
+    One column ``input_ids`` of fixed-size lists [num_blocks, block_size]; the tail short of a
+    block is dropped. Written as one Arrow record batch, so :class:`PackedDataset` views it
+    without a copy.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    num_blocks = num_tokens(tokens) // block_size
+    fingerprint = fingerprint or stable_hash(TOKENS_RECIPE, cache_file.name)
+    return cached_map(
+        tokens,
+        functools.partial(pack_batch, block_size=block_size),
+        cache_file,
+        fingerprint,
+        vocab_size,
+        batch_size=None,
+        writer_batch_size=max(1, num_blocks),
+        desc="packing",
+    )
+
+
+class PackedDataset(torch.utils.data.Dataset[torch.Tensor]):
+    """Fixed-length blocks; item i is a LongTensor of ``block_size`` ids.
+
+    Args:
+        blocks: [num_blocks, block_size] token ids (a memory-mapped view of the cache).
+        num_tokens: tokens of the split before packing, including the dropped tail.
+    """
+
+    def __init__(self, blocks: np.ndarray, num_tokens: int | None = None) -> None:
+        self.blocks = blocks
+        self.block_size = blocks.shape[1]
+        self.num_tokens = blocks.size if num_tokens is None else num_tokens
+
+    @classmethod
+    def from_dataset(cls, packed: datasets.Dataset, num_tokens: int | None = None) -> PackedDataset:
+        """View the ``input_ids`` column of :func:`pack`'s output as a [N, block_size] array."""
+        column = packed.data.column("input_ids")
+        block_size = column.type.list_size
+        chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks]
+        flat = chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else None
+        if flat is None:
+            flat = np.zeros(0, token_dtype(2 ** (8 * column.type.value_type.byte_width)))
+        return cls(flat.reshape(-1, block_size), num_tokens)
 
     @property
-    def num_tokens(self) -> int:
-        """Tokens in the underlying stream, including the dropped tail."""
-        return len(self.tokens)
+    def tokens(self) -> np.ndarray:
+        """The packed ids as one stream [num_blocks * block_size] (the tail is not kept)."""
+        return self.blocks.reshape(-1)
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
@@ -273,24 +343,6 @@ def epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_blocks)
 
 
-class EpochSampler(Sampler[int]):
-    """Sampler over :func:`epoch_permutation`, skipping the first ``start`` indices (resume)."""
-
-    def __init__(self, num_blocks: int, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
-        self.num_blocks, self.seed, self.epoch, self.start = num_blocks, seed, epoch, start
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Move to ``epoch``, beginning at position ``start`` of its order."""
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self) -> Iterator[int]:
-        order = epoch_permutation(self.num_blocks, self.seed, self.epoch)[self.start :]
-        return iter(order.tolist())
-
-    def __len__(self) -> int:
-        return max(0, self.num_blocks - self.start)
-
-
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -305,22 +357,24 @@ def _prefix_tokens(tokenizer: PreTrainedTokenizerBase, text: str, num_tokens: in
 
 
 def held_out_prompts(
-    documents: Sequence[Document],
+    documents: Iterable[Mapping[str, str]],
     tokenizer: PreTrainedTokenizerBase,
     n: int = 4,
     prompt_tokens: int = 48,
 ) -> list[str]:
     """Up to ``n`` demo prompts from held-out documents, deterministically.
 
-    Documents are visited in stable-hash order of their names; each gives at most one prompt:
-    the first ``prompt_tokens`` tokens starting at its first function definition that has some
-    body left after the prompt (or at the document start when it has no ``def``).
+    ``documents`` are rows with ``name`` and ``text`` (a documents ``datasets.Dataset`` or a
+    list of dicts). They are visited in stable-hash order of their names; each gives at most
+    one prompt: the first ``prompt_tokens`` tokens starting at its first function definition
+    that has some body left after the prompt (or at the document start when it has no ``def``).
     """
     prompts: list[str] = []
-    for doc in sorted(documents, key=lambda d: (_unit_hash(d.name), d.name)):
+    rows = sorted(documents, key=lambda d: (_unit_hash(d["name"]), d["name"]))
+    for doc in rows:
         if len(prompts) == n:
             break
-        text = doc.text()
+        text = doc["text"]
         starts = [m.start() for m in _DEF_LINE.finditer(text)] or [0]
         window = prompt_tokens * 16
         for start in starts:
@@ -342,8 +396,8 @@ class Corpus:
     tokenizer: PreTrainedTokenizerBase
     train: PackedDataset
     validation: PackedDataset
-    train_documents: list[Document] = field(repr=False)
-    validation_documents: list[Document] = field(repr=False)
+    train_documents: datasets.Dataset = field(repr=False)
+    validation_documents: datasets.Dataset = field(repr=False)
     fingerprint: str = ""
 
     @property
@@ -354,33 +408,32 @@ class Corpus:
     @property
     def train_files(self) -> list[str]:
         """Names of the training documents."""
-        return [d.name for d in self.train_documents]
+        return list(self.train_documents["name"])
 
     @property
     def validation_files(self) -> list[str]:
         """Names of the held-out documents."""
-        return [d.name for d in self.validation_documents]
+        return list(self.validation_documents["name"])
 
     def held_out_prompts(self, n: int = 4, prompt_tokens: int = 48) -> list[str]:
         """Demo prompts from validation documents; see :func:`held_out_prompts`."""
         return held_out_prompts(self.validation_documents, self.tokenizer, n, prompt_tokens)
 
 
-def _split_tokens(
-    docs: list[Document],
-    split: str,
-    tokenizer: PreTrainedTokenizerBase,
-    key_parts: tuple[str, ...],
-    config: DataConfig,
-) -> np.ndarray:
-    key = stable_hash(*key_parts, split, [d.name for d in docs])
-    path = cache_root(config.cache_dir) / "tokens" / f"{split}-{key}.npy"
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """``datasets``' progress bars on or off for the block, restored afterwards."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
-    def compute() -> np.ndarray:
-        texts = (d.text() for d in docs)
-        return tokenize_documents(tokenizer, texts, total=len(docs), progress=config.progress)
 
-    return cached_array(path, compute, vocab_size=len(tokenizer))
+def _texts(documents: datasets.Dataset) -> Iterator[str]:
+    for batch in documents.select_columns(["text"]).iter(batch_size=256):
+        yield from batch["text"]
 
 
 def build_corpus(config: DataConfig | None = None) -> Corpus:
@@ -390,29 +443,48 @@ def build_corpus(config: DataConfig | None = None) -> Corpus:
     too small to fill one block.
     """
     config = config or DataConfig()
-    docs, fingerprint = load_documents(config.source, config.text_field, config.max_files)
-    if config.tokenizer is not None:
-        tokenizer = load_tokenizer(config.tokenizer)
-    else:
-        tokenizer = load_or_train_tokenizer(
-            lambda: (d.text() for d in docs),
-            fingerprint,
-            config.vocab_size,
-            cache_dir=config.cache_dir,
-            length=len(docs),
-            verbose=config.progress,
+    with _progress_bars(config.progress):
+        docs, fingerprint = load_documents(
+            config.source, config.text_field, config.max_files, config.cache_dir
         )
-    train_idx, val_idx = split_documents([d.name for d in docs], config.val_fraction)
-    train_docs, val_docs = [docs[i] for i in train_idx], [docs[i] for i in val_idx]
-    key_parts = (fingerprint, tokenizer_fingerprint(tokenizer))
-    train_tokens = _split_tokens(train_docs, "train", tokenizer, key_parts, config)
-    val_tokens = _split_tokens(val_docs, "validation", tokenizer, key_parts, config)
-    train = PackedDataset(train_tokens, config.block_size)
-    validation = PackedDataset(val_tokens, config.block_size)
-    for name, data in (("train", train), ("validation", validation)):
-        if len(data) == 0:
-            raise ValueError(
-                f"the {name} split has {data.num_tokens} tokens, fewer than block_size="
-                f"{config.block_size}; use more data, a smaller block_size or a larger val_fraction"
+        if config.tokenizer is not None:
+            tokenizer = load_tokenizer(config.tokenizer)
+        else:
+            tokenizer = load_or_train_tokenizer(
+                lambda: _texts(docs),
+                fingerprint,
+                config.vocab_size,
+                cache_dir=config.cache_dir,
+                length=len(docs),
+                verbose=config.progress,
             )
-    return Corpus(config, tokenizer, train, validation, train_docs, val_docs, fingerprint)
+        names = list(docs["name"])
+        train_idx, val_idx = split_documents(names, config.val_fraction)
+        cache = cache_root(config.cache_dir) / "tokens"
+        key = stable_hash(TOKENS_RECIPE, fingerprint, tokenizer_fingerprint(tokenizer))
+        tokens = tokenize(docs, tokenizer, cache / f"documents-{key}.arrow", fingerprint=key)
+        splits = {}
+        for split, index in (("train", train_idx), ("validation", val_idx)):
+            part = tokens.select(index)
+            total = num_tokens(part)
+            split_key = stable_hash(key, split, [names[i] for i in index], config.block_size)
+            name = f"{split}-{split_key}-block{config.block_size}.arrow"
+            packed = pack(
+                part, config.block_size, len(tokenizer), cache / name, fingerprint=split_key
+            )
+            splits[split] = PackedDataset.from_dataset(packed, total)
+            if len(splits[split]) == 0:
+                raise ValueError(
+                    f"the {split} split has {total} tokens, fewer than block_size="
+                    f"{config.block_size}; use more data, a smaller block_size or a larger "
+                    "val_fraction"
+                )
+    return Corpus(
+        config,
+        tokenizer,
+        splits["train"],
+        splits["validation"],
+        docs.select(train_idx),
+        docs.select(val_idx),
+        fingerprint,
+    )

@@ -3,8 +3,10 @@
 A source is ``"stdlib"`` (the ``.py`` files of the running interpreter's standard library,
 ``site-packages`` excluded) or user paths: plain-text files, globs, directories, JSONL and Parquet
 files (a configurable text field), and directories written by ``datasets``' ``save_to_disk``.
-Every loader returns the documents, sorted for determinism, and a fingerprint of the corpus
-computed from file names, sizes and modification times (fast, no content hashing).
+Every loader returns a ``datasets.Dataset`` with the columns ``name`` and ``text``, one row per
+document in a deterministic order, and a fingerprint of the corpus computed from file names,
+sizes and modification times (fast, no content hashing). Loaded files are cached as Arrow
+tables under the cpd_mtp cache directory, so a second run reads no text.
 """
 
 from __future__ import annotations
@@ -14,40 +16,27 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cpd_mtp.training.tokenizer import stable_hash
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cpd_mtp.training.tokenizer import cache_root, stable_hash
+from cpd_mtp.utils.extras import require
+
+datasets = require("datasets", "cpd_mtp.training")
 
 PathLike = str | os.PathLike[str]
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+DOCUMENT_FEATURES = datasets.Features(
+    {"name": datasets.Value("string"), "text": datasets.Value("string")}
+)
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document: a file read on demand (``path``) or an in-memory record (``content``)."""
-
-    name: str
-    path: Path | None = None
-    content: str | None = None
-
-    def text(self) -> str:
-        """The document's text; files are read as UTF-8 with undecodable bytes replaced."""
-        if self.content is not None:
-            return self.content
-        assert self.path is not None
-        return self.path.read_text(encoding="utf-8", errors="replace")
-
-    def is_empty(self) -> bool:
-        """Whether the document has no text at all."""
-        if self.content is not None:
-            return not self.content
-        assert self.path is not None
-        return self.path.stat().st_size == 0
+_STRING_TYPES = ("string", "large_string", "null")
 
 
 def stdlib_root() -> Path:
@@ -80,14 +69,42 @@ def check_max_files(max_files: int | None) -> None:
         )
 
 
-def stdlib_documents(max_files: int | None = None) -> tuple[list[Document], str]:
-    """The embedded corpus as documents named by stdlib-relative path, plus its fingerprint."""
+def _read_files(paths: list[str], names: list[str], stamps: list[object]) -> Iterator[dict]:
+    """Rows of :func:`files_dataset`; ``stamps`` only enters the cache key (file changes)."""
+    for path, name in zip(paths, names, strict=True):
+        yield {"name": name, "text": Path(path).read_text(encoding="utf-8", errors="replace")}
+
+
+def files_dataset(
+    paths: Sequence[Path], names: Sequence[str], cache_dir: PathLike | None = None
+) -> datasets.Dataset:
+    """One document per file (read as UTF-8, undecodable bytes replaced), in the given order.
+
+    Cached by ``datasets`` under ``cache_root(cache_dir)/datasets``, keyed by the files' names,
+    sizes and modification times, so an unchanged set of files is not read again.
+    """
+    stamps = [_stat_key(p, n) for p, n in zip(paths, names, strict=True)]
+    return datasets.Dataset.from_generator(
+        _read_files,
+        features=DOCUMENT_FEATURES,
+        cache_dir=str(cache_root(cache_dir) / "datasets"),
+        gen_kwargs={"paths": [str(p) for p in paths], "names": list(names), "stamps": stamps},
+    )
+
+
+def stdlib_documents(
+    max_files: int | None = None, cache_dir: PathLike | None = None
+) -> tuple[datasets.Dataset, str]:
+    """The embedded corpus, documents named by stdlib-relative path, plus its fingerprint.
+
+    Empty files (``__init__.py``) are kept: each is one eos token in the stream.
+    """
     check_max_files(max_files)
     root = stdlib_root()
     paths = discover_stdlib_files(root)[:max_files]
-    docs = [Document(p.relative_to(root).as_posix(), path=p) for p in paths]
-    keys = [_stat_key(d.path, d.name) for d in docs if d.path is not None]
-    return docs, stable_hash("stdlib", keys)
+    names = [p.relative_to(root).as_posix() for p in paths]
+    keys = [_stat_key(p, n) for p, n in zip(paths, names, strict=True)]
+    return files_dataset(paths, names, cache_dir), stable_hash("stdlib", keys)
 
 
 def _is_hf_dataset_dir(path: Path) -> bool:
@@ -120,18 +137,22 @@ def _expand_entry(entry: PathLike) -> list[tuple[Path, bool]]:
     return [(p, True) for p in found]
 
 
-def _text_or_none(value: object, where: str, text_field: str) -> str | None:
-    """A record's text: a string, or None for a missing value; anything else is an error
+def _check_text(value: object, where: str, text_field: str) -> None:
+    """A record's text must be a string or missing (None); anything else is an error
     (``str()`` would silently train on ``"42"`` or ``"{'a': 1}"``)."""
-    if value is None or isinstance(value, str):
-        return value
-    raise ValueError(
-        f"{where}: field {text_field!r} is a {type(value).__name__}, not a string: {value!r:.80}"
-    )
+    if value is not None and not isinstance(value, str):
+        raise ValueError(
+            f"{where}: field {text_field!r} is a {type(value).__name__}, not a string: "
+            f"{value!r:.80}"
+        )
 
 
-def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
-    docs = []
+def _locate_jsonl_problem(path: Path, text_field: str) -> None:
+    """Raise a ValueError naming the file and line of the first bad record, if there is one.
+
+    ``datasets``' JSON loader reports neither, so this runs only when loading failed or the
+    loaded column looks wrong (a missing field reads as null, a mixed one as JSON).
+    """
     with path.open(encoding="utf-8", errors="replace") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
@@ -142,29 +163,66 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({error})") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise ValueError(f"{path}:{line_no}: record has no text field {text_field!r}")
-            text = _text_or_none(record[text_field], f"{path}:{line_no}", text_field)
-            if text is not None:
-                docs.append(Document(f"{path}#{line_no}", content=text))
-    return docs
+            _check_text(record[text_field], f"{path}:{line_no}", text_field)
 
 
-def _parquet_documents(path: Path, text_field: str) -> list[Document]:
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(path)
-    if text_field not in schema.names:
-        raise ValueError(f"{path}: Parquet file has no column {text_field!r} ({schema.names})")
-    column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-    texts = [_text_or_none(t, f"{path}: row {i}", text_field) for i, t in enumerate(column)]
-    return [Document(f"{path}#{i}", content=t) for i, t in enumerate(texts) if t is not None]
+def _is_string_column(dataset: datasets.Dataset, text_field: str) -> bool:
+    feature = dataset.features[text_field]
+    return isinstance(feature, datasets.Value) and feature.dtype in _STRING_TYPES
 
 
-def _hf_dataset_documents(path: Path, text_field: str) -> list[Document]:
-    import datasets
+def _named_documents(
+    dataset: datasets.Dataset, text_field: str, prefix: str, where: str, first: int = 0
+) -> datasets.Dataset:
+    """``dataset``'s text column as documents named ``{prefix}{row + first}``.
 
+    A non-string column is a ValueError naming ``where`` and the first offending row. The
+    result wraps the loaded (memory-mapped) column without a copy, and is in-memory to
+    ``datasets``, so nothing is ever written next to the user's files; missing (null) texts
+    are dropped later, with the empty ones.
+    """
+    if not _is_string_column(dataset, text_field):
+        column = dataset.data.column(text_field)
+        row = pc.index(pc.is_valid(column), True).as_py()
+        if row >= 0:
+            _check_text(dataset[row][text_field], f"{where} {row}", text_field)
+        raise ValueError(f"{where}s: field {text_field!r} is {dataset.features[text_field]}")
+    text = dataset.data.column(text_field).cast(pa.string())
+    names = pa.array([f"{prefix}{i + first}" for i in range(len(dataset))], pa.string())
+    table = datasets.table.InMemoryTable(pa.table({"name": names, "text": text}))
+    # Only names it for datasets' bookkeeping: our maps pass their own fingerprints.
+    return datasets.Dataset(table, fingerprint=stable_hash("documents", prefix, len(dataset)))
+
+
+def _jsonl_documents(path: Path, text_field: str, cache: str) -> datasets.Dataset:
+    """Records named ``{path}#{record number}`` (1-based; the line number without blank lines)."""
+    try:
+        loaded = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache)
+    except Exception:
+        _locate_jsonl_problem(path, text_field)
+        if path.read_text(encoding="utf-8", errors="replace").strip():
+            raise
+        return _empty_documents()  # blank lines only: no records
+    if text_field not in loaded.column_names or not _is_string_column(loaded, text_field):
+        _locate_jsonl_problem(path, text_field)
+    elif loaded.data.column(text_field).null_count:
+        _locate_jsonl_problem(path, text_field)  # a null is fine, a missing field is not
+    return _named_documents(loaded, text_field, f"{path}#", f"{path}: record", first=1)
+
+
+def _parquet_documents(path: Path, text_field: str, cache: str) -> datasets.Dataset:
+    loaded = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache)
+    if text_field not in loaded.column_names:
+        raise ValueError(
+            f"{path}: Parquet file has no column {text_field!r} ({loaded.column_names})"
+        )
+    return _named_documents(loaded, text_field, f"{path}#", f"{path}: row")
+
+
+def _hf_dataset_documents(path: Path, text_field: str) -> datasets.Dataset:
     loaded = datasets.load_from_disk(str(path))
     splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
-    docs = []
+    parts = []
     for split, dataset in sorted(splits, key=lambda item: item[0]):
         if text_field not in dataset.column_names:
             raise ValueError(
@@ -172,26 +230,12 @@ def _hf_dataset_documents(path: Path, text_field: str) -> list[Document]:
             )
         prefix = f"{path}#{split}/" if split else f"{path}#"
         where = f"{path}: split {split!r}, row" if split else f"{path}: row"
-        texts = [
-            _text_or_none(t, f"{where} {i}", text_field) for i, t in enumerate(dataset[text_field])
-        ]
-        docs.extend(
-            Document(f"{prefix}{i}", content=t) for i, t in enumerate(texts) if t is not None
-        )
-    return docs
+        parts.append(_named_documents(dataset, text_field, prefix, where))
+    return datasets.concatenate_datasets(parts)
 
 
-def _documents_from_path(path: Path, walked: bool, text_field: str) -> list[Document]:
-    if path.is_dir():
-        return _hf_dataset_documents(path, text_field)
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        return _jsonl_documents(path, text_field)
-    if suffix in PARQUET_SUFFIXES:
-        return _parquet_documents(path, text_field)
-    if walked and _looks_binary(path):
-        return []
-    return [Document(path.as_posix(), path=path)]
+def _empty_documents() -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"name": [], "text": []}, features=DOCUMENT_FEATURES)
 
 
 def _files_under(path: Path) -> list[Path]:
@@ -199,29 +243,56 @@ def _files_under(path: Path) -> list[Path]:
 
 
 def user_documents(
-    sources: Sequence[PathLike], text_field: str = "text", max_files: int | None = None
-) -> tuple[list[Document], str]:
+    sources: Sequence[PathLike],
+    text_field: str = "text",
+    max_files: int | None = None,
+    cache_dir: PathLike | None = None,
+) -> tuple[datasets.Dataset, str]:
     """Documents from user paths (files, globs, directories, JSONL, Parquet, HF dataset dirs).
 
-    Plain-text files are one document each; JSONL lines, Parquet rows and dataset rows are one
-    document each. Empty documents are dropped, and so are binary files matched by a glob or
-    met while walking a directory. A malformed JSONL line, a non-string text field or
-    ``max_files`` below 1 is a ValueError naming the file (and line or row). The fingerprint
-    covers every underlying file's path, size and modification time.
+    Plain-text files are one document each; JSONL records, Parquet rows and dataset rows are one
+    document each, in file order. Missing (null) texts and empty documents are dropped, and so
+    are binary files matched by a glob or met while walking a directory. A malformed JSONL line,
+    a non-string text field or ``max_files`` below 1 is a ValueError naming the file (and line
+    or row). The fingerprint covers every underlying file's path, size and modification time.
     """
     check_max_files(max_files)
-    docs: list[Document] = []
+    cache = str(cache_root(cache_dir) / "datasets")
+    parts: list[datasets.Dataset] = []
+    texts: list[Path] = []  # consecutive plain-text files, loaded together
+
+    def flush() -> None:
+        if texts:
+            parts.append(files_dataset(texts, [p.as_posix() for p in texts], cache_dir))
+            texts.clear()
+
     keys: list[tuple[str, int, int]] = []
     for entry in sources:
         for path, walked in _expand_entry(entry):
-            docs.extend(_documents_from_path(path, walked, text_field))
             keys.extend(_stat_key(f, f.as_posix()) for f in _files_under(path))
+            suffix = path.suffix.lower()
+            if path.is_dir() or suffix in JSONL_SUFFIXES + PARQUET_SUFFIXES:
+                flush()
+                if path.is_dir():
+                    parts.append(_hf_dataset_documents(path, text_field))
+                elif suffix in JSONL_SUFFIXES:
+                    parts.append(_jsonl_documents(path, text_field, cache))
+                else:
+                    parts.append(_parquet_documents(path, text_field, cache))
+            elif not (walked and _looks_binary(path)):
+                texts.append(path)
+    flush()
     named = [os.fspath(s) for s in sources]
-    if not docs:
+    docs = datasets.concatenate_datasets(parts) if parts else _empty_documents()
+    texts = docs.data.column("text")
+    if len(texts) == texts.null_count:
         raise ValueError(f"the data source {named} holds no documents")
-    docs = [d for d in docs if not d.is_empty()][:max_files]
-    if not docs:
+    nonempty = pc.fill_null(pc.greater(pc.binary_length(texts), 0), False)
+    keep = pc.indices_nonzero(nonempty).to_numpy().astype(np.int64)[:max_files]
+    if len(keep) == 0:
         raise ValueError(f"the data source {named} is empty: its documents hold no text")
+    if len(keep) < len(docs):
+        docs = docs.select(keep)
     return docs, stable_hash("user", keys, text_field, max_files)
 
 
@@ -229,11 +300,15 @@ def load_documents(
     source: PathLike | Sequence[PathLike] = "stdlib",
     text_field: str = "text",
     max_files: int | None = None,
-) -> tuple[list[Document], str]:
-    """The documents of ``source`` (``"stdlib"`` or user paths) and the corpus fingerprint."""
+    cache_dir: PathLike | None = None,
+) -> tuple[datasets.Dataset, str]:
+    """The documents of ``source`` (``"stdlib"`` or user paths) and the corpus fingerprint.
+
+    Returns a ``datasets.Dataset`` with string columns ``name`` and ``text``.
+    """
     if isinstance(source, str | os.PathLike) and os.fspath(source) == "stdlib":
-        return stdlib_documents(max_files)
+        return stdlib_documents(max_files, cache_dir)
     sources = [source] if isinstance(source, str | os.PathLike) else list(source)
     if not sources:
         raise ValueError("the data source is an empty list")
-    return user_documents(sources, text_field, max_files)
+    return user_documents(sources, text_field, max_files, cache_dir)

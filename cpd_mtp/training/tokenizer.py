@@ -3,23 +3,22 @@
 The tokenizer is trained with the `tokenizers` library and handed out as a
 `transformers.PreTrainedTokenizerFast`, so it works with everything in the Hugging Face stack.
 Trained tokenizers are cached under :func:`cache_root` keyed by the corpus fingerprint and the
-vocabulary size; every cache entry is written to a temporary path first and moved into place
-with `os.replace`, so a killed process never leaves a half-written entry behind.
+vocabulary size; every entry is written with :func:`cpd_mtp.utils.files.atomic_directory`, so a
+killed process never leaves a half-written entry behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from cpd_mtp.utils.files import atomic_directory
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -50,27 +49,6 @@ def stable_hash(*parts: object, length: int = 16) -> str:
         digest.update(repr(part).encode("utf-8"))
         digest.update(b"\x00")
     return digest.hexdigest()[:length]
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory that is renamed to ``target`` when the block succeeds.
-
-    The rename is atomic, so ``target`` is either absent or complete. If ``target`` already
-    exists when the block finishes (another process won a race), the temporary directory is
-    discarded and the existing entry is kept.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_bpe_tokenizer(

@@ -4,14 +4,14 @@
     torchrun --nproc_per_node 2 -m cpd_mtp.training.trainer --preset tiny run.zero_stage=3  # CPU, gloo
     deepspeed --num_gpus 8 -m cpd_mtp.training.trainer --preset small                      # GPUs
 
-Every run goes through a DeepSpeed engine (ZeRO stage 0-3 from ``cpd_mtp/training/presets/deepspeed/``) with
-AdamW, warmup + cosine LR, gradient accumulation and clipping. The data order is a pure
-function of (seed, step), so ``run.resume=true`` continues a killed run exactly.
+Every run goes through a DeepSpeed engine (ZeRO stage 0-3 from the package's
+``presets/deepspeed/``) with AdamW, warmup + cosine LR, gradient accumulation and clipping.
+The data order is a pure function of (seed, step), so ``run.resume=true`` continues a killed
+run exactly.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import functools
 import json
@@ -32,7 +32,15 @@ from tqdm import tqdm
 
 from cpd_mtp.head import shift_targets
 from cpd_mtp.training import checkpoint
-from cpd_mtp.training.config import CONFIG_DIR, TrainConfig, config_to_dict, load_train_config
+from cpd_mtp.training.config import (
+    CONFIG_DIR,
+    TrainConfig,
+    config_to_dict,
+    data_config,
+    head_config,
+    load_train_config,
+)
+from cpd_mtp.utils.files import atomic_write_text
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -81,8 +89,10 @@ def check_config(cfg: TrainConfig, on_gpu: bool) -> None:
             raise ValueError(f"run.{name} must be >= 1, got {getattr(run, name)}")
     if run.resume and run.overwrite:
         raise ValueError("run.resume and run.overwrite exclude each other; pick one")
-    # Labels follow the HF convention (the head shifts): offset s has a target only at positions
-    # t < block_size - s, so offset 1 needs block_size >= 2 and the last head block_size > n.
+    # The head's own checks (rank, expert type, ...), before any data or model is built.
+    head_config(cfg.head, cfg.trunk.hidden_size, cfg.trunk.vocab_size or cfg.data.vocab_size)
+    # Labels are aligned with input_ids, the model shifts (see the label convention in the
+    # docs): offset s has a target only at t < block_size - s, so block_size must exceed n.
     block, n_future = cfg.data.block_size, cfg.head.n_future
     if block < 2:
         raise ValueError(f"data.block_size must be >= 2 (offset 1 needs a target), got {block}")
@@ -139,24 +149,13 @@ def existing_run(out_dir: Path) -> list[str]:
     return found
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` in one step: a kill or a failed write leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def json_line(record: dict[str, Any]) -> str:
     """One ``metrics.jsonl`` line. NaN and inf are not JSON: a non-finite value becomes null."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-             for k, v in record.items()}  # fmt: skip
+    clean = {key: _finite_or_none(value) for key, value in record.items()}
     return json.dumps(clean, allow_nan=False) + "\n"
 
 
@@ -200,18 +199,36 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     return ds
 
 
+def trunk_config(cfg: TrainConfig, vocab_size: int):
+    """The ``LlamaConfig`` of the ``trunk`` section, for a vocabulary of ``vocab_size``."""
+    from transformers import LlamaConfig
+
+    t = cfg.trunk
+    if t.hidden_size % t.num_heads:
+        raise ValueError(
+            f"trunk.hidden_size={t.hidden_size} must be divisible by trunk.num_heads={t.num_heads}"
+        )
+    # Default MLP width: 4 d, rounded up to a multiple of 8.
+    intermediate = t.intermediate_size or -(-4 * t.hidden_size // 8) * 8
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=intermediate,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads or t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
+
+
 def build_model(cfg: TrainConfig, vocab_size: int):
     """A Llama-shaped trunk from the preset (or a local model) with a CP head on top."""
     from transformers import AutoModelForCausalLM
 
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
-    t, h = cfg.trunk, cfg.head
-    head_kwargs = dict(
-        expert_type=h.expert_type, expert_inner_size=h.expert_inner_size,
-        expert_init_noise=h.expert_init_noise, balance=h.balance, balance_coef=h.balance_coef,
-        router_z_coef=h.router_z_coef, loss_impl=h.loss_impl,
-    )  # fmt: skip
+    t = cfg.trunk
     if t.init_from:
         base = load_causal_lm(t.init_from)
     else:
@@ -220,22 +237,16 @@ def build_model(cfg: TrainConfig, vocab_size: int):
                 f"trunk.vocab_size={t.vocab_size} does not match the tokenizer's {vocab_size} "
                 "tokens; drop trunk.vocab_size or use a matching tokenizer"
             )
-        config = tiny_llama_config(
-            vocab_size=vocab_size, hidden_size=t.hidden_size, num_layers=t.num_layers,
-            num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-            intermediate_size=t.intermediate_size,
-            max_position_embeddings=t.max_position_embeddings,
-            tie_word_embeddings=t.tie_word_embeddings,
-        )  # fmt: skip
-        base = AutoModelForCausalLM.from_config(config)
+        base = AutoModelForCausalLM.from_config(trunk_config(cfg, vocab_size))
     if base.config.vocab_size != vocab_size:
         raise ValueError(
             f"the model has vocab_size={base.config.vocab_size} but the tokenizer has "
             f"{vocab_size} tokens; they must match"
         )
-    return CPDMTPForCausalLM.from_causal_lm(
-        base, n_future=h.n_future, rank=h.rank, freeze_trunk=t.freeze_trunk, **head_kwargs
-    )
+    head = head_config(cfg.head, int(base.config.hidden_size), vocab_size).to_dict()
+    for name in ("hidden_size", "vocab_size"):  # from_causal_lm takes them from the model
+        head.pop(name)
+    return CPDMTPForCausalLM.from_causal_lm(base, freeze_trunk=t.freeze_trunk, **head)
 
 
 def load_causal_lm(path: str):
@@ -270,9 +281,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 # ---------------------------------------------------------------------- data order
 def micro_batch_indices(
-    step: int, micro: int, rank: int, world: int, micro_batch_size: int, accum: int,
-    num_blocks: int, seed: int,
-) -> np.ndarray:  # fmt: skip
+    step: int,
+    micro: int,
+    rank: int,
+    world: int,
+    micro_batch_size: int,
+    accum: int,
+    num_blocks: int,
+    seed: int,
+) -> np.ndarray:
     """Block ids of micro-batch ``micro`` of optimizer step ``step`` on ``rank``.
 
     Step k's global batch is positions [k·G, (k+1)·G), G = world·accum·micro_batch_size, of the
@@ -342,20 +359,14 @@ class Trainer:
             self._lock = None
 
     def _start(self) -> None:
-        from cpd_mtp.training.data import DataConfig, build_corpus
+        from cpd_mtp.training.data import build_corpus
 
         cfg, on_gpu = self.cfg, torch.cuda.is_available()
-        d = cfg.data
-        data_config = DataConfig(
-            source=d.source, vocab_size=d.vocab_size, tokenizer=d.tokenizer,
-            block_size=d.block_size, val_fraction=d.val_fraction, cache_dir=d.cache_dir,
-            max_files=d.max_files, text_field=d.text_field,
-            progress=cfg.run.progress and self.rank == 0,
-        )  # fmt: skip
+        data = data_config(cfg.data, progress=cfg.run.progress and self.rank == 0)
         # Rank 0 builds the caches first; the others then read them.
         if self.rank != 0:
             torch.distributed.barrier()
-        self.corpus = build_corpus(data_config)
+        self.corpus = build_corpus(data)
         if self.rank == 0:
             torch.distributed.barrier()
         if len(self.corpus.train) == 0:
@@ -390,8 +401,16 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _batch(self, step: int, micro: int, dataset) -> torch.Tensor:
         run = self.cfg.run
-        idx = micro_batch_indices(step, micro, self.rank, self.world, run.micro_batch_size,
-                                  run.grad_accum, len(dataset), run.seed)  # fmt: skip
+        idx = micro_batch_indices(
+            step,
+            micro,
+            self.rank,
+            self.world,
+            run.micro_batch_size,
+            run.grad_accum,
+            len(dataset),
+            run.seed,
+        )
         return torch.stack([dataset[int(i)] for i in idx]).to(self.device)
 
     def _init_wandb(self):
@@ -403,8 +422,13 @@ class Trainer:
             return None
         import wandb
 
-        return wandb.init(project=run.wandb_project, mode=mode, dir=str(self.out_dir),
-                          config=config_to_dict(self.cfg), resume="allow")  # fmt: skip
+        return wandb.init(
+            project=run.wandb_project,
+            mode=mode,
+            dir=str(self.out_dir),
+            config=config_to_dict(self.cfg),
+            resume="allow",
+        )
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -441,8 +465,10 @@ class Trainer:
                     step = json.loads(line)["step"]
                 except (json.JSONDecodeError, TypeError, KeyError):
                     # A kill or a full disk mid-write leaves a torn last line: drop it, say so.
-                    warnings.warn(f"{self.metrics_path}:{number}: dropping an unreadable record "
-                                  f"{line[:80]!r}", stacklevel=2)  # fmt: skip
+                    where = f"{self.metrics_path}:{number}"
+                    warnings.warn(
+                        f"{where}: dropping an unreadable record {line[:80]!r}", stacklevel=2
+                    )
                     continue
                 if step <= self.step:
                     kept.append(line)
@@ -467,7 +493,7 @@ class Trainer:
 
         A metric with no data (no position or no target) is None, never NaN or 0.
         """
-        run, n_future = self.cfg.run, self.cfg.head.n_future
+        run, n_future, ignore = self.cfg.run, self.cfg.head.n_future, self.cfg.head.ignore_index
         dataset = self.corpus.validation
         per_rank = run.micro_batch_size
         batches = min(run.eval_batches, max(1, len(dataset) // (per_rank * self.world)))
@@ -478,11 +504,15 @@ class Trainer:
             idx = [i % len(dataset) for i in range(start, start + per_rank)]
             ids = torch.stack([dataset[i] for i in idx]).to(self.device)
             out = self.engine(input_ids=ids, labels=ids, return_logits=False).cp_output
-            counts = (shift_targets(ids, n_future, -100) != -100).sum(dim=(0, 1)).cpu().numpy()
-            pos = float(out.num_positions)
-            sums[:5] += [float(out.joint_nll) * pos, pos, float(out.joint_nll_per_target) *
-                         float(out.num_targets), float(out.num_targets),
-                         float(out.gate_entropy) * pos]  # fmt: skip
+            counts = (shift_targets(ids, n_future, ignore) != ignore).sum(dim=(0, 1)).cpu().numpy()
+            pos, targets = float(out.num_positions), float(out.num_targets)
+            sums[:5] += [
+                float(out.joint_nll) * pos,
+                pos,
+                float(out.joint_nll_per_target) * targets,
+                targets,
+                float(out.gate_entropy) * pos,
+            ]
             sums[5 : 5 + n_future] += out.per_head_nll.cpu().numpy() * counts
             sums[5 + n_future : 5 + 2 * n_future] += counts
             sums[5 + 2 * n_future :] += out.expert_weight.cpu().numpy() * pos
@@ -508,8 +538,14 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> dict[str, float | None]:
         """Run to ``run.steps`` (or ``stop_after`` steps, to simulate preemption)."""
         run = self.cfg.run
-        bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step",
-                   disable=self.rank != 0 or not run.progress, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=run.steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=self.rank != 0 or not run.progress,
+            dynamic_ncols=True,
+        )
         start, tokens = time.perf_counter(), 0
         tokens_per_step = (
             run.micro_batch_size * run.grad_accum * self.world * self.cfg.data.block_size
@@ -525,8 +561,9 @@ class Trainer:
                 self.engine.backward(out.loss)
                 self.engine.step()
                 cp = out.cp_output
-                sums += [out.loss.item(), cp.joint_nll.item(), cp.per_head_nll[0].item(),
-                         cp.aux_loss.item()]  # fmt: skip
+                sums += [
+                    x.item() for x in (out.loss, cp.joint_nll, cp.per_head_nll[0], cp.aux_loss)
+                ]
             self.step += 1
             steps_done += 1
             tokens += tokens_per_step
@@ -536,17 +573,24 @@ class Trainer:
             elapsed = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
-            record = {"step": self.step, "loss": loss, "joint_nll": joint,
-                      "next_token_nll": next_nll, "aux_loss": aux,
-                      "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
-                      "step_time_s": time.perf_counter() - step_start}  # fmt: skip
+            record = {
+                "step": self.step,
+                "loss": loss,
+                "joint_nll": joint,
+                "next_token_nll": next_nll,
+                "aux_loss": aux,
+                "lr": self.engine.get_lr()[0],
+                "tokens_per_s": tokens / elapsed,
+                "step_time_s": time.perf_counter() - step_start,
+            }
             if self.step % run.eval_every == 0 or self.step == run.steps:
                 last_eval = self.evaluate()
                 record.update(last_eval)
                 if self.rank == 0:
                     joint, nxt = (last_eval[k] for k in ("val/joint_nll", "val/next_token_nll"))
-                    bar.write(f"step {self.step}: val joint {_nats(joint)} "
-                              f"next-token {_nats(nxt)} nats")  # fmt: skip
+                    bar.write(
+                        f"step {self.step}: val joint {_nats(joint)} next-token {_nats(nxt)} nats"
+                    )
             self._log(record)
             if self.step % run.save_every == 0 or self.step == run.steps:
                 self.save()
@@ -577,8 +621,8 @@ class Trainer:
         with gather:
             if self.rank == 0:
                 run_config = json.dumps(config_to_dict(self.cfg), indent=1)
-                save_export(module, self.corpus.tokenizer, path,
-                            extra_files={"train_config.json": run_config})  # fmt: skip
+                extra = {"train_config.json": run_config}
+                save_export(module, self.corpus.tokenizer, path, extra_files=extra)
         torch.distributed.barrier()
 
 
@@ -591,19 +635,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, float | 
     return Trainer(cfg).train(stop_after=stop_after)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a CP-MTP model with DeepSpeed.")
-    parser.add_argument("--preset", default="demo", help="configs/<preset>.yaml or a YAML path")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run already in run.out_dir")  # fmt: skip
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=100")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
-    overrides += ["run.overwrite=true"] if args.overwrite else []
+def run_command(preset: str, overrides: list[str]) -> None:
+    """``cpd-mtp train``: a bad config or a taken out_dir is a one-line ``error:`` exit."""
     try:
-        cfg = load_train_config(args.preset, overrides)
+        cfg = load_train_config(preset, overrides)
         check_config(cfg, torch.cuda.is_available())  # before any heavy work
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
@@ -613,6 +648,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     if int(os.environ.get("RANK", 0)) == 0 and metrics:
         print(json.dumps(metrics, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cpd_mtp.training.trainer ...`` is ``cpd-mtp train ...`` (what launchers run)."""
+    from cpd_mtp.cli import main as cli_main
+
+    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -15,15 +15,27 @@ def fake_run(name, seed, joint, tpf, rank, n_future=4):
     heads = {f"head{s}_nll": joint + s for s in range(1, n_future + 1)}
     acceptance = [0.5] * (n_future - 1)
     decode = {"tokens_per_forward": tpf, "acceptance": acceptance, "speedup": 1.5}
-    return {"name": name, "seed": seed, "step_time_s": 0.2 * (1 + seed),
-            "val": {"joint_nll_per_target": joint, "next_token_nll": joint - 0.1,
-                    "gate_entropy": 0.5, **weights, **heads},
-            "decode": {"greedy": decode, "sample": decode}}  # fmt: skip
+    return {
+        "name": name,
+        "seed": seed,
+        "step_time_s": 0.2 * (1 + seed),
+        "val": {
+            "joint_nll_per_target": joint,
+            "next_token_nll": joint - 0.1,
+            "gate_entropy": 0.5,
+            **weights,
+            **heads,
+        },
+        "decode": {"greedy": decode, "sample": decode},
+    }
 
 
 def test_aggregate_mean_and_spread_by_hand():
-    runs = [fake_run("ntp", 0, 3.0, 1.0, 1, 1), fake_run("n4_r4", 0, 2.0, 2.0, 4),
-            fake_run("n4_r4", 1, 2.5, 3.0, 4)]  # fmt: skip
+    runs = [
+        fake_run("ntp", 0, 3.0, 1.0, 1, 1),
+        fake_run("n4_r4", 0, 2.0, 2.0, 4),
+        fake_run("n4_r4", 1, 2.5, 3.0, 4),
+    ]
     rows = {r["name"]: r for r in rank_study.aggregate(runs)}
     row = rows["n4_r4"]
     assert row["seeds"] == 2
@@ -46,8 +58,9 @@ def test_finetune_runs_reuse_the_frozen_trunk_of_ntp(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
-    payload = rank_study.run_study("tiny", tmp_path, tmp_path / "runs", seeds=1, only=["n4_r2"],
-                                   log=lambda *_: None)  # fmt: skip
+    payload = rank_study.run_study(
+        "tiny", tmp_path, tmp_path / "runs", seeds=1, only=["n4_r2"], log=lambda *_: None
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["device"] and saved["versions"]["torch"] and saved["size"] == "tiny"
     assert [r["name"] for r in saved["summary"]] == ["ntp", "n4_r2"]
@@ -78,8 +91,18 @@ def test_bad_seed_counts_are_usage_errors_and_keep_published_results(
     published.write_text('{"published": true}\n')
     monkeypatch.setattr(rank_study, "train_one", _no_training)
     with pytest.raises(SystemExit) as exit_info:
-        rank_study.main(["--size", "tiny", "--seeds", seeds, "--out", str(out),
-                         "--runs", str(tmp_path / "runs")])  # fmt: skip
+        rank_study.main(
+            [
+                "--size",
+                "tiny",
+                "--seeds",
+                seeds,
+                "--out",
+                str(out),
+                "--runs",
+                str(tmp_path / "runs"),
+            ]
+        )
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "--seeds" in errors[0]

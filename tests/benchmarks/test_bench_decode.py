@@ -15,9 +15,21 @@ import bench_decode
 def test_quick_benchmark_writes_json_and_plot(tmp_path):
     out = tmp_path / "decode.json"
     bench_decode.main(
-        ["--quick", "--repeats", "2", "--max-new-tokens", "6", "--num-prompts", "3",
-         "--batch-sizes", "1", "2", "--out", str(out)]
-    )  # fmt: skip
+        [
+            "--quick",
+            "--repeats",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--num-prompts",
+            "3",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     payload = json.loads(out.read_text())
     assert (
         payload["device"] and payload["versions"]["torch"] and payload["versions"]["transformers"]
@@ -83,9 +95,16 @@ def test_quick_run_does_not_write_to_docs(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "flag", ["--num-prompts", "--prompt-tokens", "--max-new-tokens", "--batch-sizes",
-             "--repeats", "--threads"],
-)  # fmt: skip
+    "flag",
+    [
+        "--num-prompts",
+        "--prompt-tokens",
+        "--max-new-tokens",
+        "--batch-sizes",
+        "--repeats",
+        "--threads",
+    ],
+)
 @pytest.mark.parametrize("count", ["0", "-1"])
 def test_bad_counts_are_usage_errors(tmp_path, monkeypatch, capsys, flag, count):
     monkeypatch.setattr(bench_decode, "load_inputs", lambda args: pytest.fail("ran"))

@@ -51,8 +51,11 @@ def test_quick_and_custom_runs_do_not_write_to_docs(monkeypatch):
     written = []
 
     def fake_worker(script, case):
-        return {**case, "time_s": {"p20": 1.0, "p50": 1.0, "p80": 1.0, "n": 1},
-                "peak_extra_bytes": 1}  # fmt: skip
+        return {
+            **case,
+            "time_s": {"p20": 1.0, "p50": 1.0, "p80": 1.0, "n": 1},
+            "peak_extra_bytes": 1,
+        }
 
     def capture(path, payload):
         written.append(Path(path).resolve())
@@ -83,15 +86,20 @@ def test_bad_repeats_is_a_usage_error(tmp_path, capsys, count):
     assert not out.exists()
 
 
-def test_portable_path_is_relative_to_the_repository(tmp_path, monkeypatch):
+def test_portable_path_is_relative_to_the_current_directory(tmp_path, monkeypatch):
     root = harness.ROOT
+    monkeypatch.chdir(root)  # where the Makefile runs the benchmarks
     assert harness.portable_path(root / "docs" / "benchmarks" / "loss.json") == (
         "docs/benchmarks/loss.json"
     )
-    monkeypatch.chdir(root)
     assert harness.portable_path(Path("runs/demo/final")) == "runs/demo/final"
     assert harness.portable_path(tmp_path / "demo3" / "final") == "demo3/final"
     assert harness.portable_path(None) is None
+    monkeypatch.chdir(tmp_path)
+    assert harness.portable_path(tmp_path / "demo3" / "final") == "demo3/final"
+    assert harness.portable_path(root / "docs" / "benchmarks" / "loss.json") == (
+        "benchmarks/loss.json"
+    )
 
 
 def _strings(node):

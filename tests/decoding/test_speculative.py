@@ -1,115 +1,46 @@
-"""Self-speculative decoding against independent references.
+"""Self-speculative decoding (``cpd_mtp.decoding.speculative``) against independent references.
 
 - Greedy: token-for-token equality with ``transformers`` ``model.generate(do_sample=False)`` on
   the same ``CPDMTPForCausalLM`` (which decodes the marginal one token per forward).
 - Sampling: the empirical distribution of continuations against the exact autoregressive
   distribution of the warped marginal, enumerated with full (cache-free) forwards and the
   ``transformers`` logits warpers.
-- Drafts: the q_j the decoder uses against conditionals of the brute-force enumerated CP joint
-  sum_a w_a prod_s p_{s,a}, at hidden states recomputed by a cache-free forward.
+- Statistics, streaming, argument checks, low precision and sliding-window trunks.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import math
 
 import pytest
 import torch
+from conftest import build_tiny_llama_config as tiny_llama_config
+from decoding_builders import (
+    enumerate_joint,
+    hf_greedy,
+    hf_warp,
+    left_padded,
+    periodic,
+    prompt_tokens,
+    random_head_model,
+    trained_model,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from cpd_mtp.decoding.sampling import verify, warp_log_probs
-from cpd_mtp.decoding.speculative import (
-    CPDrafter,
+from cpd_mtp.decoding import (
     UniformDrafter,
     autoregressive_generate,
     generate,
+    warp_log_probs,
 )
-from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
+from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
-VOCAB = 16
-PAD = 0
+VOCAB, PAD = 16, 0  # the vocabulary and pad id of the conftest models
 GREEDY_SHAPES = [(2, 1), (3, 2), (4, 3)]  # (n_future, rank)
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def _periodic(batch: int, length: int, g: torch.Generator) -> torch.Tensor:
-    """(batch, length) sequences repeating a random motif of period 2..5 (tokens 1..V-1)."""
-    period = torch.randint(2, 6, (batch,), generator=g)
-    motif = torch.randint(1, VOCAB, (batch, 5), generator=g)
-    return motif.gather(1, torch.arange(length)[None] % period[:, None])
-
-
-@functools.cache
-def trained_model(n_future: int, rank: int) -> CPDMTPForCausalLM:
-    """A tiny Llama + CP head trained briefly on periodic sequences: drafts are often right,
-    sometimes wrong, so both branches of verification run."""
-    torch.manual_seed(1000 * n_future + rank)
-    config = tiny_llama_config(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4)
-    model = CPDMTPForCausalLM.from_causal_lm(
-        AutoModelForCausalLM.from_config(config), n_future=n_future, rank=rank,
-        loss_impl="reference", expert_init_noise=0.1,
-    )  # fmt: skip
-    g = torch.Generator().manual_seed(n_future)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(60):
-        x = _periodic(16, 24, g)
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def random_head_model(vocab: int, n_future: int, rank: int, seed: int) -> CPDMTPForCausalLM:
-    """A tiny untrained model whose head is randomised strongly enough that the marginal is
-    peaked and the conditionals differ from it (so rejections are frequent)."""
-    torch.manual_seed(seed)
-    config = tiny_llama_config(vocab_size=vocab, hidden_size=16, num_layers=2, num_heads=2)
-    model = CPDMTPForCausalLM.from_causal_lm(
-        AutoModelForCausalLM.from_config(config), n_future=n_future, rank=rank
-    )
-    with torch.no_grad():
-        model.head.weight.normal_(0.0, 0.5)
-        for name, param in model.head.named_parameters():
-            if name != "weight":
-                param.normal_(0.0, 0.3)
-    # No EOS: the enumerated references cover every continuation of the full length.
-    model.generation_config.eos_token_id = None
-    return model.eval()
-
-
-def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad 1-D prompts: (B, T) ids and attention mask."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = p
-        mask[i, width - len(p) :] = 1
-    return ids, mask
-
-
-def hf_greedy(model, ids, mask, max_new_tokens, eos=None):
-    return model.generate(
-        ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=PAD, eos_token_id=eos,
-    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -122,7 +53,7 @@ def test_greedy_matches_hf_generate(n_future, rank):
     proposed = accepted = 0
     for batch, max_new in [(1, 1), (1, 9), (1, 23), (3, 6), (3, 19)]:
         lengths = torch.randint(2, 9, (batch,), generator=g).tolist()
-        prompts = [_periodic(1, n, g)[0] for n in lengths]
+        prompts = [periodic(1, n, g)[0] for n in lengths]
         if batch > 1:  # one row with a random (non-periodic) prompt: more rejections
             prompts[1] = torch.randint(1, VOCAB, (lengths[1],), generator=g)
         ids, mask = left_padded(prompts)
@@ -135,26 +66,23 @@ def test_greedy_matches_hf_generate(n_future, rank):
     assert 0 < accepted < proposed
 
 
-@functools.cache
-def _prompt_tokens(seed: int, length: int) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.sampled_from(GREEDY_SHAPES),
     lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3),
-    periodic=st.booleans(),
+    use_periodic=st.booleans(),
     seed=st.integers(0, 10_000),
     max_new=st.integers(1, 14),
     draft_fraction=st.floats(0.0, 1.0),
 )
-def test_greedy_property_random_prompts(shape, lengths, periodic, seed, max_new, draft_fraction):
+def test_greedy_property_random_prompts(
+    shape, lengths, use_periodic, seed, max_new, draft_fraction
+):
     """Greedy equality holds for any prompts, batch, padding, length and number of drafts."""
     model = trained_model(*shape)
     g = torch.Generator().manual_seed(seed)
     prompts = [
-        _periodic(1, n, g)[0] if periodic else _prompt_tokens(seed + i, n)
+        periodic(1, n, g)[0] if use_periodic else prompt_tokens(seed + i, n)
         for i, n in enumerate(lengths)
     ]
     ids, mask = left_padded(prompts)
@@ -166,7 +94,7 @@ def test_greedy_property_random_prompts(shape, lengths, periodic, seed, max_new,
 def test_greedy_eos_stops_each_row_like_hf():
     model = trained_model(3, 2)
     g = torch.Generator().manual_seed(3)
-    prompts = [_periodic(1, n, g)[0] for n in (5, 3, 7)]
+    prompts = [periodic(1, n, g)[0] for n in (5, 3, 7)]
     ids, mask = left_padded(prompts)
     free = generate(model, ids, 16, attention_mask=mask).sequences[:, ids.shape[1] :]
     # An EOS that the first row emits a few tokens in, so rows stop at different times.
@@ -189,7 +117,7 @@ def test_greedy_eos_stops_each_row_like_hf():
 
 def test_uniform_drafter_greedy_still_exact():
     model = trained_model(3, 2)
-    ids, mask = left_padded([_prompt_tokens(1, 4), _prompt_tokens(2, 6)])
+    ids, mask = left_padded([prompt_tokens(1, 4), prompt_tokens(2, 6)])
     out = generate(model, ids, 12, attention_mask=mask, drafter=UniformDrafter(VOCAB, 4))
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 12))
     assert out.draft_positions == 4
@@ -201,7 +129,7 @@ def test_uniform_drafter_greedy_still_exact():
 def test_statistics_and_stream():
     model = trained_model(4, 3)
     g = torch.Generator().manual_seed(11)
-    ids = _periodic(1, 6, g)
+    ids = periodic(1, 6, g)
     calls = {"trunk": 0}
     original = model.trunk_hidden
 
@@ -241,24 +169,19 @@ def test_statistics_and_stream():
 
 def test_batch_statistics_count_rows():
     model = trained_model(3, 2)
-    ids, mask = left_padded([_prompt_tokens(5, 3), _prompt_tokens(6, 8), _prompt_tokens(7, 5)])
+    ids, mask = left_padded([prompt_tokens(5, 3), prompt_tokens(6, 8), prompt_tokens(7, 5)])
     out = generate(model, ids, 10, attention_mask=mask)
     assert out.new_tokens_per_row == [10, 10, 10]
     assert max(out.row_forwards) == out.forwards
     assert out.tokens_per_forward == pytest.approx(30 / sum(out.row_forwards))
 
 
-def test_autoregressive_baseline_matches_and_counts():
-    model = trained_model(2, 1)
-    ids, mask = left_padded([_prompt_tokens(8, 4), _prompt_tokens(9, 2)])
-    ar = autoregressive_generate(model, ids, 7, attention_mask=mask)
-    assert torch.equal(ar.sequences, hf_greedy(model, ids, mask, 7))
-    assert ar.forwards == 7 and ar.new_tokens == 14 and ar.tokens_per_forward == 1.0
+# ----------------------------------------------------------------------------- arguments
 
 
 def test_invalid_arguments():
     model = trained_model(2, 1)
-    ids = _prompt_tokens(1, 3)[None]
+    ids = prompt_tokens(1, 3)[None]
     with pytest.raises(ValueError, match="draft_positions"):
         generate(model, ids, 3, draft_positions=2)
     with pytest.raises(ValueError, match="left padding"):
@@ -294,7 +217,7 @@ def test_nonsense_arguments_are_value_errors_naming_them(kwargs, name):
     """Each argument that makes no sense is refused, in both decoders, before any decoding."""
     model = trained_model(2, 1)
     kwargs = dict(kwargs)
-    ids = _prompt_tokens(1, 3)[None].clone()
+    ids = prompt_tokens(1, 3)[None].clone()
     if "input_ids" in kwargs:
         ids[0, 1] = kwargs.pop("input_ids")
     max_new = kwargs.pop("max_new_tokens", 3)
@@ -309,20 +232,11 @@ def test_nonsense_arguments_are_value_errors_naming_them(kwargs, name):
             warp_log_probs(torch.zeros(2, 5), **warping)
 
 
-def test_warping_accepts_the_boundaries():
-    """top_p = 1, top_k = 0 and ints where floats are expected are valid, warped as in HF."""
-    log_probs = torch.log_softmax(torch.randn(3, 7, generator=torch.Generator().manual_seed(1)), -1)
-    for kwargs in ({"top_p": 1.0}, {"top_p": 1}, {"top_k": 0}, {"temperature": 2}):
-        ref = hf_warp(log_probs, float(kwargs.get("temperature", 1.0)), kwargs.get("top_k"),
-                      kwargs.get("top_p"))  # fmt: skip
-        torch.testing.assert_close(warp_log_probs(log_probs, **kwargs), ref)
-
-
 def test_generate_defaults_to_the_model_eos_like_hf():
     """No eos_token_id / pad_token_id: the model's generation_config decides, as in HF."""
     model = copy.deepcopy(trained_model(3, 2))
     g = torch.Generator().manual_seed(3)
-    ids, mask = left_padded([_periodic(1, n, g)[0] for n in (5, 3, 7)])
+    ids, mask = left_padded([periodic(1, n, g)[0] for n in (5, 3, 7)])
     free = generate(model, ids, 16, attention_mask=mask).sequences[:, ids.shape[1] :]
     eos = int(free[0, 0])  # the first row stops at once; the others run on
     assert not bool((free[1:] == eos).any())
@@ -339,45 +253,6 @@ def test_generate_defaults_to_the_model_eos_like_hf():
     assert torch.equal(explicit.sequences[:, ids.shape[1] :], free)
 
 
-# ----------------------------------------------------------------------------- warping
-
-
-def hf_warp(log_probs: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
-    """The transformers logits warpers, in generate's order, renormalised."""
-    scores = log_probs.clone()
-    if temperature != 1.0:
-        scores = TemperatureLogitsWarper(temperature)(None, scores)
-    if top_k:
-        scores = TopKLogitsWarper(top_k)(None, scores)
-    if top_p is not None and top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    return torch.log_softmax(scores, dim=-1)
-
-
-@pytest.mark.parametrize(
-    ("temperature", "top_k", "top_p"),
-    [(1.0, None, None), (0.7, 3, None), (1.3, None, 0.8), (0.5, 5, 0.6), (2.0, 1, 0.3)],
-)
-def test_warp_matches_transformers_warpers(temperature, top_k, top_p):
-    log_probs = torch.log_softmax(
-        torch.randn(64, 11, generator=torch.Generator().manual_seed(0)) * 2, -1
-    )
-    ours = warp_log_probs(log_probs, temperature, top_k, top_p)
-    ref = hf_warp(log_probs, temperature, top_k, top_p)
-    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
-    finite = torch.isfinite(ref)
-    torch.testing.assert_close(ours[finite], ref[finite])
-
-
-def test_verify_greedy_first_argmax_on_ties():
-    # Ties: torch.argmax returns the first maximum; the draft of the second tied token fails.
-    target = torch.log_softmax(torch.tensor([[[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]]]), -1)
-    accepted, nxt = verify(torch.tensor([[0]]), target, greedy=True)
-    assert accepted.tolist() == [1] and nxt.tolist() == [1]
-    accepted, nxt = verify(torch.tensor([[1]]), target, greedy=True)
-    assert accepted.tolist() == [0] and nxt.tolist() == [0]
-
-
 # ----------------------------------------------------------------------------- sampling
 
 SAMPLE_VOCAB = 4
@@ -385,7 +260,7 @@ SAMPLE_NEW = 4  # continuations of 4 tokens: 4**4 = 256 cells
 SAMPLES = 24_000
 
 
-@functools.cache
+@pytest.fixture(scope="module")
 def sampling_model() -> CPDMTPForCausalLM:
     return random_head_model(SAMPLE_VOCAB, n_future=3, rank=3, seed=5)
 
@@ -438,16 +313,25 @@ def chi_square_p_value(observed: dict, expected_probs: dict, total: int) -> floa
     unseen = sum(c for cell, c in observed.items() if expected_probs.get(cell, 0.0) == 0.0)
     if unseen:
         return 0.0  # a continuation the exact distribution gives probability 0
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))  # fmt: skip
+    return float(
+        torch.special.gammaincc(
+            torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)
+        )
+    )
 
 
 def sample_continuations(model, drafter=None, draft_positions=None, **warping):
     ids = SAMPLING_PROMPT.expand(SAMPLES, -1).contiguous()
     out = generate(
-        model, ids, SAMPLE_NEW, do_sample=True, generator=torch.Generator().manual_seed(123),
-        drafter=drafter, draft_positions=draft_positions, **warping,
-    )  # fmt: skip
+        model,
+        ids,
+        SAMPLE_NEW,
+        do_sample=True,
+        generator=torch.Generator().manual_seed(123),
+        drafter=drafter,
+        draft_positions=draft_positions,
+        **warping,
+    )
     counts: dict[tuple, int] = {}
     for row in out.sequences[:, ids.shape[1] :].tolist():
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
@@ -463,7 +347,7 @@ def sample_continuations(model, drafter=None, draft_positions=None, **warping):
         ({"temperature": 1.0}, "uniform"),
     ],
 )
-def test_sampling_matches_exact_autoregressive_distribution(warping, drafter):
+def test_sampling_matches_exact_autoregressive_distribution(warping, drafter, sampling_model):
     """Chi-square goodness of fit of 24,000 sampled 4-token continuations (256 cells).
 
     Power: the test rejects at p < 1e-3. For a distribution at total-variation distance delta
@@ -473,7 +357,7 @@ def test_sampling_matches_exact_autoregressive_distribution(warping, drafter):
     probability. ``test_sampling_test_has_power`` checks it on the alternative that matters
     (drafts without verification).
     """
-    model = sampling_model()
+    model = sampling_model
     chosen = UniformDrafter(SAMPLE_VOCAB, max_drafts=3) if drafter == "uniform" else None
     counts, out = sample_continuations(model, chosen, 3 if chosen else None, **warping)
     exact = exact_continuation_distribution(
@@ -495,9 +379,9 @@ def test_sampling_matches_exact_autoregressive_distribution(warping, drafter):
         assert out.acceptance_rate[0] < 0.9
 
 
-def test_sampling_test_has_power():
+def test_sampling_test_has_power(sampling_model):
     """The chi-square test rejects samples of the unverified CP joint (drafts kept as is)."""
-    model = sampling_model()
+    model = sampling_model
     counts, _ = sample_continuations(model)
     exact = exact_continuation_distribution(model, SAMPLING_PROMPT, 3, 1.0, None, None)
     first3: dict[tuple, int] = {}
@@ -513,77 +397,6 @@ def test_sampling_test_has_power():
     tv = 0.5 * sum(abs(naive[c] - exact[c]) for c in exact)
     assert tv > 0.05  # the alternative is far enough to be detectable
     assert chi_square_p_value(first3, naive, SAMPLES) < 1e-6
-
-
-# ----------------------------------------------------------------------------- drafts
-
-
-def enumerate_joint(log_w: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """log P(x_1..x_n) = log sum_a w_a prod_s p_{s,a}(x_s) by brute force: (V,)*n."""
-    n_future, rank, vocab = log_p.shape
-    out = torch.empty((vocab,) * n_future, dtype=torch.float64)
-    for cell in itertools.product(range(vocab), repeat=n_future):
-        terms = [
-            float(log_w[a]) + sum(float(log_p[s, a, cell[s]]) for s in range(n_future))
-            for a in range(rank)
-        ]
-        out[cell] = max(terms) + math.log(sum(math.exp(t - max(terms)) for t in terms))
-    return out
-
-
-class RecordingDrafter(CPDrafter):
-    def __init__(self, head):
-        super().__init__(head)
-        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def start(self, hidden, num_drafts, **kwargs):
-        state = super().start(hidden, num_drafts, **kwargs)
-        return (hidden.clone(), state)
-
-    def next(self, state, chosen):
-        hidden, inner = state
-        log_q = super().next(inner, chosen)
-        self.records.append((hidden, chosen.clone(), log_q.clone()))
-        return log_q
-
-
-@pytest.mark.parametrize("do_sample", [False, True])
-def test_draft_conditionals_equal_enumerated_joint(do_sample):
-    model = random_head_model(vocab=4, n_future=3, rank=3, seed=9)
-    prompt = torch.tensor([[2, 0, 3, 1, 1]])
-    drafter = RecordingDrafter(model.head)
-    out = generate(model, prompt, 9, do_sample=do_sample, drafter=drafter,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
-    seq = out.sequences
-    with torch.no_grad():  # cache-free hidden states of the final sequence
-        full_hidden, _ = model.trunk_hidden(seq)
-        log_w, log_p = model.head.draft_state(full_hidden[0])  # (T, r), (T, n, r, V)
-    assert len(drafter.records) >= 4
-    for anchor, chosen, log_q in drafter.records:
-        # The anchor is the hidden state of an accepted position t, and x_{t+1} = chosen[0].
-        dist = (full_hidden[0] - anchor[0]).abs().amax(-1)
-        t = int(dist.argmin())
-        assert float(dist[t]) < 1e-4
-        assert int(seq[0, t + 1]) == int(chosen[0, 0])
-        joint = enumerate_joint(log_w[t], log_p[t])  # over (x_{t+1}, .., x_{t+n})
-        fixed = joint[
-            tuple(chosen[0].tolist())
-        ]  # (V,)*(n-k) over the free offsets, k = chosen.shape[1]
-        conditional = torch.logsumexp(fixed.reshape(4, -1), dim=1) if fixed.dim() > 1 else fixed
-        conditional = conditional - torch.logsumexp(conditional, 0)
-        torch.testing.assert_close(log_q[0].double(), conditional, atol=1e-5, rtol=1e-5)
-
-
-def test_sample_never_draws_removed_tokens_and_matches_frequencies():
-    from cpd_mtp.decoding.sampling import sample
-
-    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
-    log_probs = probs.log().expand(20_000, -1)
-    draws = sample(log_probs, torch.Generator().manual_seed(0))
-    freq = torch.bincount(draws, minlength=6).double() / 20_000
-    assert freq[[0, 2, 5]].sum() == 0
-    # 5 sigma of a binomial proportion with n = 20000 is at most 0.018.
-    torch.testing.assert_close(freq, probs.double(), atol=0.018, rtol=0)
 
 
 # ----------------------------------------------------------------------------- precision
@@ -666,8 +479,14 @@ def test_greedy_exactness_contract_in_low_precision(dtype):
     for _ in range(30):
         length = int(torch.randint(2, 10, (1,), generator=g))
         ids = torch.randint(1, 256, (1, length), generator=g)
-        ref = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=PAD,
-                             output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        ref = model.generate(
+            ids,
+            max_new_tokens=20,
+            do_sample=False,
+            pad_token_id=PAD,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         out = generate(model, ids, 20)
         if torch.equal(out.sequences, ref.sequences):
             continue
@@ -689,26 +508,35 @@ def test_greedy_exactness_contract_in_low_precision(dtype):
 WINDOW = 16
 
 
-@functools.cache
-def sliding_model(arch: str) -> CPDMTPForCausalLM:
+def sliding_model(arch: str, periodic) -> CPDMTPForCausalLM:
     """A tiny Mistral / Qwen2 with ``sliding_window=16`` on every layer, trained briefly on
     periodic sequences longer than the window (drafts are accepted sometimes, not always)."""
     torch.manual_seed(0)
-    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW)  # fmt: skip
+    shape = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=WINDOW,
+    )
     if arch == "mistral":
         config = MistralConfig(**shape)
     else:
         config = Qwen2Config(use_sliding_window=True, max_window_layers=0, **shape)
     model = CPDMTPForCausalLM.from_causal_lm(
-        AutoModelForCausalLM.from_config(config), n_future=3, rank=2,
-        loss_impl="reference", expert_init_noise=0.1,
-    )  # fmt: skip
+        AutoModelForCausalLM.from_config(config),
+        n_future=3,
+        rank=2,
+        loss_impl="reference",
+        expert_init_noise=0.1,
+    )
     g = torch.Generator().manual_seed(1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(120):
-        x = _periodic(16, 24, g)
+        x = periodic(16, 24, g)
         loss = model(x, labels=x).loss
         opt.zero_grad()
         loss.backward()
@@ -723,12 +551,12 @@ def sliding_model(arch: str) -> CPDMTPForCausalLM:
 def test_sliding_window_greedy_matches_hf_past_the_window(arch):
     """Prompt + continuation longer than the window, at batch 1 and in left-padded batches of
     3 (rows accept different numbers of drafts), token for token against HF greedy."""
-    model = sliding_model(arch)
+    model = sliding_model(arch, periodic)
     assert model.config.text_config.sliding_window == WINDOW
     g = torch.Generator().manual_seed(0)
     proposed = accepted = 0
     for lengths in ([13], [10], [3], [10, 4, 13], [7, 12, 3], [2, 9, 5]):
-        prompts = [_periodic(1, n, g)[0] for n in lengths]
+        prompts = [periodic(1, n, g)[0] for n in lengths]
         if len(prompts) > 1:  # one row with a random prompt: other acceptance counts
             prompts[1] = torch.randint(1, VOCAB, (lengths[1],), generator=g)
         ids, mask = left_padded(prompts)

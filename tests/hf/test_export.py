@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
 
 from cpd_mtp.hf import export
 from cpd_mtp.hf.export import EXPORT_RECORD, ExportError, save_export
-from cpd_mtp.hf.modeling import CPDMTPForCausalLM, tiny_llama_config
+from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 from cpd_mtp.training.tokenizer import train_bpe_tokenizer
 
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -26,15 +26,26 @@ def tokenizer():
 
 def tiny_model(tokenizer, seed: int = 0) -> CPDMTPForCausalLM:
     torch.manual_seed(seed)
-    config = tiny_llama_config(vocab_size=len(tokenizer), hidden_size=16, num_layers=1,
-                               num_heads=2, max_position_embeddings=32)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     base = AutoModelForCausalLM.from_config(config)
     return CPDMTPForCausalLM.from_causal_lm(base, n_future=2, rank=2, expert_type="linear")
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_special_tokens_match(path: Path) -> None:
@@ -108,8 +119,12 @@ def test_a_malformed_record_is_an_export_error(tokenizer, tmp_path, edit):
 
 
 def test_the_record_lists_every_file_of_the_export(tokenizer, tmp_path):
-    path = save_export(tiny_model(tokenizer), tokenizer, tmp_path / "final",
-                       extra_files={"train_config.json": "{}"})  # fmt: skip
+    path = save_export(
+        tiny_model(tokenizer),
+        tokenizer,
+        tmp_path / "final",
+        extra_files={"train_config.json": "{}"},
+    )
     record = export.verify_export(path)
     on_disk = {name for name in snapshot(path) if name != EXPORT_RECORD}
     assert set(record["files"]) == on_disk
@@ -148,8 +163,9 @@ def fail_in_the_swap(monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["model", "tokenizer", "record", "swap"])
-def test_an_export_killed_midway_leaves_the_previous_one_intact(tokenizer, tmp_path, monkeypatch,
-                                                                where):  # fmt: skip
+def test_an_export_killed_midway_leaves_the_previous_one_intact(
+    tokenizer, tmp_path, monkeypatch, where
+):
     old_model = tiny_model(tokenizer, seed=0)
     target = save_export(old_model, tokenizer, tmp_path / "final")
     before = snapshot(target)
@@ -158,7 +174,7 @@ def test_an_export_killed_midway_leaves_the_previous_one_intact(tokenizer, tmp_p
     elif where == "tokenizer":
         fail_in_tokenizer_write(monkeypatch, tokenizer)
     elif where == "record":
-        monkeypatch.setattr(export, "_sha256", lambda path: 1 / 0)
+        monkeypatch.setattr(export, "sha256_file", lambda path: 1 / 0)
     else:
         fail_in_the_swap(monkeypatch)
     with pytest.raises((RuntimeError, OSError, ZeroDivisionError)):
@@ -173,8 +189,12 @@ def test_an_export_killed_midway_leaves_the_previous_one_intact(tokenizer, tmp_p
 
 def test_a_new_export_replaces_the_old_one_completely(tokenizer, tmp_path):
     target = tmp_path / "final"
-    save_export(tiny_model(tokenizer, seed=0), tokenizer, target,
-                extra_files={"stale.txt": "from the old export"})  # fmt: skip
+    save_export(
+        tiny_model(tokenizer, seed=0),
+        tokenizer,
+        target,
+        extra_files={"stale.txt": "from the old export"},
+    )
     new_model = tiny_model(tokenizer, seed=1)
     save_export(new_model, tokenizer, target)
     assert not (target / "stale.txt").exists()

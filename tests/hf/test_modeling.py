@@ -21,6 +21,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
+    LlamaConfig,
     MistralConfig,
     Qwen2Config,
 )
@@ -30,7 +31,6 @@ from cpd_mtp.hf.modeling import (
     CPDMTPCausalLMOutputWithPast,
     CPDMTPForCausalLM,
     CPDMTPModelConfig,
-    tiny_llama_config,
 )
 
 hf_logging.set_verbosity_error()
@@ -40,12 +40,23 @@ VOCAB = 96
 ARCHS = ["llama", "llama_tied", "gpt2"]
 
 
-def make_config(arch: str):
-    if arch == "llama":
-        return tiny_llama_config(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4)
-    if arch == "llama_tied":
-        return tiny_llama_config(
-            vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, tie_word_embeddings=True
+def make_config(
+    arch: str,
+    vocab_size: int = VOCAB,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+):
+    if arch in ("llama", "llama_tied"):  # full multi-head attention, MLP of 4 d
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=512,
+            tie_word_embeddings=arch == "llama_tied",
         )
     if arch == "gpt2":  # GPT-2 ties its embeddings by default
         return GPT2Config(
@@ -490,8 +501,8 @@ def _zero3_round_trip(out_dir: str, tied: bool) -> None:
     )
     assert is_deepspeed_zero3_enabled()
     torch.manual_seed(0)
-    config = tiny_llama_config(
-        vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, tie_word_embeddings=tied
+    config = make_config(
+        "llama_tied" if tied else "llama", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2
     )
     lm = AutoModelForCausalLM.from_config(config)
     assert lm.get_output_embeddings().weight.shape == (0,)  # really partitioned
@@ -553,18 +564,29 @@ def test_hf_zero3_convert_save_reload_train(tied: bool, tmp_path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".venv" / "torch_extensions"))
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_modeling; "
         f"test_modeling._zero3_round_trip({str(tmp_path)!r}, tied={tied})"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
         timeout=600,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 

@@ -20,12 +20,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from cpd_mtp import ops
-from cpd_mtp.kernels import (
-    config,
-    mixture_logsumexp_triton,
-    mixture_nll_triton,
-    row_logprobs_triton,
-)
+from cpd_mtp.kernels import config, row_logprobs_triton
 from cpd_mtp.kernels.lse_forward import _lse_forward_kernel
 from cpd_mtp.ops.mixture import mixture_logsumexp
 from cpd_mtp.ops.reference import row_logprobs_reference
@@ -74,6 +69,13 @@ def make_inputs(
     return (*leaves, targets.to(device))
 
 
+def mixture_nll_triton(u, weight, log_w, targets, ignore_index=IGNORE, **filtering):
+    """The fused loss as ``ops.mixture_nll(impl="triton")`` composes it: the row kernels, then
+    the torch mixture step; ``filtering`` is ``grad_filter`` / ``filter_eps``."""
+    lp = row_logprobs_triton(u, weight, targets, ignore_index, **filtering)
+    return mixture_logsumexp(lp, log_w)[0]
+
+
 def reference_nll(u, weight, log_w, targets):
     lp = row_logprobs_reference(u, weight, targets, IGNORE)
     return mixture_logsumexp(lp, log_w)[0]
@@ -104,26 +106,6 @@ def test_row_logprobs_values_and_grads(shape):
     assert bool((got[targets == IGNORE] == 0).all())
     for a, b in zip(grads(got, (u, weight), upstream), grads(want, (u, weight), upstream)):
         assert_close(a, b)
-
-
-@interp
-@FEW
-@given(shapes)
-def test_mixture_logsumexp_kernel(shape):
-    n_tokens, n_future, rank, *_ = shape
-    g = torch.Generator().manual_seed(shape[-1])
-    row_lp = (-5 * torch.rand(n_tokens, n_future, rank, generator=g)).requires_grad_()
-    log_w = torch.log_softmax(torch.randn(n_tokens, rank, generator=g), -1).requires_grad_()
-    upstream = torch.randn(n_tokens, generator=g)
-    nll, gamma = mixture_logsumexp_triton(row_lp, log_w)
-    ref_nll, ref_gamma = mixture_logsumexp(row_lp, log_w)
-    assert_close(nll, ref_nll, atol=1e-6, rtol=1e-6)
-    assert_close(gamma, ref_gamma, atol=1e-6, rtol=1e-6)
-    assert not gamma.requires_grad
-    for a, b in zip(
-        grads(nll, (row_lp, log_w), upstream), grads(ref_nll, (row_lp, log_w), upstream)
-    ):
-        assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 @interp
@@ -221,10 +203,12 @@ def test_bf16_inputs_in_interpreter_against_fp64():
 
 
 @interp
-def test_autocast_casts_u_and_weight_like_linear():
+def test_ops_autocast_casts_u_and_weight_like_linear_before_the_kernels(monkeypatch):
+    # The kernels trust their inputs: the cast is the ops dispatch's, applied before them.
+    monkeypatch.setenv("CPD_MTP_GRAD_FILTER", "0")
     u, weight, log_w, targets = make_inputs(3, 2, 2, 16, 40, seed=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = mixture_nll_triton(u, weight, log_w, targets, IGNORE, grad_filter=False)
+        got = ops.mixture_nll(u, weight, log_w, targets, impl="triton")
     ub, wb = (t.detach().bfloat16().double().requires_grad_() for t in (u, weight))
     lw64 = log_w.detach().double().requires_grad_()
     want = reference_nll(ub, wb, lw64, targets)
@@ -315,7 +299,6 @@ def test_default_filter_keeps_the_gradient_of_a_mean_loss_over_thousands_of_posi
             forward=config.BlockConfig(128, 32, 16),
             target_dot=config.BlockConfig(128, 1, 16),
             backward=config.BlockConfig(128, 32, 16),
-            mixture_block_t=128,
         ),
     )
     leaves = make_inputs(n_tokens, n_future, rank, dim, vocab, seed=21, dtype=dtype)
@@ -366,14 +349,26 @@ def test_filtering_is_on_by_default_and_env_eps_is_read(monkeypatch):
 # Dispatch, configs and errors.
 
 
-def test_auto_dispatches_to_chunked_on_cpu():
-    assert ops.resolve_impl("auto", torch.device("cpu")) == "chunked"
+def test_kernels_never_import_the_ops_layer():
+    # The dependency runs one way: cpd_mtp.ops validates, then calls the kernels.
+    import ast
+    from pathlib import Path
 
+    import cpd_mtp.kernels
 
-def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        ops.resolve_impl("triton", torch.device("cpu"))
+    for path in Path(cpd_mtp.kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("cpd_mtp") or name.startswith("cpd_mtp.kernels"), (
+                    path.name,
+                    name,
+                )
 
 
 @interp
@@ -390,7 +385,7 @@ def test_ops_dispatch_impl_triton_matches_reference():
 def test_float64_is_refused_with_a_pointer_to_chunked():
     u, weight, log_w, targets = make_inputs(2, 1, 1, 4, 8, seed=0, dtype=torch.float64)
     with pytest.raises(ValueError, match="chunked"):
-        mixture_nll_triton(u, weight, log_w, targets)
+        ops.mixture_nll(u, weight, log_w, targets, impl="triton")
 
 
 @interp

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,7 +149,7 @@ def test_auto_dispatches_to_chunked_on_cpu():
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="CUDA"):
+    with pytest.raises(ValueError, match=r"needs CUDA.*TRITON_INTERPRET"):
         ops.resolve_impl("triton", torch.device("cpu"))
 
 
@@ -271,3 +274,38 @@ def test_autocast_casts_u_and_weight_before_the_dtype_check(impl, u_dtype, w_dty
     assert gu.dtype == u_dtype and gw.dtype == w_dtype
     torch.testing.assert_close(gu, want_gu.to(u_dtype), rtol=0, atol=0)
     torch.testing.assert_close(gw, want_gw.to(w_dtype), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The label check on CUDA is asynchronous: no GPU->CPU sync on the training path.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.cuda
+def test_label_check_on_cuda_does_not_synchronise():
+    targets = torch.randint(0, 9, (64, 4), device="cuda")
+    targets[0, 0] = IGNORE
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call now raises
+    try:
+        ops.check_targets(targets, 9, IGNORE, "targets")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+@pytest.mark.cuda
+def test_bad_label_on_cuda_fails_at_the_next_sync_with_the_message():
+    # A failed device-side assert leaves the CUDA context unusable: run it in its own process.
+    code = (
+        "import torch\n"
+        "from cpd_mtp import ops\n"
+        "t = torch.full((3, 2), 9, device='cuda')\n"
+        "ops.check_targets(t, 9, -100, 'targets')\n"
+        "torch.cuda.synchronize()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "targets holds a value outside [0, 9)" in result.stderr, result.stderr[-2000:]

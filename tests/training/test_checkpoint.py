@@ -246,8 +246,10 @@ def test_stale_temporaries_and_older_incomplete_folders_are_cleaned(tmp_path):
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert not [name for name in left if ".tmp" in name], left
     assert sorted(p.name for p in tmp_path.glob("step*")) == [
-        "step00000002", "step00000004", "step00000006"
-    ]  # fmt: skip
+        "step00000002",
+        "step00000004",
+        "step00000006",
+    ]
     assert checkpoint.latest_tag(tmp_path) == tag
 
 
@@ -318,8 +320,19 @@ def train_tiny(out_dir: Path, *overrides: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "cpd_mtp.training.trainer", "--preset", "tiny", f"run.out_dir={out_dir}",
-           "run.steps=2", "run.save_every=1", "run.eval_every=2", "run.export=false", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cpd_mtp.training.trainer",
+        "--preset",
+        "tiny",
+        f"run.out_dir={out_dir}",
+        "run.steps=2",
+        "run.save_every=1",
+        "run.eval_every=2",
+        "run.export=false",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

@@ -30,7 +30,6 @@ from cpd_mtp.training.config import load_train_config
 from cpd_mtp.training.trainer import (
     OutDirError,
     Trainer,
-    atomic_write_text,
     check_config,
     deepspeed_config,
     json_line,
@@ -68,8 +67,9 @@ def launch(out_dir: Path, *overrides: str, nproc: int = 1, wait: bool = True):
         cmd = ["bash", str(ROOT / "scripts" / "train_cpu.sh"), *module[2:]]
     else:
         cmd = [sys.executable, *module]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if not wait:
         return proc
     output, _ = proc.communicate(timeout=600)
@@ -110,8 +110,14 @@ def test_two_processes_match_a_single_process(tmp_path, stage):
     single = tmp_path / "single"
     multi = tmp_path / f"zero{stage}"
     launch(single, "run.zero_stage=0", "run.micro_batch_size=4", "run.steps=4", "run.export=false")
-    launch(multi, f"run.zero_stage={stage}", "run.micro_batch_size=2", "run.steps=4",
-           "run.export=false", nproc=2)  # fmt: skip
+    launch(
+        multi,
+        f"run.zero_stage={stage}",
+        "run.micro_batch_size=2",
+        "run.steps=4",
+        "run.export=false",
+        nproc=2,
+    )
     a, b = metrics(single), metrics(multi)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
@@ -166,8 +172,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_short_run_on_the_embedded_corpus_lowers_validation_nll(tmp_path):
     from cpd_mtp.training.trainer import Trainer
 
-    cfg = load_train_config("tiny", [f"run.out_dir={tmp_path}", "run.steps=12", "run.eval_every=12",
-                                     "run.save_every=12"])  # fmt: skip
+    cfg = load_train_config(
+        "tiny",
+        [f"run.out_dir={tmp_path}", "run.steps=12", "run.eval_every=12", "run.save_every=12"],
+    )
     trainer = Trainer(cfg)
     before = trainer.evaluate()
     after = trainer.train()
@@ -201,6 +209,7 @@ def test_deepspeed_config_from_the_run_config():
         (["run.eval_batches=0"], ValueError, "run.eval_batches must be >= 1"),
         (["head.n_future=32"], ValueError, "head.n_future=32 must be < data.block_size=32"),
         (["run.resume=true", "run.overwrite=true"], ValueError, "exclude each other"),
+        (["head.rank=0"], ValueError, "CPDMTPConfig.rank must be an integer >= 1"),
     ],
 )
 def test_bad_config_fails_early(overrides, error, message):
@@ -209,13 +218,22 @@ def test_bad_config_fails_early(overrides, error, message):
         check_config(cfg, on_gpu=False)
 
 
-def test_unknown_preset_and_key_fail_early():
-    with pytest.raises(ValueError, match="unknown preset 'nope'"):
-        load_train_config("nope")
-    with pytest.raises(ValueError, match="bad training config"):
-        load_train_config("tiny", ["run.stepz=3"])
-    with pytest.raises(ValueError, match="bad training config"):
-        load_train_config("tiny", ["run.steps=many"])
+def test_build_model_passes_every_head_setting_to_the_head():
+    cfg = load_train_config(
+        "tiny", ["head.chunk_bytes=4096", "head.ignore_index=-1", "head.router_z_coef=0.5"]
+    )
+    model = train_module.build_model(cfg, vocab_size=64)
+    head = model.head.config
+    assert (head.chunk_bytes, head.ignore_index, head.router_z_coef) == (4096, -1, 0.5)
+    assert (head.expert_type, head.expert_inner_size, head.n_future, head.rank) == (
+        "lowrank",
+        8,
+        3,
+        2,
+    )
+    trunk = model.config.text_config
+    assert (trunk.hidden_size, trunk.num_hidden_layers, trunk.num_attention_heads) == (32, 2, 2)
+    assert (trunk.vocab_size, trunk.intermediate_size, trunk.num_key_value_heads) == (64, 128, 2)
 
 
 def test_vocab_mismatch_between_tokenizer_and_model_is_an_error(tmp_path):
@@ -265,35 +283,6 @@ def test_metrics_lines_are_strict_json_with_null_for_non_finite(record):
     assert _strict_json(line) == want
 
 
-def test_atomic_write_text_replaces_the_file(tmp_path):
-    target = tmp_path / "metrics.jsonl"
-    target.write_text("old\n")
-    atomic_write_text(target, "new\n" * 3)
-    assert target.read_text() == "new\n" * 3
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
-
-
-def test_atomic_write_text_failing_midway_keeps_the_old_file(tmp_path, monkeypatch):
-    target = tmp_path / "metrics.jsonl"
-    old = '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n'
-    target.write_text(old)
-    # A write that fails after the file is opened: a character UTF-8 cannot encode.
-    with pytest.raises(UnicodeEncodeError):
-        atomic_write_text(target, '{"step": 1}\n' * 100 + "\ud800")
-    assert target.read_text() == old
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
-
-    # A full disk at the flush to storage.
-    def no_space(fd):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(train_module.os, "fsync", no_space)
-    with pytest.raises(OSError, match="No space left"):
-        atomic_write_text(target, '{"step": 1}\n')
-    assert target.read_text() == old
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
-
-
 # ---------------------------------------------------------------------- the run directory
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
@@ -310,8 +299,11 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def tiny_cfg(out: Path, *overrides: str):
@@ -333,9 +325,11 @@ def test_a_second_run_on_an_out_dir_that_holds_one_is_refused(finished_run, tmp_
 
 def hold_lock(lock: Path) -> subprocess.Popen:
     """Another process that holds an exclusive flock on ``lock`` until killed."""
-    code = ("import fcntl, sys, time\n"
-            "h = open(sys.argv[1], 'a'); fcntl.flock(h, fcntl.LOCK_EX); print('locked', flush=True)\n"
-            "time.sleep(600)")  # fmt: skip
+    code = (
+        "import fcntl, sys, time\n"
+        "h = open(sys.argv[1], 'a'); fcntl.flock(h, fcntl.LOCK_EX); print('locked', flush=True)\n"
+        "time.sleep(600)"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True
     )

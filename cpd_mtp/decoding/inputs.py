@@ -1,0 +1,120 @@
+"""Checks and defaults shared by both decoders: the prompt, the budget, EOS and padding."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["check_inputs", "eos_tensor", "is_int", "resolve_special_tokens", "special_token_ids"]
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an int to Python, not to a budget)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Validate the prompt and the budget; a ``ValueError`` names the bad argument.
+
+    Args:
+        input_ids: (B, T) int64 prompt ids, T >= 1, within [0, ``vocab_size``).
+        attention_mask: (B, T) 1 for real tokens, 0 for left padding; None: all real.
+        max_new_tokens: an int >= 0.
+
+    Returns:
+        (B, T) bool attention mask.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(
+            f"input_ids must be a (B, T) int64 tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
+        )
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one prompt token")
+    if not is_int(max_new_tokens):
+        raise ValueError(
+            f"max_new_tokens must be an int, got {max_new_tokens!r} ({type(max_new_tokens).__name__})"
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if vocab_size is not None and input_ids.numel():
+        bad = (input_ids < 0) | (input_ids >= vocab_size)
+        if bool(bad.any()):
+            raise ValueError(
+                f"input_ids holds {int(input_ids[bad][0])}, outside the vocabulary [0, {vocab_size})"
+            )
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(device=input_ids.device).bool()
+    if not bool(mask[:, -1].all()):
+        raise ValueError("generate needs left padding: the last prompt column must be real tokens")
+    return mask
+
+
+def eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    """One EOS id, several, or None (no EOS) as a (k,) int64 tensor, k >= 0."""
+    if eos_token_id is None:
+        ids: list[int] = []
+    elif isinstance(eos_token_id, int):
+        ids = [eos_token_id]
+    else:
+        ids = [int(i) for i in eos_token_id]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def special_token_ids(
+    model: Any, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None
+) -> tuple[int | list[int] | None, int | None]:
+    """EOS and pad ids as Hugging Face ``generate`` resolves them.
+
+    The arguments, else the model's ``generation_config`` (which HF ``generate`` reads alone, so
+    a None there stays None); a model without one falls back to its config, then the wrapped
+    LM's text config.
+    """
+    sources = [getattr(model, "generation_config", None)]
+    if sources[0] is None:
+        config = getattr(model, "config", None)
+        sources = [config]
+        if config is not None and hasattr(config, "get_text_config"):
+            sources.append(config.get_text_config(decoder=True))
+
+    def first(name: str) -> Any:
+        for source in sources:
+            value = getattr(source, name, None) if source is not None else None
+            if value is not None:
+                return value
+        return None
+
+    if eos_token_id is None:
+        eos_token_id = first("eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = first("pad_token_id")
+    return eos_token_id, pad_token_id
+
+
+def resolve_special_tokens(
+    model: Any,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
+    """(k,) EOS ids and the pad id; the pad defaults to the first EOS id, else 0."""
+    eos_token_id, pad_token_id = special_token_ids(model, eos_token_id, pad_token_id)
+    eos = eos_tensor(eos_token_id, device)
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if eos.numel() else 0
+    return eos, pad_token_id

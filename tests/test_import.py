@@ -1,0 +1,110 @@
+"""The model imports and trains with torch alone; the optional layers name their extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Every optional dependency of the extras (hf, train, bench).
+BLOCKED = (
+    "transformers",
+    "deepspeed",
+    "wandb",
+    "datasets",
+    "omegaconf",
+    "tokenizers",
+    "safetensors",
+    "matplotlib",
+)
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+    BLOCKED = {blocked!r}
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{{name}} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Refuse())
+
+    import torch
+    import torch.nn.functional as F
+
+    import cpd_mtp
+    from cpd_mtp import CPDMTPConfig, CPDMTPHead, ops
+
+    torch.manual_seed(0)
+    vocab, d = 11, 8
+
+    # n = 1, r = 1 is a plain LM head: the loss is torch's cross-entropy of W_U phi(h).
+    config = CPDMTPConfig(
+        hidden_size=d, vocab_size=vocab, n_future=1, rank=1, balance="none", loss_impl="chunked"
+    )
+    head = CPDMTPHead(config).double()
+    hidden = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 5))
+    labels[1, 2] = -100
+    out = head(hidden, labels=labels)
+    out.loss.backward()
+    logits = head.experts(hidden)[..., 0, 0, :] @ head.weight.T  # (B, T, V)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, want)
+    torch.testing.assert_close(out.logits, torch.log_softmax(logits, -1))
+    torch.testing.assert_close(head(hidden), torch.log_softmax(logits, -1))  # the marginal
+    assert hidden.grad is not None and head.weight.grad is not None
+
+    # The loss op itself, chunked, against the same cross-entropy.
+    u = torch.randn(6, 1, 1, d, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (6, 1))
+    log_w = torch.zeros(6, 1, dtype=torch.float64)
+    nll = ops.mixture_nll(u, head.weight, log_w, targets, impl="chunked", chunk_bytes=1)
+    nll.sum().backward()
+    ce = F.cross_entropy(u[:, 0, 0] @ head.weight.T, targets[:, 0], reduction="none")
+    torch.testing.assert_close(nll, ce)
+    assert u.grad is not None
+
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not leaked, leaked
+
+    from cpd_mtp.utils.extras import MissingExtraError
+
+    for use in (
+        lambda: cpd_mtp.CPDMTPForCausalLM,
+        lambda: cpd_mtp.CPDMTPModelConfig,
+        lambda: cpd_mtp.generate,
+        lambda: importlib.import_module("cpd_mtp.hf"),
+    ):
+        try:
+            use()
+        except MissingExtraError as err:
+            assert "pip install 'cpd_mtp[hf]'" in str(err), str(err)
+        else:
+            raise AssertionError("no MissingExtraError")
+    print("OK")
+    """
+)
+
+
+def test_core_works_with_every_optional_dependency_unimportable():
+    script = "import importlib\n" + SCRIPT.format(blocked=BLOCKED)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_hf_names_resolve_with_the_extra_installed():
+    import cpd_mtp
+    import cpd_mtp.hf
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM, CPDMTPModelConfig
+
+    assert cpd_mtp.CPDMTPForCausalLM is CPDMTPForCausalLM is cpd_mtp.hf.CPDMTPForCausalLM
+    assert cpd_mtp.CPDMTPModelConfig is CPDMTPModelConfig is cpd_mtp.hf.CPDMTPModelConfig
+    assert "tiny_llama_config" not in dir(cpd_mtp)
