@@ -225,7 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting a positional list at the first option, so dotted overrides
+    # may also follow options (`train --resume run.steps=10`); anything else is an error of
+    # the subcommand that was called, reported by its own parser.
+    overrides = [a for a in extra if not a.startswith("-") and "=" in a]
+    unknown = [a for a in extra if a not in overrides]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+    elif overrides:
+        unknown = extra
+    if unknown:
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.run(args)
 
 

@@ -178,3 +178,21 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("train", "generate", "demo", "bench"):
         assert command in out
+
+
+def test_overrides_may_follow_options(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "run_demo", lambda args: seen.update(vars(args)))
+    parser_args = ["demo", "run.steps=4", "--prompts", "1", "run.out_dir=/tmp/x"]
+    # run_demo is bound at parser build time: rebuild through main.
+    cli.main(parser_args)
+    assert seen["overrides"] == ["run.steps=4", "run.out_dir=/tmp/x"]
+    assert seen["prompts"] == 1
+
+
+def test_unknown_option_is_reported_by_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "cpd-mtp train: error: unrecognized arguments: --bogus"
