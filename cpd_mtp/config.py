@@ -9,10 +9,12 @@ from typing import Any, Literal
 ExpertType = Literal["linear", "resblock", "lowrank"]
 BalanceType = Literal["switch", "importance", "none"]
 LossImpl = Literal["auto", "reference", "chunked", "triton"]
+NextToken = Literal["marginal", "base"]
 
 EXPERT_TYPES = ("linear", "resblock", "lowrank")
 BALANCE_TYPES = ("switch", "importance", "none")
 LOSS_IMPLS = ("auto", "reference", "chunked", "triton")
+NEXT_TOKEN_MODES = ("marginal", "base")
 
 
 @dataclass
@@ -36,6 +38,15 @@ class CPDMTPConfig:
         loss_impl: ``auto`` (``triton`` on CUDA, ``chunked`` elsewhere), ``reference``,
             ``chunked`` or ``triton``.
         chunk_bytes: memory budget of one chunk of logits in the ``chunked`` loss.
+        next_token: which distribution is the model's next-token distribution. ``marginal``:
+            the CP marginal sum_a w_a p_{1,a} (models trained with the CP loss). ``base``: the
+            wrapped model's own lm_head, softmax(W_U h), bit for bit; the CP head only drafts
+            (retrofits: the model's outputs never change).
+        draft_vocab_size: K, the size of the draft vocabulary: the experts' softmax runs over
+            K token ids (the head's ``draft_ids``, by default the K most frequent of its
+            training tokens), so drafting and head training cost O(K) per expert row; the
+            drafts have probability 0 outside them. None (or V) means all V ids. K < V needs
+            ``next_token="base"`` (the marginal must cover the whole vocabulary).
     """
 
     hidden_size: int
@@ -51,6 +62,8 @@ class CPDMTPConfig:
     ignore_index: int = -100
     loss_impl: LossImpl = "auto"
     chunk_bytes: int = 64 * 2**20
+    next_token: NextToken = "marginal"
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "n_future", "rank"):
@@ -78,6 +91,32 @@ class CPDMTPConfig:
                 raise ValueError(f"CPDMTPConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.chunk_bytes < 1:
             raise ValueError(f"CPDMTPConfig.chunk_bytes must be >= 1, got {self.chunk_bytes}")
+        if self.next_token not in NEXT_TOKEN_MODES:
+            raise ValueError(
+                f"CPDMTPConfig.next_token must be one of {NEXT_TOKEN_MODES}, got {self.next_token!r}"
+            )
+        k = self.draft_vocab_size
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.vocab_size:
+                raise ValueError(
+                    f"CPDMTPConfig.draft_vocab_size must be an int in [1, vocab_size="
+                    f"{self.vocab_size}] or None, got {k!r}"
+                )
+            if k < self.vocab_size and self.next_token != "base":
+                raise ValueError(
+                    "CPDMTPConfig.draft_vocab_size < vocab_size needs next_token='base': the "
+                    "marginal of a head restricted to a draft vocabulary is 0 outside it"
+                )
+
+    @property
+    def draft_vocab(self) -> int:
+        """K, the number of ids the experts' softmax runs over (V without a draft vocabulary)."""
+        return self.vocab_size if self.draft_vocab_size is None else self.draft_vocab_size
+
+    @property
+    def has_draft_vocab(self) -> bool:
+        """Whether the experts run over a strict subset of the vocabulary."""
+        return self.draft_vocab < self.vocab_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.experts import ExpertStates
 from cpd_mtp.ops.checks import accumulation_dtype, check_targets
 from cpd_mtp.ops.dispatch import row_logprobs_unchecked
+from cpd_mtp.ops.distill import window_distill_loss
 from cpd_mtp.ops.mixture import mixture_logsumexp
 
 
@@ -51,6 +52,7 @@ class CPDMTPHeadOutput(dict):
         position_nll: (..., T) -l_t per position (0 where a position has no target), detached.
         num_positions: positions with at least one target.
         num_targets: observed targets summed over positions and offsets.
+        distill_kl: (n,) with ``distill``: mean KL(teacher || q_k) per offset, detached.
     """
 
     FIELDS = (
@@ -66,6 +68,7 @@ class CPDMTPHeadOutput(dict):
         "position_nll",
         "num_positions",
         "num_targets",
+        "distill_kl",
     )
     __slots__ = ()
 
@@ -161,6 +164,11 @@ class CPDMTPHead(nn.Module):
                 f"got {_full_shape(unembedding)}"
             )
         self.weight = unembedding
+        if config.has_draft_vocab:
+            # Placeholder ids until ``set_draft_vocab``; saved and restored with the model.
+            self.register_buffer("draft_ids", torch.arange(config.draft_vocab))
+        else:
+            self.draft_ids = None
 
     @classmethod
     def from_linear(
@@ -196,6 +204,56 @@ class CPDMTPHead(nn.Module):
                 f"got shape {tuple(hidden.shape)}"
             )
 
+    # ------------------------------------------------------------------ draft vocabulary
+    @torch.no_grad()
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Use these K token ids as the draft vocabulary (e.g. ``most_frequent_ids``).
+
+        Args:
+            ids: (K,) distinct ids in [0, V), K = ``config.draft_vocab_size``.
+        """
+        if self.draft_ids is None:
+            raise ValueError(
+                "this head has no draft vocabulary (draft_vocab_size is None or V); build it "
+                "with next_token='base' and draft_vocab_size=K"
+            )
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        k, vocab = self.config.draft_vocab, self.config.vocab_size
+        if ids.numel() != k or ids.unique().numel() != k:
+            raise ValueError(f"the draft vocabulary needs {k} distinct ids, got {ids.numel()}")
+        if bool(((ids < 0) | (ids >= vocab)).any()):
+            raise ValueError(f"draft vocabulary ids must lie in [0, {vocab})")
+        self.draft_ids.copy_(ids.sort().values)
+
+    def draft_position(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Position of each vocabulary id inside the draft vocabulary, -1 outside it.
+
+        Args:
+            token_ids: (...) ids in [0, V).
+
+        Returns:
+            (...) int64 positions in [0, K) or -1; the ids themselves without a draft vocabulary.
+        """
+        if self.draft_ids is None:
+            return token_ids
+        index = torch.full(
+            (self.config.vocab_size,), -1, dtype=torch.int64, device=self.draft_ids.device
+        )
+        index[self.draft_ids] = torch.arange(self.draft_ids.numel(), device=index.device)
+        return index[token_ids.to(index.device)]
+
+    def _expert_unembedding(self) -> torch.Tensor:
+        """The rows of W_U the experts' softmax runs over: (K, d)."""
+        return self.weight if self.draft_ids is None else self.weight[self.draft_ids]
+
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The wrapped model's own logits ``lm_head(hidden)`` = W_U h: (..., d) -> (..., V).
+
+        The same operation as the ``nn.Linear`` lm_head it replaces (same dtype, same kernel),
+        so the values are bit for bit the original model's.
+        """
+        return nn.functional.linear(hidden, self.weight)
+
     def gate_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """z = W_g h + b_g: (..., d) -> (..., r)."""
         return self.gate(hidden)
@@ -216,18 +274,18 @@ class CPDMTPHead(nn.Module):
             )
         return torch.log_softmax(logits, dim=-1)
 
-    def _unembedding_for(self, u: torch.Tensor) -> torch.Tensor:
-        return self.weight if self.weight.dtype == u.dtype else self.weight.to(u.dtype)
-
     def expert_log_probs(self, hidden: torch.Tensor, offsets: slice | None = None) -> torch.Tensor:
-        """log p_{s,a}(v) for the selected offsets: (..., d) -> (..., n', r, V), float32.
+        """log p_{s,a}(v) for the selected offsets: (..., d) -> (..., n', r, K), float32.
+
+        K = V, or the draft vocabulary's size (entry j is then token ``draft_ids[j]``).
 
         Materialises n'·r·V numbers per position: meant for decoding, not for training. The
         logits W_U u are float32 products of the (upcast) expert states and W_U, never rounded
         to a bf16 / fp16 model's dtype (see ``_unembed_accurate``).
         """
         u = self.experts(hidden, offsets)  # (..., n', r, d)
-        return torch.log_softmax(_unembed_accurate(u, self.weight), dim=-1)
+        # One product for every selected expert row: W_U (or its K draft rows) is read once.
+        return torch.log_softmax(_unembed_accurate(u, self._expert_unembedding()), dim=-1)
 
     def marginal_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log P(x_{t+1} = v) = logsumexp_a(log w_a + log p_{1,a}(v)): (..., d) -> (..., V)."""
@@ -249,6 +307,16 @@ class CPDMTPHead(nn.Module):
         log_p1 = self.expert_log_probs(hidden, slice(0, 1))[..., 0, :, :]  # (..., r, V)
         return torch.logsumexp(log_w[..., None] + log_p1, dim=-2), log_w, log_p1
 
+    def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's next-token scores: (..., d) -> (..., V).
+
+        ``marginal`` mode: the CP marginal's normalised log-probabilities (float32). ``base``
+        mode: the wrapped model's own logits, exactly ``lm_head(hidden)`` (its dtype).
+        """
+        if self.config.next_token == "base":
+            return self.base_logits(hidden)
+        return self.marginal_log_probs(hidden)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -256,6 +324,7 @@ class CPDMTPHead(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         return_logits: bool = True,
+        distill: tuple[float, float] | None = None,
     ) -> torch.Tensor | CPDMTPHeadOutput:
         """Next-token marginal, or the CP loss with statistics when ``labels`` is given.
 
@@ -268,15 +337,25 @@ class CPDMTPHead(nn.Module):
         Args:
             hidden: (..., T, d) final hidden states of the trunk.
             labels: (..., T) token ids aligned with the input (see the class docstring).
-            return_logits: with labels, whether to also compute the (..., T, V) marginal.
+            return_logits: with labels, whether to also compute the (..., T, V) next-token
+                scores (``next_token_logits``).
+            distill: ``(beta, gamma)`` for teacher-forced self-distillation: the loss becomes
+                the mean over positions of sum_k gamma^(k-1) (beta·KL(p_k || q_k) + (1 - beta)·
+                NLL_k) (``cpd_mtp.ops.distill.window_distill_loss``), where the teacher p_k of
+                offset k at position t is the model's own next-token distribution
+                softmax(W_U h_{t+k-1}) from the same ``hidden`` (the trunk is frozen), plus the
+                balancing terms. None: the exact joint NLL.
+
+        With a draft vocabulary the experts' softmax runs over its K ids, and targets outside
+        them are ignored (marginalised out), since the drafts give them probability 0.
 
         Returns:
-            Without labels: (..., T, V) float32 normalised log-probabilities. With labels: a
+            Without labels: (..., T, V) ``next_token_logits``. With labels: a
             ``CPDMTPHeadOutput``.
         """
         self._check_hidden(hidden)
         if labels is None:
-            return self.marginal_log_probs(hidden)
+            return self.next_token_logits(hidden)
         cfg = self.config
         if hidden.dim() < 2 or tuple(labels.shape) != tuple(hidden.shape[:-1]):
             raise ValueError(
@@ -290,6 +369,10 @@ class CPDMTPHead(nn.Module):
 
         h = hidden.reshape(-1, cfg.hidden_size)  # (N, d)
         targets = shift_targets(labels, cfg.n_future, cfg.ignore_index).reshape(-1, cfg.n_future)
+        if self.draft_ids is not None:  # ids -> positions in the draft vocabulary
+            inside = self.draft_position(targets.clamp(min=0))
+            targets = torch.where((targets != cfg.ignore_index) & (inside >= 0), inside, -100)
+            targets = targets.masked_fill(targets == -100, cfg.ignore_index)
         valid = targets != cfg.ignore_index  # (N, n)
         has_target = valid.any(dim=-1)  # (N,)
 
@@ -298,9 +381,11 @@ class CPDMTPHead(nn.Module):
         u = self.experts(h)  # (N, n, r, d)
         if torch.is_autocast_enabled(u.device.type):
             u = u.to(torch.get_autocast_dtype(u.device.type))
+        weight = self._expert_unembedding()
+        weight = weight if weight.dtype == u.dtype else weight.to(u.dtype)
         row_lp = row_logprobs_unchecked(
             u,
-            self._unembedding_for(u),
+            weight,
             targets,
             ignore_index=cfg.ignore_index,
             impl=cfg.loss_impl,
@@ -314,6 +399,11 @@ class CPDMTPHead(nn.Module):
         num_targets = valid.sum()
         nll_sum = nll.sum()
         joint_nll = nll_sum / num_positions.clamp(min=1)
+        objective, distill_kl = joint_nll, None
+        if distill is not None:
+            objective, distill_kl = self._distill_objective(
+                hidden, u, weight, log_w, row_lp, valid, distill
+            )
 
         pos_log_w, pos_gamma = log_w[has_target], gamma[has_target]
         aux = cfg.balance_coef * balance_loss(pos_log_w, pos_gamma, cfg.balance)
@@ -327,9 +417,9 @@ class CPDMTPHead(nn.Module):
             stat_rows = has_target | (num_positions == 0)
             stats = expert_statistics(log_w[stat_rows], gamma[stat_rows])
 
-        logits = self.marginal_log_probs(hidden) if return_logits else None
+        logits = self.next_token_logits(hidden) if return_logits else None
         return CPDMTPHeadOutput(
-            loss=joint_nll + aux,
+            loss=objective + aux,
             logits=logits,
             joint_nll=joint_nll,
             joint_nll_per_target=(nll_sum / num_targets.clamp(min=1)).detach(),
@@ -338,8 +428,44 @@ class CPDMTPHead(nn.Module):
             position_nll=nll.detach().view(labels.shape),
             num_positions=num_positions,
             num_targets=num_targets,
+            distill_kl=distill_kl,
             **stats,
         )
+
+    def _distill_objective(
+        self,
+        hidden: torch.Tensor,
+        u: torch.Tensor,
+        weight: torch.Tensor,
+        log_w: torch.Tensor,
+        row_lp: torch.Tensor,
+        observed: torch.Tensor,
+        distill: tuple[float, float],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean teacher-forced window loss over positions, and the mean KL per offset (n,)."""
+        beta, gamma = distill
+        n_future, seq_len = self.config.n_future, hidden.shape[-2]
+        # The teacher of offset k at position t is h_{t+k-1} of the same sequence.
+        pad = hidden.new_zeros((*hidden.shape[:-2], n_future, hidden.shape[-1]))
+        padded = torch.cat([hidden, pad], dim=-2)  # (..., T + n, d)
+        teacher = torch.stack([padded[..., k : k + seq_len, :] for k in range(n_future)], dim=-2)
+        position = torch.arange(seq_len, device=hidden.device)
+        teacher_ok = (position[:, None] + torch.arange(n_future, device=hidden.device)) < seq_len
+        teacher_ok = teacher_ok.expand(*hidden.shape[:-2], seq_len, n_future)
+        loss, kl, _ = window_distill_loss(
+            u,
+            weight,
+            log_w,
+            row_lp,
+            observed,
+            teacher.reshape(-1, n_future, hidden.shape[-1]).to(u.dtype).detach(),
+            teacher_ok.reshape(-1, n_future),
+            beta=beta,
+            gamma=gamma,
+            chunk_bytes=self.config.chunk_bytes,
+        )
+        counted = teacher_ok.reshape(-1, n_future).sum(0).clamp(min=1)
+        return loss.sum() / max(loss.shape[0], 1), kl.sum(0) / counted
 
     # ------------------------------------------------------------------ drafting
     @torch.no_grad()
@@ -358,7 +484,10 @@ class CPDMTPHead(nn.Module):
 
     @staticmethod
     def conditional(
-        log_w: torch.Tensor, log_p: torch.Tensor, chosen: torch.Tensor
+        log_w: torch.Tensor,
+        log_p: torch.Tensor,
+        chosen: torch.Tensor,
+        known: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior over experts given the chosen tokens, and the next offset's conditional.
 
@@ -370,7 +499,9 @@ class CPDMTPHead(nn.Module):
         Args:
             log_w: (B, r) log gate weights.
             log_p: (B, n, r, V) per-expert log-probabilities.
-            chosen: (B, k) token ids, 0 <= k < n.
+            chosen: (B, k) token ids (positions in ``log_p``'s last axis), 0 <= k < n.
+            known: (B, k) bool; a chosen token marked False adds no evidence (a token outside
+                the draft vocabulary, whose probability the experts do not model). None: all.
 
         Returns:
             log_pi: (B, r); log_q: (B, V), the log-probabilities of x_{t+k+1}.
@@ -380,8 +511,11 @@ class CPDMTPHead(nn.Module):
             raise ValueError(f"chosen must hold 0..{n_future - 1} tokens, got {k}")
         joint = log_w
         if k > 0:
-            index = chosen[:, :, None, None].expand(-1, -1, log_p.shape[2], 1)  # (B, k, r, 1)
-            joint = joint + log_p[:, :k].gather(-1, index).squeeze(-1).sum(dim=1)
+            index = chosen.clamp(min=0)[:, :, None, None].expand(-1, -1, log_p.shape[2], 1)
+            evidence = log_p[:, :k].gather(-1, index).squeeze(-1)  # (B, k, r)
+            if known is not None:
+                evidence = evidence.masked_fill(~known[:, :, None], 0.0)
+            joint = joint + evidence.sum(dim=1)
         log_pi = torch.log_softmax(joint, dim=-1)
         log_q = torch.logsumexp(log_pi[:, :, None] + log_p[:, k], dim=1)
         return log_pi, log_q

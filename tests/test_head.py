@@ -396,7 +396,7 @@ def test_output_is_a_dict_whose_attributes_read_through_it():
     out = head(hidden, labels=labels, return_logits=False)
     assert isinstance(out, dict)
     assert out.logits is None and "logits" not in out  # a None field is not a key
-    assert list(out) == [f for f in CPDMTPHeadOutput.FIELDS if f != "logits"]
+    assert list(out) == [f for f in CPDMTPHeadOutput.FIELDS if f not in ("logits", "distill_kl")]
     assert out.to_tuple() == tuple(out.values())
     for key in out:
         assert getattr(out, key) is out[key]
@@ -444,3 +444,79 @@ def test_a_training_step_checks_its_labels_once(monkeypatch):
         assert calls == ["check_targets"], impl
     with pytest.raises(ValueError, match=r"labels holds 7"):
         head(torch.randn(2, 4, 6, dtype=torch.float64), labels=torch.full((2, 4), 7))
+
+
+# ---------------------------------------------------------------- base mode, draft vocabulary
+
+
+def _base_head(vocab=30, dim=8, n_future=3, rank=2, draft=None, seed=0):
+    torch.manual_seed(seed)
+    kwargs = {"draft_vocab_size": len(draft)} if draft is not None else {}
+    config = CPDMTPConfig(
+        dim,
+        vocab,
+        n_future=n_future,
+        rank=rank,
+        next_token="base",
+        expert_init_noise=0.3,
+        loss_impl="reference",
+        **kwargs,
+    )
+    head = CPDMTPHead(config)
+    if draft is not None:
+        head.set_draft_vocab(torch.tensor(draft))
+    return head
+
+
+def test_base_mode_scores_are_the_lm_head_logits():
+    head = _base_head()
+    hidden = torch.randn(2, 5, 8)
+    assert torch.equal(head(hidden), torch.nn.functional.linear(hidden, head.weight))
+
+
+def test_draft_vocabulary_loss_equals_a_head_over_those_rows():
+    draft = [1, 4, 5, 9, 11, 20, 29]
+    head = _base_head(draft=draft)
+    # The reference: an ordinary head over K = 7 ids whose W_U is those rows, labels remapped,
+    # tokens outside the draft vocabulary ignored.
+    config = CPDMTPConfig(8, 7, n_future=3, rank=2, expert_init_noise=0.3, loss_impl="reference")
+    ref = CPDMTPHead(config)
+    ref.load_state_dict({**head.state_dict(), "weight": head.weight[draft]}, strict=False)
+    hidden = torch.randn(3, 6, 8)
+    labels = torch.randint(0, 30, (3, 6))
+    labels[0, :3] = torch.tensor([4, 9, 29])
+    remap = torch.full((30,), -100)
+    remap[draft] = torch.arange(7)
+    out, want = head(hidden, labels, return_logits=False), ref(hidden, remap[labels])
+    torch.testing.assert_close(out.loss, want.loss)
+    torch.testing.assert_close(out.per_head_nll, want.per_head_nll)
+    assert int(out.num_targets) == int(want.num_targets)
+    out.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(head.experts.proj_in.grad, ref.experts.proj_in.grad)
+
+
+def test_distill_with_beta_0_and_gamma_1_is_the_exact_joint_nll():
+    head = _base_head()
+    hidden, labels = torch.randn(2, 7, 8), torch.randint(0, 30, (2, 7))
+    labels[1, 2] = -100
+    plain = head(hidden, labels, return_logits=False)
+    distilled = head(hidden, labels, return_logits=False, distill=(0.0, 1.0))
+    # The same sum of per-position NLLs; the distillation mean is over every position.
+    n_pos = labels.numel()
+    torch.testing.assert_close(
+        distilled.loss - distilled.aux_loss,
+        plain.joint_nll * plain.num_positions / n_pos,
+    )
+
+
+def test_distill_teacher_is_the_models_own_next_token_distribution():
+    """beta = 1, one offset: the loss is KL(softmax(W_U h_t) || marginal over the experts)."""
+    head = _base_head(n_future=1)
+    hidden, labels = torch.randn(1, 4, 8), torch.randint(0, 30, (1, 4))
+    out = head(hidden, labels, return_logits=False, distill=(1.0, 0.8))
+    log_p = torch.log_softmax(hidden[0] @ head.weight.T, -1)  # (T, V) teacher
+    log_q = head.marginal_log_probs(hidden[0])  # (T, V) the CP marginal
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    torch.testing.assert_close(out.loss - out.aux_loss, kl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.distill_kl, kl[None], rtol=1e-5, atol=1e-6)

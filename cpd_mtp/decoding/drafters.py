@@ -56,6 +56,13 @@ class CPDrafter:
     def __init__(self, head: CPDMTPHead) -> None:
         self.head = head
         self.max_drafts = head.config.n_future - 1
+        # With a draft vocabulary the experts' distributions live on its K ids: chosen tokens
+        # are looked up there, and each q is put back on the full vocabulary (0 elsewhere).
+        self.draft_ids = head.draft_ids
+        self.vocab_size = head.config.vocab_size
+        self.position = None
+        if self.draft_ids is not None:
+            self.position = head.draft_position(torch.arange(self.vocab_size))
 
     @torch.no_grad()
     def start(
@@ -63,10 +70,16 @@ class CPDrafter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) -> (log_w (B, r), log_p (B, num_drafts + 1, r, V)).
 
-        ``first``: (log_w, log p_{1,a}) already computed at ``hidden``; only offsets 2.. are
-        then computed here. Without it, the head computes them (``marginal_and_pieces``).
+        ``first``: (log_w, log p_{1,a}) already computed at ``hidden`` (marginal mode, where
+        the decoder has them from the marginal); only offsets 2.. are then computed here.
+        Without it (base mode) every offset comes from one product of the n'·r expert rows with
+        W_U's rows (the K draft rows with a draft vocabulary): W_U is read once.
         """
-        log_w, log_p1 = first if first is not None else self.head.marginal_and_pieces(hidden)[1:]
+        if first is None:  # base mode: every offset from one product with W_U's (draft) rows
+            return self.head.log_gate(hidden), self.head.expert_log_probs(
+                hidden, slice(0, num_drafts + 1)
+            )
+        log_w, log_p1 = first
         if num_drafts == 0:
             return log_w, log_p1[:, None]
         rest = self.head.expert_log_probs(hidden, slice(1, num_drafts + 1))
@@ -75,7 +88,12 @@ class CPDrafter:
     def next(self, state: tuple[torch.Tensor, torch.Tensor], chosen: torch.Tensor) -> torch.Tensor:
         """chosen (B, k) -> log q_{k+1} (B, V)."""
         log_w, log_p = state
-        return CPDMTPHead.conditional(log_w, log_p, chosen)[1]
+        if self.position is None:
+            return CPDMTPHead.conditional(log_w, log_p, chosen)[1]
+        position = self.position.to(chosen.device)[chosen]  # (B, k), -1 outside the draft ids
+        log_q = CPDMTPHead.conditional(log_w, log_p, position, known=position >= 0)[1]
+        full = log_q.new_full((log_q.shape[0], self.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.draft_ids.to(log_q.device), log_q)
 
 
 class UniformDrafter:

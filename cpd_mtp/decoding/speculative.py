@@ -104,9 +104,8 @@ class SpeculativeDecoder:
         self.mask = mask
         self.n_valid = mask.sum(dim=1)  # real tokens in each row's cache = next position id
         self.anchor = hidden[:, -1]  # (B, d)
-        marginal, log_w, log_p1 = self.model.head.marginal_and_pieces(self.anchor)
-        self.pieces = (log_w, log_p1)
-        self.pending = self._choose(self._target(marginal))
+        scores, self.pieces = self._next_token(self.anchor)
+        self.pending = self._choose(self._target(scores))
         finished = self.buffer.emit(self.rows, self.pending[:, None], torch.ones_like(self.pending))
         self._drop(finished)
 
@@ -139,12 +138,12 @@ class SpeculativeDecoder:
             use_cache=True,
         )
         self.counter.count_forward(rows)
-        marginal, log_w, log_p1 = self.model.head.marginal_and_pieces(hidden)
+        scores, pieces = self._next_token(hidden)
 
         # Verify: accept a prefix of the drafts, choose the correction / bonus token after it.
         accepted, next_token = verify(
             drafts,
-            self._target(marginal),
+            self._target(scores),
             draft_log_q,
             greedy=self.warp is None,
             generator=self.generator,
@@ -169,7 +168,8 @@ class SpeculativeDecoder:
         # The last accepted position is the next anchor; the chosen token waits to be fed.
         index = torch.arange(live, device=fed.device)
         self.anchor = hidden[index, accepted]  # (b, d)
-        self.pieces = (log_w[index, accepted], log_p1[index, accepted])
+        if pieces is not None:
+            self.pieces = (pieces[0][index, accepted], pieces[1][index, accepted])
         self.pending = next_token
         self._drop(finished)
 
@@ -180,8 +180,23 @@ class SpeculativeDecoder:
             self.buffer.sequences(input_ids), stats, time.perf_counter() - start_time
         )
 
-    def _target(self, marginal: torch.Tensor) -> torch.Tensor:
-        return marginal if self.warp is None else self.warp(marginal)
+    def _next_token(self, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """The next-token scores at every position of (..., d) ``hidden``, and the head's
+        pieces there when the drafter can reuse them.
+
+        ``base`` mode: the wrapped model's own logits (its lm_head, cast to float32 as HF
+        ``generate`` does), no pieces: the drafter computes the head only at the anchor.
+        ``marginal`` mode: the CP marginal, with (log_w, log p_1) for the drafter.
+        """
+        head = self.model.head
+        if head.config.next_token == "base":
+            return head.base_logits(hidden).float(), None
+        marginal, log_w, log_p1 = head.marginal_and_pieces(hidden)
+        return marginal, (log_w, log_p1)
+
+    def _target(self, scores: torch.Tensor) -> torch.Tensor:
+        """Greedy: the scores as they are (argmax); sampling: warped, normalised log-probs."""
+        return scores if self.warp is None else self.warp(scores)
 
     def _choose(self, target: torch.Tensor) -> torch.Tensor:
         if self.warp is None:
@@ -199,7 +214,8 @@ class SpeculativeDecoder:
         self.cache.batch_select_indices(index)
         self.rows, self.mask, self.n_valid = self.rows[index], self.mask[index], self.n_valid[index]
         self.anchor, self.pending = self.anchor[index], self.pending[index]
-        self.pieces = (self.pieces[0][index], self.pieces[1][index])
+        if self.pieces is not None:
+            self.pieces = (self.pieces[0][index], self.pieces[1][index])
 
 
 def _check_draft_positions(drafter: Drafter, draft_positions: int | None) -> int:

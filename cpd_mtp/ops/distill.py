@@ -224,8 +224,10 @@ def window_distill_loss(
         loss: (N,) per-position loss (0 where nothing is observed); kl: (N, n) KL terms and
         nll: (N, n) conditional NLL terms (0 where not defined), both detached.
 
-    A term of offset k counts only where every prefix target x_{t+1..t+k-1} is observed (the
-    conditional is defined); its KL also needs the teacher, its NLL the target x_{t+k}.
+    A missing prefix target is marginalised out of pi (it adds no evidence), so the NLL terms
+    of the observed targets always sum to the exact joint NLL of what is observed. A KL term
+    counts only where the whole prefix x_{t+1..t+k-1} is observed (the teacher conditions on
+    those tokens, so the student must too) and the teacher's position exists.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
@@ -270,7 +272,7 @@ def window_distill_loss(
                     chunk_bytes=chunk_bytes,
                 ),
             )
-        nll_rows = prefix_ok & observed[:, k]
+        nll_rows = observed[:, k]
         nll = torch.where(nll_rows, -torch.logsumexp(log_pi + lp_k, dim=-1), 0.0)
         loss = loss + gamma**k * (beta * kl + (1.0 - beta) * nll)
         kls.append(kl.detach())

@@ -150,19 +150,20 @@ def brute_force_window(u, weight, log_w, targets, observed, teacher, teacher_ok,
         ]
         total = 0.0
         for k in range(n_future):
-            if not all(observed[t, s] for s in range(k)):
-                break
-            # P(prefix, x_k = v) = sum_a w_a prod_{s<k} p_{s,a}(x_s) p_{k,a}(v)
+            whole_prefix = all(observed[t, s] for s in range(k))
+            # P(observed prefix, x_k = v): a missing prefix target is summed out (factor 1).
             joint = [
                 sum(
-                    w[a] * math.prod(p[s][a][int(targets[t, s])] for s in range(k)) * p[k][a][v]
+                    w[a]
+                    * math.prod(p[s][a][int(targets[t, s])] for s in range(k) if observed[t, s])
+                    * p[k][a][v]
                     for a in range(rank)
                 )
                 for v in range(vocab)
             ]
             q = [j / sum(joint) for j in joint]
             term = 0.0
-            if teacher_ok[t, k]:
+            if teacher_ok[t, k] and whole_prefix:
                 pt = _softmax([float(weight[v] @ teacher[t, k]) for v in range(vocab)])
                 term += beta * sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, q))
             if observed[t, k]:
@@ -243,3 +244,31 @@ def test_window_nll_terms_sum_to_the_joint_nll():
     joint, _ = mixture_logsumexp(row_lp, log_w)
     torch.testing.assert_close(loss, joint)
     torch.testing.assert_close(nll.sum(1), joint)
+
+
+def test_window_nll_terms_sum_to_the_joint_nll_with_missing_targets():
+    """Missing targets are marginalised: the observed terms still sum to the exact joint NLL."""
+    from cpd_mtp.ops import mixture_logsumexp
+    from cpd_mtp.ops.distill import window_distill_loss
+    from cpd_mtp.ops.reference import row_logprobs_reference
+
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(8, 4, 3, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    log_w = torch.randn(8, 3, generator=g, dtype=torch.float64).log_softmax(-1)
+    targets = torch.randint(0, 9, (8, 4), generator=g)
+    observed = torch.rand(8, 4, generator=g) < 0.6
+    row_lp = row_logprobs_reference(u, weight, torch.where(observed, targets, -100), -100)
+    loss, _, _ = window_distill_loss(
+        u,
+        weight,
+        log_w,
+        row_lp,
+        observed,
+        torch.zeros(8, 4, 5, dtype=torch.float64),
+        torch.zeros(8, 4, dtype=torch.bool),
+        beta=0.0,
+        gamma=1.0,
+    )
+    joint, _ = mixture_logsumexp(row_lp, log_w)
+    torch.testing.assert_close(loss, joint)
