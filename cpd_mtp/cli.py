@@ -2,6 +2,7 @@
 
     cpd-mtp train --preset demo run.steps=500     # DeepSpeed training (cpd_mtp.training.trainer)
     cpd-mtp generate --model runs/demo/final --prompt "def parse(" [--sample ...]
+    cpd-mtp retrofit --model M --out DIR          # a drafting head for a pretrained model
     cpd-mtp demo                                  # the main job, as `make demo` runs it
     cpd-mtp bench ranks [--size default]          # the rank study (cpd_mtp.apps.rank_study)
 
@@ -115,6 +116,106 @@ def run_generate(args: argparse.Namespace) -> None:
     print(f"\n\n[{summary}]", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------- retrofit
+def _optional_positive_int(text: str) -> int | None:
+    return None if text.lower() == "none" else positive_int(text)
+
+
+def add_retrofit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a local HF model folder or a .gguf file")
+    parser.add_argument("--out", required=True, help="the run folder; the export goes to OUT/final")
+    parser.add_argument("--n-future", type=positive_int, default=4, help="tokens drafted jointly")
+    parser.add_argument("--rank", type=positive_int, default=4, help="experts of the CP head")
+    parser.add_argument(
+        "--tokens", type=positive_int, default=200_000, help="the training token budget"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument(
+        "--draft-vocab", type=positive_int, default=None, help="K most frequent training ids"
+    )
+    parser.add_argument("--distill", choices=["kl", "generated", "none"], default="kl")
+    parser.add_argument("--beta", type=float, default=0.9, help="kl: weight of the KL")
+    parser.add_argument("--gamma", type=float, default=0.8, help="kl: decay over offsets")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="generated: 0 greedy, > 0 samples"
+    )
+    parser.add_argument("--prompt-tokens", type=positive_int, default=None)
+    parser.add_argument("--generate-batch-size", type=positive_int, default=8)
+    parser.add_argument(
+        "--data", action="append", default=None, help="corpus path/glob (repeat); default stdlib"
+    )
+    parser.add_argument("--max-files", type=positive_int, default=None)
+    parser.add_argument("--block-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--grad-accum", type=positive_int, default=1)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--steps", type=_optional_positive_int, default=None)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--warmup-steps", type=non_negative_int, default=None, help="default: 5%% of the steps"
+    )
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
+    parser.add_argument(
+        "--expert-type", choices=["linear", "resblock", "lowrank"], default="linear"
+    )
+    parser.add_argument("--eval-every", type=positive_int, default=100)
+    parser.add_argument("--eval-blocks", type=positive_int, default=32)
+    parser.add_argument("--save-every", type=positive_int, default=100)
+    parser.add_argument("--dtype", default=None, help="the base model's dtype (default: its own)")
+    parser.add_argument("--store-dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    parser.add_argument("--no-export", action="store_true", help="skip writing OUT/final")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run_retrofit(args: argparse.Namespace) -> None:
+    from cpd_mtp.training.retrofit import RetrofitConfig, run_command
+
+    data = "stdlib" if not args.data else args.data[0] if len(args.data) == 1 else args.data
+    cfg = RetrofitConfig(
+        model=args.model,
+        out_dir=args.out,
+        n_future=args.n_future,
+        rank=args.rank,
+        tokens=args.tokens,
+        seed=args.seed,
+        draft_vocab=args.draft_vocab,
+        distill=args.distill,
+        beta=args.beta,
+        gamma=args.gamma,
+        temperature=args.temperature,
+        prompt_tokens=args.prompt_tokens,
+        generate_batch_size=args.generate_batch_size,
+        data=data,
+        max_files=args.max_files,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        epochs=args.epochs,
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        zero_stage=args.zero_stage,
+        expert_type=args.expert_type,
+        eval_every=args.eval_every,
+        eval_blocks=args.eval_blocks,
+        save_every=args.save_every,
+        dtype=args.dtype,
+        store_dtype=args.store_dtype,
+        cache_dir=args.cache_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        export=not args.no_export,
+        progress=not args.no_progress,
+    )
+    run_command(cfg)
+
+
 # ---------------------------------------------------------------------- demo
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="demo", help="a packaged preset or a YAML path")
@@ -202,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate_arguments,
         run_generate,
         "cpd-mtp generate",
+    )
+    _command(
+        commands,
+        "retrofit",
+        "Train a drafting head for a pretrained model (its outputs stay the same).",
+        add_retrofit_arguments,
+        run_retrofit,
+        "cpd-mtp retrofit",
     )
     _command(
         commands,

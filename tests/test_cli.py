@@ -133,7 +133,7 @@ def _usage_error(argv: list[str], capsys) -> str:
         ([], "cpd-mtp", "the following arguments are required: COMMAND"),
         (["bench"], "cpd-mtp bench", "the following arguments are required: STUDY"),
         (["bench", "loss"], "cpd-mtp bench", "invalid choice: 'loss'"),
-        (["train", "--bogus"], "cpd-mtp", "unrecognized arguments: --bogus"),
+        (["train", "--bogus"], "cpd-mtp train", "unrecognized arguments: --bogus"),
         (["generate", "--prompt", "x"], "cpd-mtp generate", "required: --model"),
         (
             ["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "-1"],
