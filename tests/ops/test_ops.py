@@ -309,3 +309,39 @@ def test_bad_label_on_cuda_fails_at_the_next_sync_with_the_message():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "targets holds a value outside [0, 9)" in result.stderr, result.stderr[-2000:]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    case=shapes,
+    keep_all=st.booleans(),
+    chunk_bytes=st.sampled_from([1, 150, 10**9]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_fast_chunked_rows_match_reference_with_and_without_ignored(
+    case, keep_all, chunk_bytes, dtype
+):
+    """The fast path (fp32/fp64): row slices when every target is kept, gathers otherwise."""
+    u, weight, _, targets = make_inputs(**case, dtype=dtype)
+    if keep_all:
+        targets = targets.clamp(min=0)  # every row kept: the slice path, no index_select
+    upstream = torch.rand((*targets.shape, u.shape[2]), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for impl in ("reference", "chunked"):
+        leaves = [x.detach().clone().requires_grad_() for x in (u, weight)]
+        lp = ops.row_logprobs(*leaves, targets, impl=impl, chunk_bytes=chunk_bytes)
+        grads = torch.autograd.grad((lp * upstream.to(lp.dtype)).sum(), leaves)
+        results[impl] = (lp.detach(), *grads)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for got, want in zip(results["chunked"], results["reference"]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_fast_chunk_rows_hold_one_buffer_per_row():
+    from cpd_mtp.ops.chunked import fast_chunk_rows
+
+    assert fast_chunk_rows(1000, 1) == 1
+    rows = fast_chunk_rows(32000, 64 * 2**20)
+    assert rows * 32000 * 4 <= 64 * 2**20 < (rows + 1) * 32000 * 4
+    assert fast_chunk_rows(32000, 64 * 2**20, itemsize=8) == rows // 2
