@@ -274,10 +274,17 @@ class CPDMTPHead(nn.Module):
             )
         return torch.log_softmax(logits, dim=-1)
 
-    def expert_log_probs(self, hidden: torch.Tensor, offsets: slice | None = None) -> torch.Tensor:
+    def expert_log_probs(
+        self,
+        hidden: torch.Tensor,
+        offsets: slice | None = None,
+        unembedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """log p_{s,a}(v) for the selected offsets: (..., d) -> (..., n', r, K), float32.
 
         K = V, or the draft vocabulary's size (entry j is then token ``draft_ids[j]``).
+        ``unembedding``: those (K, d) rows of W_U when the caller already holds them (a decoder
+        gathers the draft rows once per call, not once per iteration).
 
         Materialises n'·r·V numbers per position: meant for decoding, not for training. The
         logits W_U u are float32 products of the (upcast) expert states and W_U, never rounded
@@ -285,7 +292,8 @@ class CPDMTPHead(nn.Module):
         """
         u = self.experts(hidden, offsets)  # (..., n', r, d)
         # One product for every selected expert row: W_U (or its K draft rows) is read once.
-        return torch.log_softmax(_unembed_accurate(u, self._expert_unembedding()), dim=-1)
+        weight = self._expert_unembedding() if unembedding is None else unembedding
+        return torch.log_softmax(_unembed_accurate(u, weight), dim=-1)
 
     def marginal_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log P(x_{t+1} = v) = logsumexp_a(log w_a + log p_{1,a}(v)): (..., d) -> (..., V)."""

@@ -61,8 +61,11 @@ class CPDrafter:
         self.draft_ids = head.draft_ids
         self.vocab_size = head.config.vocab_size
         self.position = None
+        self.unembedding = None
         if self.draft_ids is not None:
             self.position = head.draft_position(torch.arange(self.vocab_size))
+            # W_U is frozen while decoding: gather its K draft rows once, not per iteration.
+            self.unembedding = head._expert_unembedding().detach()
 
     @torch.no_grad()
     def start(
@@ -77,7 +80,7 @@ class CPDrafter:
         """
         if first is None:  # base mode: every offset from one product with W_U's (draft) rows
             return self.head.log_gate(hidden), self.head.expert_log_probs(
-                hidden, slice(0, num_drafts + 1)
+                hidden, slice(0, num_drafts + 1), self.unembedding
             )
         log_w, log_p1 = first
         if num_drafts == 0:
