@@ -14,6 +14,7 @@ usage line and one ``error:`` line (exit 2), the same in every subcommand.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -176,43 +177,13 @@ def run_retrofit(args: argparse.Namespace) -> None:
     from cpd_mtp.training.retrofit import RetrofitConfig, run_command
 
     data = "stdlib" if not args.data else args.data[0] if len(args.data) == 1 else args.data
-    cfg = RetrofitConfig(
-        model=args.model,
-        out_dir=args.out,
-        n_future=args.n_future,
-        rank=args.rank,
-        tokens=args.tokens,
-        seed=args.seed,
-        draft_vocab=args.draft_vocab,
-        distill=args.distill,
-        beta=args.beta,
-        gamma=args.gamma,
-        temperature=args.temperature,
-        prompt_tokens=args.prompt_tokens,
-        generate_batch_size=args.generate_batch_size,
-        data=data,
-        max_files=args.max_files,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        epochs=args.epochs,
-        steps=args.steps,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        zero_stage=args.zero_stage,
-        expert_type=args.expert_type,
-        eval_every=args.eval_every,
-        eval_blocks=args.eval_blocks,
-        save_every=args.save_every,
-        dtype=args.dtype,
-        store_dtype=args.store_dtype,
-        cache_dir=args.cache_dir,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        export=not args.no_export,
-        progress=not args.no_progress,
+    # Flags are named like the config's fields; the four that are not are mapped here.
+    fields = {f.name for f in dataclasses.fields(RetrofitConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update(
+        out_dir=args.out, data=data, export=not args.no_export, progress=not args.no_progress
     )
+    cfg = RetrofitConfig(**values)
     run_command(cfg)
 
 

@@ -352,7 +352,7 @@ class RetrofitTrainer(Trainer):
 
         torch.manual_seed(cfg.seed)
         # W_U as a frozen float32 copy: the head trains in float32 whatever the model's dtype.
-        weight = torch.nn.Parameter(lm_head.weight.detach().float().clone(), requires_grad=False)
+        weight = torch.nn.Parameter(lm_head.weight.detach().float(), requires_grad=False)
         head = CPDMTPHead(self.head_cfg, unembedding=weight)
         if self.draft_ids is not None:
             head.set_draft_vocab(self.draft_ids)

@@ -6,6 +6,7 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL_VOCAB = 512
@@ -38,3 +39,14 @@ def reference_stream(tokenizer, texts: list[str]) -> np.ndarray:
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return np.asarray(ids, dtype=np.int64)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own cpd_mtp cache (import this fixture into the test module)."""
+    monkeypatch.setenv("CPD_MTP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    return train_small_tokenizer(tmp_path_factory.mktemp("tok"))

@@ -10,7 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from data_builders import SMALL_VOCAB, TEXTS, reference_stream, train_small_tokenizer
+from data_builders import (  # noqa: F401 (the fixtures are used by name)
+    SMALL_VOCAB,
+    TEXTS,
+    _isolated_cache,
+    reference_stream,
+    small_tokenizer,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,16 +36,6 @@ from cpd_mtp.training.data import (
 )
 from cpd_mtp.training.sources import discover_stdlib_files, stdlib_documents
 from cpd_mtp.training.tokenizer import cache_root, tokenizer_fingerprint
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CPD_MTP_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def small_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    return train_small_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def documents(texts: list[str]):

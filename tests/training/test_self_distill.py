@@ -7,7 +7,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig
+from conftest import build_tiny_llama_config
+from transformers import AutoModelForCausalLM
 
 from cpd_mtp.training.self_distill import (
     distillation_blocks,
@@ -17,13 +18,8 @@ from cpd_mtp.training.self_distill import (
 
 def tiny_model(eos=None):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=64,
+    config = build_tiny_llama_config(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_heads=2, max_position_embeddings=64
     )
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = eos

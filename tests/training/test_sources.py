@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from data_builders import STDLIB, TEXTS
+from data_builders import STDLIB, TEXTS, _isolated_cache  # noqa: F401 (autouse fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,11 +18,6 @@ from cpd_mtp.training.sources import (
     stdlib_documents,
     user_documents,
 )
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CPD_MTP_CACHE", str(tmp_path / "cache"))
 
 
 def test_stdlib_discovery_matches_independent_walk() -> None:

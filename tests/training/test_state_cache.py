@@ -7,20 +7,16 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig
+from conftest import build_tiny_llama_config
+from transformers import AutoModelForCausalLM
 
 from cpd_mtp.training.state_cache import cached_trunk_states
 
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=32,
+    config = build_tiny_llama_config(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_heads=2, max_position_embeddings=32
     )
     return AutoModelForCausalLM.from_config(config).eval()
 

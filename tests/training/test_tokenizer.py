@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_builders import SMALL_VOCAB, STDLIB, TEXTS, train_small_tokenizer
+from data_builders import (  # noqa: F401 (the fixtures are used by name)
+    SMALL_VOCAB,
+    STDLIB,
+    TEXTS,
+    _isolated_cache,
+    small_tokenizer,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,16 +24,6 @@ from cpd_mtp.training.tokenizer import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CPD_MTP_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def small_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    return train_small_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
