@@ -24,6 +24,7 @@ from cpd_mtp.experts import ExpertStates
 from cpd_mtp.ops.checks import accumulation_dtype, check_targets
 from cpd_mtp.ops.dispatch import row_logprobs_unchecked
 from cpd_mtp.ops.distill import window_distill_loss
+from cpd_mtp.ops.few_rows import few_row_linear
 from cpd_mtp.ops.mixture import mixture_logsumexp
 
 
@@ -561,9 +562,11 @@ def _unembed_accurate(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     dtype = accumulation_dtype(u.dtype)
     with _autocast_off(u.device.type):
         u = u.to(dtype)
+        # A decoder's few expert rows: ``few_row_linear`` reads W_U at bandwidth on a CPU.
         if weight.dtype == dtype:
-            return u @ weight.T
+            return few_row_linear(u, weight)
         rows = max(1, _UPCAST_CHUNK_BYTES // (weight.shape[1] * dtype.itemsize))
         if rows >= weight.shape[0]:
-            return u @ weight.to(dtype).T
-        return torch.cat([u @ chunk.to(dtype).T for chunk in weight.split(rows, dim=0)], dim=-1)
+            return few_row_linear(u, weight.to(dtype))
+        chunks = weight.split(rows, dim=0)
+        return torch.cat([few_row_linear(u, chunk.to(dtype)) for chunk in chunks], dim=-1)

@@ -46,6 +46,7 @@ from cpd_mtp.decoding.inputs import check_inputs, is_int, resolve_special_tokens
 from cpd_mtp.decoding.output import GenerationOutput, StreamCallback, TokenBuffer
 from cpd_mtp.decoding.sampling import apply_warpers, build_warpers, sample, verify
 from cpd_mtp.decoding.stats import DraftCounter
+from cpd_mtp.ops.few_rows import few_row_linear, few_row_linears
 
 __all__ = ["SpeculativeDecoder", "generate"]
 
@@ -190,7 +191,8 @@ class SpeculativeDecoder:
         """
         head = self.model.head
         if head.config.next_token == "base":
-            return head.base_logits(hidden).float(), None
+            # ``head.base_logits`` in the few-row layout (equal up to float rounding).
+            return few_row_linear(hidden, head.weight).float(), None
         marginal, log_w, log_p1 = head.marginal_and_pieces(hidden)
         return marginal, (log_w, log_p1)
 
@@ -288,9 +290,12 @@ def generate(
     decoder = SpeculativeDecoder(model, drafter, m, buffer, warp=warp, generator=generator)
 
     if max_new_tokens > 0:
-        # The prompt's last position gives x_{t+1}; then one iteration per forward until every
-        # row has emitted EOS or max_new_tokens.
-        decoder.prefill(input_ids, mask)
-        while not decoder.done:
-            decoder.step()
+        # The verification forwards feed a few tokens: on a CPU their linear layers run in the
+        # layout that reads each weight at bandwidth (see ``cpd_mtp.ops.few_rows``).
+        with few_row_linears(model):
+            # The prompt's last position gives x_{t+1}; then one iteration per forward until
+            # every row has emitted EOS or max_new_tokens.
+            decoder.prefill(input_ids, mask)
+            while not decoder.done:
+                decoder.step()
     return decoder.output(input_ids, start_time)

@@ -13,11 +13,23 @@ from cpd_mtp.utils.extras import require
 
 require("transformers", "cpd_mtp.hf")
 
-__all__ = ["CPDMTPForCausalLM", "CPDMTPModelConfig"]
+__all__ = [
+    "CPDMTPForCausalLM",
+    "CPDMTPMetricsCallback",
+    "CPDMTPModelConfig",
+    "add_metrics_callback",
+]
+
+_MODULES = {
+    "CPDMTPForCausalLM": "cpd_mtp.hf.modeling",
+    "CPDMTPModelConfig": "cpd_mtp.hf.modeling",
+    "CPDMTPMetricsCallback": "cpd_mtp.hf.callbacks",
+    "add_metrics_callback": "cpd_mtp.hf.callbacks",
+}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that ``cpd_mtp.hf.export`` does not load the model code it does not use.
-    if name in __all__:
-        return getattr(importlib.import_module("cpd_mtp.hf.modeling"), name)
+    if name in _MODULES:
+        return getattr(importlib.import_module(_MODULES[name]), name)
     raise AttributeError(f"module 'cpd_mtp.hf' has no attribute {name!r}")
