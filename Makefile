@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install smollm2 test demo lint format bench-loss bench-decode bench-ranks docs wheel clean
+.PHONY: install smollm2 test demo demo-scratch bench-retrofit lint format bench-loss bench-decode bench-ranks docs wheel clean
 
 $(VENV)/.installed: pyproject.toml setup.cfg
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,8 +34,13 @@ smollm2: $(SMOLLM2)
 test: install smollm2
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job: retrofit SmolLM2 with a drafting head and measure it (about 10 minutes).
 demo: install smollm2
 	$(PY) -m cpd_mtp.apps.demo $(DEMO_ARGS)
+
+# Pretraining a small model with the CP loss from scratch (the earlier demo).
+demo-scratch: install
+	$(PY) -m cpd_mtp.apps.scratch_demo $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check cpd_mtp kernels tests benchmarks
@@ -53,6 +58,9 @@ bench-decode: install
 
 bench-ranks: install
 	$(PY) -m cpd_mtp.apps.rank_study
+
+bench-retrofit: install smollm2
+	$(PY) -m cpd_mtp.apps.retrofit_study
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site

@@ -1,13 +1,17 @@
 """The ``cpd-mtp`` command: one argparse subparser per subcommand.
 
     cpd-mtp train --preset demo run.steps=500     # DeepSpeed training (cpd_mtp.training.trainer)
+    cpd-mtp train --preset tiny --print-config    # the merged config; `train --help`: every key
     cpd-mtp generate --model runs/demo/final --prompt "def parse(" [--sample ...]
     cpd-mtp retrofit --model M --out DIR          # a drafting head for a pretrained model
     cpd-mtp demo                                  # the main job, as `make demo` runs it
+    cpd-mtp demo-scratch                          # pretraining with the CP loss, from scratch
     cpd-mtp bench ranks [--size default]          # the rank study (cpd_mtp.apps.rank_study)
+    cpd-mtp bench retrofit                        # the retrofit study on SmolLM2
 
-The parsers hold only argument definitions, so ``cpd-mtp --help`` imports no optional
-dependency; each command imports what it needs when it runs. A bad argument is argparse's
+The parsers hold only argument definitions, so ``cpd-mtp --help`` imports no heavy dependency
+(``import cpd_mtp`` registers the Auto classes through transformers' config code when it is
+installed, nothing more); each command imports what it needs when it runs. A bad argument is argparse's
 usage line and one ``error:`` line (exit 2), the same in every subcommand.
 """
 
@@ -18,6 +22,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cpd_mtp.apps.results import non_negative_int, positive_int
 
@@ -29,8 +34,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the run already in run.out_dir"
     )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the merged config (YAML) and exit"
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=100")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. run.steps=100 (keys below)"
+    )
+
+
+def train_epilog() -> str:
+    """Every config key, its default and what it does; built only when help is asked for."""
+    from cpd_mtp.training.config import config_help
+
+    return config_help()
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -39,7 +56,7 @@ def run_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     overrides += ["run.resume=true"] if args.resume else []
     overrides += ["run.overwrite=true"] if args.overwrite else []
-    run_command(args.preset, overrides)
+    run_command(args.preset, overrides, print_config=args.print_config, parser=args.parser)
 
 
 # ---------------------------------------------------------------------- generate
@@ -60,7 +77,7 @@ def run_generate(args: argparse.Namespace) -> None:
         sys.exit(f"error: --model {args.model} is not a saved model directory (no config.json)")
 
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, TextStreamer
 
     from cpd_mtp.decoding import generate
     from cpd_mtp.decoding.inputs import special_token_ids
@@ -85,10 +102,9 @@ def run_generate(args: argparse.Namespace) -> None:
     batch = tokenizer(args.prompt, return_tensors="pt", padding=len(args.prompt) > 1)
     generator = torch.Generator().manual_seed(args.seed)
     streaming = len(args.prompt) == 1
-
-    def stream(new_ids: torch.Tensor) -> None:  # (B, k) tokens accepted this iteration
-        print(tokenizer.decode(new_ids[0]), end="", flush=True)
-
+    # TextStreamer decodes everything generated so far and prints only the settled text, so a
+    # character whose bytes span several tokens (or forwards) prints whole, never as "\ufffd".
+    streamer = TextStreamer(tokenizer, skip_prompt=True) if streaming else None
     if streaming:
         print(args.prompt[0], end="", flush=True)
     out = generate(
@@ -103,7 +119,7 @@ def run_generate(args: argparse.Namespace) -> None:
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         generator=generator,
-        stream=stream if streaming else None,
+        streamer=streamer,
     )
     if not streaming:
         for row in tokenizer.batch_decode(out.sequences, skip_special_tokens=True):
@@ -189,6 +205,18 @@ def run_retrofit(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- demo
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from cpd_mtp.apps.demo import add_arguments  # argument definitions only
+
+    add_arguments(parser)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from cpd_mtp.apps.demo import run
+
+    run(args)
+
+
+def add_scratch_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="demo", help="a packaged preset or a YAML path")
     parser.add_argument("--skip-train", action="store_true", help="decode the existing export")
     parser.add_argument("--prompts", type=positive_int, default=6, help="held-out prompts")
@@ -196,10 +224,23 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. run.steps=50")
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    from cpd_mtp.apps.demo import run
+def run_scratch_demo(args: argparse.Namespace) -> None:
+    from cpd_mtp.apps.scratch_demo import run
 
     run(args.preset, args.overrides, args.skip_train, args.prompts, args.max_new_tokens)
+
+
+# ---------------------------------------------------------------------- bench retrofit
+def add_retrofit_study_arguments(parser: argparse.ArgumentParser) -> None:
+    from cpd_mtp.apps.retrofit_study import add_arguments  # argument definitions only
+
+    add_arguments(parser)
+
+
+def run_retrofit_study(args: argparse.Namespace) -> None:
+    from cpd_mtp.apps.retrofit_study import check_args, run_study
+
+    run_study(check_args(args, args.parser))
 
 
 # ---------------------------------------------------------------------- bench ranks
@@ -239,6 +280,28 @@ def run_rank_study(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- the parser
+class _HelpWithEpilog(argparse.Action):
+    """``-h``/``--help`` that builds the epilog first: it may import what ``--help`` of the
+    other commands must not (``train``'s list of config keys)."""
+
+    def __init__(
+        self, option_strings: list[str], dest: str, epilog: Callable[[], str], **kwargs: Any
+    ) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.epilog = epilog
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.epilog = self.epilog()
+        parser.print_help()
+        parser.exit()
+
+
 def _command(
     commands: argparse._SubParsersAction,
     name: str,
@@ -246,8 +309,16 @@ def _command(
     add_arguments: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], None],
     prog: str,
+    epilog: Callable[[], str] | None = None,
 ) -> None:
-    parser = commands.add_parser(name, help=summary, description=summary, prog=prog)
+    extra: dict[str, Any] = {}
+    if epilog is not None:  # help built on demand, its line breaks kept
+        extra = {"add_help": False, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    parser = commands.add_parser(name, help=summary, description=summary, prog=prog, **extra)
+    if epilog is not None:
+        parser.add_argument(
+            "-h", "--help", action=_HelpWithEpilog, epilog=epilog, help="show this help and exit"
+        )
     add_arguments(parser)
     parser.set_defaults(run=run, parser=parser)
 
@@ -266,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_train_arguments,
         run_train,
         "cpd-mtp train",
+        epilog=train_epilog,
     )
     _command(
         commands,
@@ -286,10 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     _command(
         commands,
         "demo",
-        "The main job: train on the embedded corpus, evaluate, decode.",
+        "The main job: retrofit SmolLM2-135M with a drafting head and measure the speedup.",
         add_demo_arguments,
         run_demo,
         "cpd-mtp demo",
+    )
+    _command(
+        commands,
+        "demo-scratch",
+        "Pretrain a small model with the CP loss on the embedded corpus, evaluate, decode.",
+        add_scratch_demo_arguments,
+        run_scratch_demo,
+        "cpd-mtp demo-scratch",
     )
     bench = commands.add_parser("bench", help="studies", description="Studies.")
     studies = bench.add_subparsers(dest="study", required=True, metavar="STUDY")
@@ -300,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_rank_study_arguments,
         run_rank_study,
         "cpd-mtp bench ranks",
+    )
+    _command(
+        studies,
+        "retrofit",
+        "The retrofit study: rank x distillation x seed on a real pretrained model.",
+        add_retrofit_study_arguments,
+        run_retrofit_study,
+        "cpd-mtp bench retrofit",
     )
     return parser
 

@@ -58,3 +58,34 @@ def build_tiny_llama_config(
 def tiny_llama_config():
     """The builder of small Llama configs: ``tiny_llama_config(vocab_size=..., ...)``."""
     return build_tiny_llama_config
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_folder(tmp_path_factory):
+    """A random 2-layer Llama and a 320-token BPE trained on 20 stdlib files, saved together
+    as a Hugging Face folder: a stand-in for a pretrained model (retrofit and study tests)."""
+    import sysconfig
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from cpd_mtp.training.tokenizer import train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:20]]
+    tokenizer = train_bpe_tokenizer(texts, 320)
+    torch.manual_seed(0)
+    config = build_tiny_llama_config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -39,6 +39,7 @@ def test_generate_streams_the_greedy_continuation(saved_model, capsys):
     with torch.no_grad():
         want = model.generate(
             ids,
+            speculative=False,
             max_new_tokens=12,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
@@ -58,6 +59,7 @@ def test_generate_stops_at_the_model_eos_like_hf_and_the_library(saved_model, tm
     with torch.no_grad():
         free = model.generate(
             ids,
+            speculative=False,
             max_new_tokens=12,
             do_sample=False,
             eos_token_id=None,
@@ -76,7 +78,7 @@ def test_generate_stops_at_the_model_eos_like_hf_and_the_library(saved_model, tm
     assert loaded.generation_config.eos_token_id == eos
 
     with torch.no_grad():
-        hf = loaded.generate(ids, max_new_tokens=12, do_sample=False)
+        hf = loaded.generate(ids, max_new_tokens=12, do_sample=False, speculative=False)
     ours = generate(loaded, ids, 12)
     assert torch.equal(ours.sequences, hf)
     assert hf.shape[1] == ids.shape[1] + k + 1 and int(hf[0, -1]) == eos
@@ -156,18 +158,24 @@ def test_argument_errors_are_one_line_in_every_subcommand(argv, prog, message, c
 
 def test_module_entry_points_are_the_subcommands(monkeypatch):
     """``python -m cpd_mtp.training.trainer`` (the launch scripts) runs ``cpd-mtp train``."""
-    from cpd_mtp.apps import demo, rank_study
-    from cpd_mtp.training import trainer
+    from cpd_mtp.apps import demo, rank_study, retrofit_study, scratch_demo
+    from cpd_mtp.training import retrofit, trainer
 
     seen = []
     monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv))
     trainer.main(["--preset", "tiny", "run.steps=2"])
     demo.main(["--skip-train"])
+    scratch_demo.main(["--skip-train"])
     rank_study.main(["--size", "tiny"])
+    retrofit_study.main(["--quick"])
+    retrofit.main(["--model", "m"])
     assert seen == [
         ["train", "--preset", "tiny", "run.steps=2"],
         ["demo", "--skip-train"],
+        ["demo-scratch", "--skip-train"],
         ["bench", "ranks", "--size", "tiny"],
+        ["bench", "retrofit", "--quick"],
+        ["retrofit", "--model", "m"],
     ]
 
 
@@ -176,14 +184,14 @@ def test_help_lists_every_command(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "generate", "demo", "bench"):
+    for command in ("train", "generate", "retrofit", "demo", "demo-scratch", "bench"):
         assert command in out
 
 
 def test_overrides_may_follow_options(monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "run_demo", lambda args: seen.update(vars(args)))
-    parser_args = ["demo", "run.steps=4", "--prompts", "1", "run.out_dir=/tmp/x"]
+    monkeypatch.setattr(cli, "run_scratch_demo", lambda args: seen.update(vars(args)))
+    parser_args = ["demo-scratch", "run.steps=4", "--prompts", "1", "run.out_dir=/tmp/x"]
     # run_demo is bound at parser build time: rebuild through main.
     cli.main(parser_args)
     assert seen["overrides"] == ["run.steps=4", "run.out_dir=/tmp/x"]
@@ -196,3 +204,80 @@ def test_unknown_option_is_reported_by_the_subcommand(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "cpd-mtp train: error: unrecognized arguments: --bogus"
+
+
+# ---------------------------------------------------------------------- train
+def test_train_overrides_may_follow_resume(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "run_train", lambda args: seen.update(vars(args)))
+    cli.main(["train", "--resume", "run.steps=10", "--preset", "tiny", "head.rank=2"])
+    assert seen["overrides"] == ["run.steps=10", "head.rank=2"]
+    assert seen["resume"] is True and seen["preset"] == "tiny"
+
+
+def test_print_config_prints_the_merged_config_and_exits(tmp_path, capsys, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from cpd_mtp.training import trainer
+    from cpd_mtp.training.config import config_to_dict, load_train_config
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--print-config trained")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    overrides = [f"run.out_dir={tmp_path}", "run.steps=7", "head.rank=3"]
+    cli.main(["train", "--preset", "tiny", "--print-config", *overrides])
+    printed = OmegaConf.to_container(OmegaConf.create(capsys.readouterr().out))
+    assert printed == config_to_dict(load_train_config("tiny", overrides))
+    # The override, the preset and the built-in default of one key each:
+    assert printed["run"]["steps"] == 7 and printed["trunk"]["num_layers"] == 2
+    assert printed["optim"]["betas"] == [0.9, 0.95]
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_help_lists_every_config_key_with_its_default(capsys):
+    import dataclasses
+
+    from cpd_mtp.training.config import TrainConfig, flatten
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--print-config" in out
+    keys = flatten(dataclasses.asdict(TrainConfig()))
+    assert len(keys) > 40
+    for key, default in keys.items():
+        shown = "null" if default is None else str(default).lower().replace(" ", "")
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        line = next((" ".join(r) for r in rows if r[0].startswith(f"{key}=")), None)
+        assert line is not None, key
+        assert line.split()[0] == f"{key}={shown}", (key, line)
+        assert len(line.split()) > 1, f"{key} has no description"
+
+
+def test_a_character_split_across_forwards_prints_whole(saved_model, monkeypatch, capsys):
+    """Each forward's tokens used to be decoded alone: "☕" split over tokens printed "��"."""
+    import cpd_mtp.decoding as decoding
+    from cpd_mtp.decoding.output import GenerationOutput
+    from cpd_mtp.decoding.stats import DecodingStats
+
+    path, _, tokenizer = saved_model
+    text = " café ☕ naïve"
+    new = tokenizer(text, add_special_tokens=False).input_ids
+    assert any("\ufffd" in tokenizer.decode([t]) for t in new), "the text must split a character"
+
+    def one_token_per_forward(model, input_ids, max_new_tokens, streamer=None, **kwargs):
+        streamer.put(input_ids)
+        for token in new:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        stats = DecodingStats(forwards=len(new), row_forwards=[len(new)])
+        stats.new_tokens_per_row = [len(new)]
+        sequences = torch.cat([input_ids, torch.tensor([new])], dim=1)
+        return GenerationOutput.from_stats(sequences, stats, 0.0)
+
+    monkeypatch.setattr(decoding, "generate", one_token_per_forward)
+    cli.main(["generate", "--model", str(path), "--prompt", "def", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert out.startswith("def" + text) and "\ufffd" not in out

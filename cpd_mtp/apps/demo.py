@@ -1,100 +1,170 @@
-"""The main job, as ``make demo`` runs it.
+"""The main job, as ``make demo`` runs it: make SmolLM2-135M-Instruct faster without changing it.
 
-1. Train a small Llama-shaped trunk with a CP head (n=4, r=4) on the embedded corpus, the
-   Python standard library, through DeepSpeed on this machine (the ``demo`` preset).
-2. Report validation joint NLL, next-token NLL of the marginal, per-head NLL, expert usage.
-3. Complete held-out prompts with greedy self-speculative decoding and compare its
-   wall-clock time with autoregressive decoding (HF ``generate``) of the same model.
+1. Load the real model (the GGUF ``make smollm2`` fetched) and retrofit a CP-MTP drafting head
+   onto it, heads only, in base mode, self-distilled on its own greedy continuations of the
+   embedded corpus (the Python standard library): ``cpd_mtp.training.retrofit``.
+2. Complete a held-out prompt with the exported model.
+3. Decode held-out prompts with self-speculative decoding and with the original model's own
+   Hugging Face ``generate``, interleaved, and report tokens per forward, acceptance per draft
+   position, the wall-clock speedup (median and spread over prompts) and whether every token
+   was identical.
 
-    python -m cpd_mtp.apps.demo                       # the default, a few minutes on 2 cores
-    python -m cpd_mtp.apps.demo run.steps=50          # any training override
-    python -m cpd_mtp.apps.demo --skip-train          # decode with runs/demo/final as it is
+    python -m cpd_mtp.apps.demo                       # about 10 minutes on 2 cores
+    python -m cpd_mtp.apps.demo --tokens 65536        # a longer retrofit, more acceptance
+    python -m cpd_mtp.apps.demo --skip-train          # measure runs/demo-smollm2/final again
 
-``python -m cpd_mtp.apps.demo`` is ``cpd-mtp demo`` (the arguments are defined in
-``cpd_mtp.cli``).
+``python -m cpd_mtp.apps.demo`` is ``cpd-mtp demo``; the from-scratch pretraining demo is
+``cpd-mtp demo-scratch`` (``cpd_mtp.apps.scratch_demo``).
 """
 
 from __future__ import annotations
 
-import statistics
+import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-import torch
+from cpd_mtp.apps.results import positive_int
 
-from cpd_mtp.training.config import data_config, load_train_config
-
-
-def report_training(metrics: dict[str, float], n_future: int, rank: int) -> None:
-    print("\n== validation (held-out stdlib files) ==")
-    joint = metrics["val/joint_nll"]
-    print(f"joint NLL per position     {joint:.3f} nats ({n_future} future tokens)")
-    print(f"joint NLL per target       {metrics['val/joint_nll_per_target']:.3f} nats")
-    print(f"next-token NLL (marginal)  {metrics['val/next_token_nll']:.3f} nats")
-    heads = "  ".join(f"{metrics[f'val/head{s}_nll']:.3f}" for s in range(1, n_future + 1))
-    print(f"per-head NLL (s=1..{n_future})     {heads}")
-    usage = "  ".join(f"{metrics[f'val/expert{a}_weight']:.2f}" for a in range(rank))
-    print(f"expert usage (mean w)      {usage}   gate entropy {metrics['val/gate_entropy']:.3f}")
+OUT_DIR = Path("runs") / "demo-smollm2"
 
 
-def decode_and_compare(model_dir: Path, prompts: list[str], max_new_tokens: int) -> None:
-    from transformers import AutoTokenizer
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (``cpd-mtp demo`` and ``python -m cpd_mtp.apps.demo``)."""
+    from cpd_mtp.apps.models import model_path
 
-    from cpd_mtp.apps.compare import compare_decoding
+    parser.add_argument(
+        "--model", type=Path, default=model_path("smollm2"), help="HF folder or .gguf"
+    )
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="run folder (replaced)")
+    parser.add_argument("--rank", type=positive_int, default=4, help="experts r")
+    parser.add_argument(
+        "--n-future", type=positive_int, default=4, help="tokens per draft window n"
+    )
+    parser.add_argument(
+        "--tokens", type=positive_int, default=40_960, help="generated training tokens"
+    )
+    parser.add_argument("--draft-vocab", type=positive_int, default=4096, help="draft vocabulary K")
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--prompts", type=positive_int, default=8, help="held-out prompts measured")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument(
+        "--repeats", type=positive_int, default=2, help="timed passes over the prompts"
+    )
+    parser.add_argument("--skip-train", action="store_true", help="measure the existing export")
+
+
+def _retrofit(args: argparse.Namespace, base: tuple[Any, Any]) -> None:
+    from cpd_mtp.training.retrofit import RetrofitConfig, RetrofitTrainer
+
+    cfg = RetrofitConfig(
+        model=str(args.model),
+        out_dir=str(args.out),
+        n_future=args.n_future,
+        rank=args.rank,
+        tokens=args.tokens,
+        draft_vocab=args.draft_vocab,
+        distill="generated",
+        block_size=128,
+        epochs=args.epochs,
+        eval_every=10**9,  # validation at the start and the end
+        overwrite=True,  # `make demo` replaces its own earlier run
+    )
+    print(
+        f"== retrofit: n={cfg.n_future}, r={cfg.rank}, draft vocabulary {cfg.draft_vocab}, "
+        f"{cfg.tokens:,} self-generated tokens x {cfg.epochs:g} epochs, heads only ==",
+        flush=True,
+    )
+    trainer = RetrofitTrainer(cfg, base=base)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def _report(measured: dict[str, Any], prompts: int, new_tokens: int, repeats: int) -> None:
+    greedy = measured["greedy"]
+    speed = greedy["speedup"]
+    rates = "  ".join("-" if r is None else f"{r:.2f}" for r in greedy["acceptance_per_position"])
+    print("\n== speculative decoding vs the original model's HF generate (greedy, batch 1) ==")
+    print(f"{prompts} held-out prompts x {new_tokens} new tokens, {repeats} interleaved passes")
+    print(f"tokens per forward            {greedy['tokens_per_forward']:.2f}")
+    print(f"acceptance per draft position {rates}   (offsets 2..n)")
+    print(
+        f"time per token                speculative {greedy['spec_s_per_token'] * 1e3:.1f} ms, "
+        f"HF generate {greedy['hf_s_per_token'] * 1e3:.1f} ms"
+    )
+    print(
+        f"speedup over HF generate      {speed['median']:.2f}x median over prompts "
+        f"(p20 {speed['p20']:.2f}x, p80 {speed['p80']:.2f}x, n={speed['n']}); "
+        f"total time {greedy['total_speedup']:.2f}x"
+    )
+    if not speed["trusted"]:
+        print("                              the spread is too wide to trust: the machine is busy")
+    print(f"identical tokens to HF        {'yes' if greedy['identical'] else 'NO'}")
+    if "sampled" in measured:
+        sampled = measured["sampled"]
+        print(
+            f"sampled at T={sampled['temperature']:g}: {sampled['tokens_per_forward']:.2f} tokens "
+            "per forward (distributed exactly as the original model's sampling)"
+        )
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from cpd_mtp.apps.retrofit_eval import measure_retrofit
+    from cpd_mtp.apps.retrofit_study import held_out_prompts
     from cpd_mtp.decoding import generate
+    from cpd_mtp.hf.loading import load_causal_lm
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = CPDMTPForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
-    ids = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
-    out = generate(model, ids[0][None], max_new_tokens)
-    print("\n== completion of a held-out prompt (greedy self-speculative decoding) ==")
-    print(prompts[0] + "\033[1m" + tokenizer.decode(out.sequences[0, len(ids[0]) :]) + "\033[0m")
+    if not args.model.exists():
+        sys.exit(f"error: no model at {args.model} (run `make smollm2`)")
+    final = args.out / "final"
+    if args.skip_train and not final.is_dir():
+        sys.exit(f"error: --skip-train needs an export at {final}; run the demo without it first")
+    base = load_causal_lm(args.model)
+    base[0].eval()
+    if not args.skip_train:
+        _retrofit(args, base)
+    model = CPDMTPForCausalLM.from_pretrained(final).eval()
+    tokenizer = base[1]
+    study_args = argparse.Namespace(
+        model=args.model, n_future=args.n_future, rank=args.rank, tokens=args.tokens,
+        draft_vocab=args.draft_vocab, block_size=128, batch_size=8, epochs=args.epochs,
+        lr=2e-3, expert_type="linear", max_files=None, work_dir=args.out.parent,
+        progress=False, prompts=args.prompts, prompt_tokens=48,
+    )  # fmt: skip
+    prompts = held_out_prompts(study_args, tokenizer)
+
     with torch.no_grad():
-        stats = compare_decoding(
-            model, ids, max_new_tokens, repeats=3, pad_token_id=tokenizer.pad_token_id
-        )
-    rates = ", ".join(f"{r:.2f}" for r in stats["acceptance_rate"])
-    spec = sorted(stats["spec_time_s"])[1]
-    ar = sorted(stats["ar_time_s"])[1]
-    print("\n== self-speculative vs autoregressive decoding (same model, same run) ==")
-    print(f"{len(prompts)} held-out prompts x {max_new_tokens} new tokens, greedy, batch 1")
-    print(f"tokens per forward          {statistics.median(stats['tokens_per_forward']):.2f}")
-    print(f"acceptance per draft pos.   {rates}")
-    print(f"identical to HF generate    {stats['identical']}")
+        out = generate(model, prompts[0][None], args.max_new_tokens)
+    print("\n== a held-out prompt (standard-library code the head never saw), completed ==")
     print(
-        f"wall clock (median of 3)    speculative {spec:.2f} s, "
-        f"autoregressive (HF generate) {ar:.2f} s: speedup {stats['speedup']:.2f}x"
+        tokenizer.decode(prompts[0])
+        + "⟨"
+        + tokenizer.decode(out.sequences[0, len(prompts[0]) :])
+        + "⟩"
     )
+    print(f"({out.stats.tokens_per_forward:.2f} tokens per forward; the completion is between ⟨ ⟩)")
 
-
-def run(
-    preset: str,
-    overrides: list[str],
-    skip_train: bool = False,
-    prompts: int = 6,
-    max_new_tokens: int = 64,
-) -> None:
-    """Train (unless ``skip_train``), report, then decode ``prompts`` held-out prompts."""
-    # `make demo` re-trains into the same folder on every call: replace its own earlier run.
-    if not skip_train:
-        overrides = ["run.overwrite=true", *overrides]
-    cfg = load_train_config(preset, overrides)
-    if not skip_train:
-        from cpd_mtp.training.trainer import Trainer
-
-        trainer = Trainer(cfg)
-        report_training(trainer.train(), cfg.head.n_future, cfg.head.rank)
-        corpus = trainer.corpus
-    else:
-        from cpd_mtp.training.data import build_corpus
-
-        corpus = build_corpus(data_config(cfg.data, progress=cfg.run.progress))
-    texts = corpus.held_out_prompts(prompts, prompt_tokens=48)
-    decode_and_compare(Path(cfg.run.out_dir) / "final", texts, max_new_tokens)
+    measured = measure_retrofit(
+        model, base[0], prompts, args.max_new_tokens, repeats=args.repeats, temperature=0.7
+    )
+    _report(measured, len(prompts), args.max_new_tokens, args.repeats)
+    print(f"\nThe retrofitted model is in {final} (loads with CPDMTPForCausalLM.from_pretrained).")
+    print("Next:")
+    print(f"  cpd-mtp generate --model {final} --prompt 'def parse(' --max-new-tokens 64")
+    print(
+        f"  cpd-mtp retrofit --model {args.model} --out runs/my-retrofit --tokens 200000 "
+        "--distill generated --draft-vocab 4096   # more tokens, more acceptance"
+    )
+    print("  docs/guides/retrofit.md: your own model, the options, what to expect")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m cpd_mtp.apps.demo ...`` is ``cpd-mtp demo ...``."""
     from cpd_mtp.cli import main as cli_main
 
     cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])

@@ -206,6 +206,7 @@ def _measure_decoding(
         x = torch.tensor([ids])
         model.generate(
             x,
+            speculative=False,  # HF's own loop, the autoregressive baseline
             attention_mask=torch.ones_like(x),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,

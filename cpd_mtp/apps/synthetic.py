@@ -12,9 +12,9 @@ import argparse
 import math
 
 import torch
-from tqdm import tqdm
 
 from cpd_mtp import CPDMTPConfig, CPDMTPHead
+from cpd_mtp.utils.progress import progress
 
 
 def make_task(modes: int, n_future: int, vocab: int, dim: int, seed: int):
@@ -48,7 +48,8 @@ def train(rank: int, args: argparse.Namespace) -> list[float]:
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr)
     sample = make_task(args.modes, args.n_future, args.vocab, args.dim, args.seed)
     curve = []
-    for _ in tqdm(range(args.steps), desc=f"rank {rank}", leave=False):
+    bar = progress(range(args.steps), desc=f"rank {rank}", unit="step", every=25, leave=False)
+    for _ in bar:
         hidden, labels = sample(args.batch)
         out = head(hidden, labels=labels, return_logits=False)
         optimizer.zero_grad(set_to_none=True)

@@ -65,7 +65,8 @@ def autoregressive_generate(
             "top_k": top_k if top_k is not None else 0,
             "top_p": top_p if top_p is not None else 1.0,
         }
-    sequences = model.generate(input_ids, **kwargs)
+    # HF's own loop, one forward per token (the model's ``generate`` would speculate).
+    sequences = model.generate(input_ids, speculative=False, **kwargs)
     new = sequences[:, input_ids.shape[1] :]  # (B, L)
     # Each row's new tokens run up to and including its first EOS.
     per_row = new.new_full((new.shape[0],), new.shape[1])

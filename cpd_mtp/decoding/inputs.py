@@ -8,7 +8,28 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_inputs", "eos_tensor", "is_int", "resolve_special_tokens", "special_token_ids"]
+__all__ = [
+    "SCORE_ONLY_WARPERS",
+    "check_inputs",
+    "check_warpers",
+    "eos_tensor",
+    "is_int",
+    "reject_unsupported",
+    "resolve_special_tokens",
+    "special_token_ids",
+]
+
+# Hugging Face warpers that read the scores alone (not the ids so far): applying one to the
+# target and the drafts alike keeps speculative sampling exact.
+SCORE_ONLY_WARPERS = (
+    "TemperatureLogitsWarper",
+    "TopKLogitsWarper",
+    "TopPLogitsWarper",
+    "MinPLogitsWarper",
+    "TypicalLogitsWarper",
+    "EpsilonLogitsWarper",
+    "EtaLogitsWarper",
+)
 
 
 def is_int(value: Any) -> bool:
@@ -118,3 +139,25 @@ def resolve_special_tokens(
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos.numel() else 0
     return eos, pad_token_id
+
+
+def check_warpers(warpers: Any) -> None:
+    """Raise a ``ValueError`` unless ``warpers`` is a list of ``SCORE_ONLY_WARPERS``."""
+    names = [type(w).__name__ for w in warpers]
+    bad = [name for name in names if name not in SCORE_ONLY_WARPERS]
+    if bad:
+        raise ValueError(
+            f"the speculative decoder cannot apply {', '.join(bad)} exactly (it serves "
+            f"{', '.join(SCORE_ONLY_WARPERS)}); use model.generate, which runs Hugging Face's "
+            "own loop for it"
+        )
+
+
+def reject_unsupported(arguments: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the ``generate`` arguments the decoder does not take."""
+    if arguments:
+        raise ValueError(
+            f"cpd_mtp.generate does not serve {', '.join(sorted(arguments))}: use "
+            "model.generate(...), which decodes speculatively when it can and runs Hugging "
+            "Face's own loop otherwise"
+        )

@@ -105,11 +105,26 @@ class GenerationOutput:
 
 
 class TokenBuffer:
-    """The new tokens of B rows, cut at EOS and at ``max_new_tokens``.
+    """The new tokens of B rows, cut at EOS, at ``max_new_tokens`` and by stopping criteria.
 
     Attributes:
         tokens: (B, max_new_tokens) new ids, ``pad_token_id`` after each row's end.
         counts: (B,) new tokens written per row.
+        finished: (B,) bool, the row has ended (EOS, budget or a stopping criterion).
+
+    Args:
+        batch, max_new_tokens, pad_token_id: the shape and the filler of ``tokens``.
+        eos: (k,) EOS ids; a row ends after emitting one.
+        stream: called after each ``emit`` with every row's new ids (a list of B lists).
+        prompt: (B, T) prompt ids, the start of what ``stopping`` sees.
+        stopping: Hugging Face ``StoppingCriteriaList`` (or any callable of the same
+            signature), called after each new token of a row on that row's sequence so far,
+            (1, T + k), with that token's target scores (1, V) or None; a true result ends the
+            row after that token. A row-wise criterion thus stops at the token where Hugging
+            Face's loop stops.
+        streamer: a ``transformers`` ``BaseStreamer``; ``put`` receives the new tokens in order,
+            as soon as they are settled: a (k,) chunk when B = 1, and (B,) columns (finished
+            rows padded) when B > 1, as Hugging Face's loop puts them. ``close`` calls ``end``.
     """
 
     def __init__(
@@ -119,47 +134,123 @@ class TokenBuffer:
         pad_token_id: int,
         eos: torch.Tensor,
         stream: StreamCallback | None = None,
+        *,
+        prompt: torch.Tensor | None = None,
+        stopping: Callable[..., Any] | None = None,
+        streamer: Any | None = None,
     ) -> None:
         device = eos.device
+        if stopping is not None and prompt is None:
+            raise ValueError("TokenBuffer needs the prompt to evaluate stopping criteria")
         self.max_new_tokens = max_new_tokens
         self.eos = eos
         self.stream = stream
+        self.prompt = prompt
+        self.stopping = stopping
+        self.streamer = streamer
         self.tokens = torch.full(
             (batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device
         )
         self.counts = torch.zeros(batch, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.streamed = 0  # columns already handed to the streamer
 
     def remaining(self, rows: torch.Tensor) -> torch.Tensor:
         """(b,) new tokens the ``rows`` may still emit."""
         return self.max_new_tokens - self.counts[rows]
 
-    def emit(self, rows: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens[i, :counts[i]]`` to row ``rows[i]``, cut after EOS and at the budget.
+    def emit(
+        self,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        counts: torch.Tensor,
+        scores: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append ``tokens[i, :counts[i]]`` to row ``rows[i]``, cut after EOS, at the budget and
+        after a token that meets a stopping criterion.
 
         Args:
             rows: (b,) row indices into the batch.
             tokens: (b, k) candidate tokens.
             counts: (b,) how many of them each row accepted.
+            scores: (b, k, V) the target scores each token was chosen from, for the stopping
+                criteria; optional.
 
         Returns:
-            (b,) bool: the row is finished (emitted EOS or reached ``max_new_tokens``).
+            (b,) bool: the row is finished.
         """
         take = torch.minimum(counts, self.remaining(rows))
         cols = torch.arange(tokens.shape[1], device=tokens.device)
         is_eos = torch.isin(tokens, self.eos) & (cols[None] < take[:, None])
         has_eos = is_eos.any(dim=1)
         take = torch.where(has_eos, is_eos.long().argmax(dim=1) + 1, take)
+        stopped = torch.zeros_like(has_eos)
+        if self.stopping is not None:
+            take, stopped = self._stop(rows, tokens, take, scores)
         for j in range(tokens.shape[1]):
             sel = j < take
             if bool(sel.any()):
                 self.tokens[rows[sel], self.counts[rows[sel]] + j] = tokens[sel, j]
         self.counts[rows] += take
+        finished = has_eos | stopped | (self.counts[rows] >= self.max_new_tokens)
+        self.finished[rows] |= finished
         if self.stream is not None:
             new: list[list[int]] = [[] for _ in range(self.counts.shape[0])]
             for i, row in enumerate(rows.tolist()):
                 new[row] = tokens[i, : int(take[i])].tolist()
             self.stream(new)
-        return has_eos | (self.counts[rows] >= self.max_new_tokens)
+        if self.streamer is not None:
+            self._put_settled()
+        return finished
+
+    def _stop(
+        self,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        take: torch.Tensor,
+        scores: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cut each row after the first candidate token that meets a stopping criterion.
+
+        Token by token, on the row's own sequence, as Hugging Face's loop checks its criteria
+        after each token. Returns the new (b,) ``take`` and the (b,) bool rows stopped here.
+        """
+        take = take.clone()
+        stopped = torch.zeros(take.shape[0], dtype=torch.bool, device=take.device)
+        for i, row in enumerate(rows.tolist()):
+            done = self.tokens[row, : int(self.counts[row])]
+            sequence = torch.cat([self.prompt[row], done, tokens[i, : int(take[i])]])
+            start = self.prompt.shape[1] + done.shape[0]
+            for j in range(int(take[i])):
+                row_scores = scores[i, j][None] if scores is not None else None
+                if bool(
+                    torch.as_tensor(
+                        self.stopping(sequence[None, : start + j + 1], row_scores)
+                    ).any()
+                ):
+                    take[i], stopped[i] = j + 1, True
+                    break
+        return take, stopped
+
+    def _put_settled(self) -> None:
+        """Hand the streamer the columns every unfinished row has reached."""
+        live = ~self.finished
+        ready = int(self.counts[live].min()) if bool(live.any()) else int(self.counts.max())
+        if ready <= self.streamed:
+            return
+        if self.tokens.shape[0] == 1:
+            self.streamer.put(self.tokens[0, self.streamed : ready].cpu())
+        else:
+            for j in range(self.streamed, ready):
+                self.streamer.put(self.tokens[:, j].cpu())
+        self.streamed = ready
+
+    def close(self) -> None:
+        """Hand the streamer what is left and call its ``end``."""
+        if self.streamer is not None:
+            self.finished[:] = True
+            self._put_settled()
+            self.streamer.end()
 
     def sequences(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) prompt -> (B, T + L) prompt and new tokens, L the longest continuation."""

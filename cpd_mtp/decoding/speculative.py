@@ -39,10 +39,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from cpd_mtp.decoding.cache import compact, decoding_cache
 from cpd_mtp.decoding.drafters import CPDrafter, Drafter, propose
-from cpd_mtp.decoding.inputs import check_inputs, is_int, resolve_special_tokens
+from cpd_mtp.decoding.inputs import (
+    check_inputs,
+    check_warpers,
+    is_int,
+    reject_unsupported,
+    resolve_special_tokens,
+)
 from cpd_mtp.decoding.output import GenerationOutput, StreamCallback, TokenBuffer
 from cpd_mtp.decoding.sampling import apply_warpers, build_warpers, sample, verify
 from cpd_mtp.decoding.stats import DraftCounter
@@ -69,6 +77,8 @@ class SpeculativeDecoder:
         buffer: receives the new tokens.
         warp: the warping of every target and draft distribution; None for greedy decoding.
         generator: random source for sampling.
+        min_new_tokens: EOS is removed from the targets of a row's first ``min_new_tokens`` new
+            tokens (Hugging Face's ``min_new_tokens``; drafts of EOS there are then rejected).
     """
 
     def __init__(
@@ -80,6 +90,7 @@ class SpeculativeDecoder:
         *,
         warp: Warp | None,
         generator: torch.Generator | None = None,
+        min_new_tokens: int = 0,
     ) -> None:
         self.model = model
         self.drafter = drafter
@@ -87,6 +98,7 @@ class SpeculativeDecoder:
         self.buffer = buffer
         self.warp = warp
         self.generator = generator
+        self.min_new_tokens = min_new_tokens
         self.counter = DraftCounter(buffer.counts.shape[0], draft_positions, buffer.counts.device)
         self.done = False
 
@@ -106,8 +118,10 @@ class SpeculativeDecoder:
         self.n_valid = mask.sum(dim=1)  # real tokens in each row's cache = next position id
         self.anchor = hidden[:, -1]  # (B, d)
         scores, self.pieces = self._next_token(self.anchor)
-        self.pending = self._choose(self._target(scores))
-        finished = self.buffer.emit(self.rows, self.pending[:, None], torch.ones_like(self.pending))
+        target = self._target(scores, self.buffer.counts[self.rows])  # new token 0 of each row
+        self.pending = self._choose(target)
+        ones = torch.ones_like(self.pending)
+        finished = self.buffer.emit(self.rows, self.pending[:, None], ones, target[:, None])
         self._drop(finished)
 
     def step(self) -> None:
@@ -142,9 +156,11 @@ class SpeculativeDecoder:
         scores, pieces = self._next_token(hidden)
 
         # Verify: accept a prefix of the drafts, choose the correction / bonus token after it.
+        # Fed position j predicts new token counts + j (the pending token is counts - 1).
+        target = self._target(scores, self.buffer.counts[rows][:, None] + step[None])
         accepted, next_token = verify(
             drafts,
-            self._target(scores),
+            target,
             draft_log_q,
             greedy=self.warp is None,
             generator=self.generator,
@@ -154,7 +170,7 @@ class SpeculativeDecoder:
         # Emit the accepted drafts and the token after them (cut at EOS and the budget).
         tokens = torch.cat([drafts, drafts.new_zeros(live, 1)], dim=1)
         tokens.scatter_(1, accepted[:, None], next_token[:, None])
-        finished = self.buffer.emit(rows, tokens, accepted + 1)
+        finished = self.buffer.emit(rows, tokens, accepted + 1, target)
 
         # Keep the accepted slots: crop to the longest accepted prefix, mask the holes, then
         # right-align each row's real slots (slot distance = position distance).
@@ -196,8 +212,19 @@ class SpeculativeDecoder:
         marginal, log_w, log_p1 = head.marginal_and_pieces(hidden)
         return marginal, (log_w, log_p1)
 
-    def _target(self, scores: torch.Tensor) -> torch.Tensor:
-        """Greedy: the scores as they are (argmax); sampling: warped, normalised log-probs."""
+    def _target(self, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Greedy: the scores as they are (argmax); sampling: warped, normalised log-probs.
+
+        ``scores`` (b, [k,] V) predict new tokens number ``index`` (b, [k]) of their rows; EOS is
+        masked out of those before ``min_new_tokens`` first, as Hugging Face's min-length
+        processors do before its warpers.
+        """
+        eos = self.buffer.eos
+        if self.min_new_tokens and eos.numel() and int(index.min()) < self.min_new_tokens:
+            early = (index < self.min_new_tokens)[..., None]  # (b, [k,] 1)
+            is_eos = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            is_eos[eos] = True
+            scores = scores.masked_fill(early & is_eos, -torch.inf)
         return scores if self.warp is None else self.warp(scores)
 
     def _choose(self, target: torch.Tensor) -> torch.Tensor:
@@ -245,6 +272,11 @@ def generate(
     draft_positions: int | None = None,
     drafter: Drafter | None = None,
     stream: StreamCallback | None = None,
+    streamer: BaseStreamer | None = None,
+    stopping_criteria: StoppingCriteriaList | None = None,
+    min_new_tokens: int = 0,
+    warpers: LogitsProcessorList | None = None,
+    **unsupported: Any,
 ) -> GenerationOutput:
     """Self-speculative decoding of a ``CPDMTPForCausalLM``.
 
@@ -269,25 +301,61 @@ def generate(
         drafter: where drafts come from (default ``CPDrafter(model.head)``).
         stream: called after each forward with the newly accepted token ids of every row
             (a list of B lists, empty for rows with nothing new).
+        streamer: a ``transformers`` streamer (``TextStreamer``, ``TextIteratorStreamer``, any
+            ``BaseStreamer``), fed as Hugging Face ``generate`` feeds it: ``put`` the (B, T)
+            prompt, then the new tokens as they are accepted (a (k,) chunk per forward when
+            B = 1; (B,) columns when B > 1), then ``end``.
+        stopping_criteria: a ``transformers`` ``StoppingCriteriaList`` (or a callable with its
+            signature). It is called after every new token, on that row's sequence (1, T + k)
+            and the token's target scores (1, V), and a row stops right after the token where it
+            returns True; criteria that judge each row on its own (all of Hugging Face's) stop
+            where Hugging Face's loop stops.
+        min_new_tokens: EOS cannot end a row before this many new tokens (as in HF).
+        warpers: a ``LogitsProcessorList`` of Hugging Face warpers used instead of
+            ``temperature`` / ``top_k`` / ``top_p`` when sampling (``model.generate`` passes
+            the ones it would apply). Only warpers that read the scores alone are served:
+            ``Temperature``, ``TopK``, ``TopP``, ``MinP``, ``Typical``, ``Epsilon``, ``Eta``.
 
     Returns:
         ``GenerationOutput`` with ``sequences`` (B, T + L) and the statistics.
 
     Raises:
         ValueError: an argument out of its range or of the wrong type (prompt ids outside
-            [0, V), a non-integer ``max_new_tokens``, a NaN temperature, ...), named.
+            [0, V), a non-integer ``max_new_tokens``, a NaN temperature, ...), named; or an
+            argument of Hugging Face ``generate`` this decoder does not serve exactly
+            (``repetition_penalty``, ``num_beams``, ...): ``model.generate`` runs those
+            through Hugging Face's own loop.
     """
     start_time = time.perf_counter()
     # Check every argument before any forward.
+    reject_unsupported(unsupported)
     mask = check_inputs(input_ids, attention_mask, max_new_tokens, model.head.config.vocab_size)
+    if not is_int(min_new_tokens) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
     drafter = drafter if drafter is not None else CPDrafter(model.head)
     m = _check_draft_positions(drafter, draft_positions)
     warp = None
     if do_sample:
-        warp = functools.partial(apply_warpers, build_warpers(temperature, top_k, top_p))
+        if warpers is None:
+            warpers = build_warpers(temperature, top_k, top_p)
+        check_warpers(warpers)
+        warp = functools.partial(apply_warpers, warpers)
     eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, input_ids.device)
-    buffer = TokenBuffer(input_ids.shape[0], max_new_tokens, pad_token_id, eos, stream)
-    decoder = SpeculativeDecoder(model, drafter, m, buffer, warp=warp, generator=generator)
+    buffer = TokenBuffer(
+        input_ids.shape[0],
+        max_new_tokens,
+        pad_token_id,
+        eos,
+        stream,
+        prompt=input_ids,
+        stopping=stopping_criteria or None,
+        streamer=streamer,
+    )
+    decoder = SpeculativeDecoder(
+        model, drafter, m, buffer, warp=warp, generator=generator, min_new_tokens=min_new_tokens
+    )
+    if streamer is not None:
+        streamer.put(input_ids.cpu())  # the prompt first, as Hugging Face's generate does
 
     if max_new_tokens > 0:
         # The verification forwards feed a few tokens: on a CPU their linear layers run in the
@@ -298,4 +366,5 @@ def generate(
             decoder.prefill(input_ids, mask)
             while not decoder.done:
                 decoder.step()
+    buffer.close()
     return decoder.output(input_ids, start_time)

@@ -22,7 +22,7 @@ __all__ = [
 
 _MODULES = {
     "CPDMTPForCausalLM": "cpd_mtp.hf.modeling",
-    "CPDMTPModelConfig": "cpd_mtp.hf.modeling",
+    "CPDMTPModelConfig": "cpd_mtp.hf.configuration",
     "CPDMTPMetricsCallback": "cpd_mtp.hf.callbacks",
     "add_metrics_callback": "cpd_mtp.hf.callbacks",
 }

@@ -12,6 +12,11 @@ input and output embeddings survives). Its ``forward`` returns a ``CausalLMOutpu
 
 Labels are aligned with ``input_ids``, the model shifts; see the label convention in the docs.
 
+``generate`` decodes speculatively when that is exact and runs Hugging Face's loop otherwise
+(``cpd_mtp.hf.generation.SpeculativeGenerationMixin``). The config, ``CPDMTPModelConfig``, lives
+in ``cpd_mtp.hf.configuration`` (re-exported here); importing this module registers the model
+with ``AutoModelForCausalLM``.
+
 Weights, saving and loading: W_U is saved once. When the wrapped LM ties its embeddings, the
 model declares ``_tied_weights_keys = {"head.weight": "trunk.<embedding>.weight"}`` (the
 transformers 5 ``{target: source}`` form), so ``save_pretrained`` drops the alias and
@@ -31,20 +36,20 @@ import torch
 from torch import nn
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
-    AutoConfig,
     AutoModelForCausalLM,
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as hf_init
-from transformers.configuration_utils import SubConfigSpec
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.experts import ExpertStates
 from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput, _full_shape, check_bias_free
+from cpd_mtp.hf.configuration import CPDMTPModelConfig
+from cpd_mtp.hf.generation import SpeculativeGenerationMixin
 
 __all__ = [
     "CPDMTPCausalLMOutputWithPast",
@@ -59,67 +64,6 @@ _LOGIT_TRANSFORMS = (
     "logits_scaling",
     "output_multiplier",
 )
-
-
-class CPDMTPModelConfig(PretrainedConfig):
-    """Configuration of ``CPDMTPForCausalLM``: the wrapped LM's config plus the head's.
-
-    Args:
-        text_config: the wrapped causal LM's config, a ``PretrainedConfig`` or a dict holding its
-            ``model_type`` (rebuilt through ``AutoConfig.for_model``). Defaults to a Llama config.
-        head_config: ``CPDMTPConfig.to_dict()`` of the head. Its ``hidden_size`` and
-            ``vocab_size`` must match ``text_config``; when None, the ``CPDMTPConfig`` defaults
-            for that size are used.
-        freeze_trunk: heads-only training. The trunk *and* the shared unembedding W_U get
-            ``requires_grad=False`` (after construction and after ``from_pretrained``); the
-            gate and the experts stay trainable.
-        tie_word_embeddings: mirrors ``text_config.tie_word_embeddings`` (set automatically); it
-            says whether W_U is the trunk's input embedding matrix.
-    """
-
-    model_type = "cpd_mtp"
-    sub_configs_defaults = {  # noqa: RUF012 (transformers reads it as a class attribute)
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
-    # `cp_output` is not a tensor: keep it out of Trainer's prediction gathering.
-    keys_to_ignore_at_inference = ["past_key_values", "cp_output"]  # noqa: RUF012
-
-    text_config: dict | PretrainedConfig | None = None
-    head_config: dict | None = None
-    freeze_trunk: bool = False
-    tie_word_embeddings: bool = False
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        given = self.text_config
-        kernels = None
-        if isinstance(given, PretrainedConfig):
-            # The base __post_init__ pushes this config's (unset) attention / experts
-            # implementation down to the sub-config; keep the wrapped model's choice.
-            kernels = (given._attn_implementation, given._experts_implementation)
-        super().__post_init__(**kwargs)
-        text = self.text_config
-        if kernels is not None:
-            if self._attn_implementation is None:
-                text._attn_implementation_internal = kernels[0]
-            if self._experts_implementation is None:
-                text._experts_implementation_internal = kernels[1]
-        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
-        hidden, vocab = int(text.hidden_size), int(text.vocab_size)
-        if self.head_config is None:
-            head = CPDMTPConfig(hidden_size=hidden, vocab_size=vocab)
-        else:
-            head = CPDMTPConfig.from_dict(dict(self.head_config))
-        if (head.hidden_size, head.vocab_size) != (hidden, vocab):
-            raise ValueError(
-                f"head_config has (hidden_size, vocab_size) = {(head.hidden_size, head.vocab_size)}"
-                f" but the wrapped {text.model_type!r} model has {(hidden, vocab)}"
-            )
-        self.head_config = head.to_dict()
-
-    @property
-    def cp_config(self) -> CPDMTPConfig:
-        """The head's hyper-parameters as a ``CPDMTPConfig``."""
-        return CPDMTPConfig.from_dict(dict(self.head_config))
 
 
 @dataclass
@@ -170,7 +114,7 @@ def _mark_initialized(module: nn.Module) -> None:
         tensor._is_hf_initialized = True
 
 
-class CPDMTPForCausalLM(PreTrainedModel, GenerationMixin):
+class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationMixin):
     """A causal LM whose ``lm_head`` is a rank-r CP multi-token prediction head.
 
     Modules: ``trunk`` (the wrapped LM's ``base_model``, whose ``last_hidden_state`` is taken
@@ -559,5 +503,5 @@ def _warn_on_logit_transforms(config: PretrainedConfig) -> None:
             )
 
 
-AutoConfig.register(CPDMTPModelConfig.model_type, CPDMTPModelConfig, exist_ok=True)
+# The config registers itself with AutoConfig (cpd_mtp.hf.configuration).
 AutoModelForCausalLM.register(CPDMTPModelConfig, CPDMTPForCausalLM, exist_ok=True)

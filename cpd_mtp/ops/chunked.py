@@ -12,6 +12,11 @@ the row logsumexp kept from forward so that backward's softmax is one ``addmm`` 
 minus logsumexp) and one in-place ``exp_``, the one-hot subtracted in place, and ``g`` applied
 to the (chunk, d) operands instead of the (chunk, V) buffer. Lower-precision inputs (bf16,
 fp16) keep the casting path that computes the logits in their dtype and accumulates in fp32.
+
+A frozen W_U (heads-only training: only u needs a gradient) takes one pass over V, not two:
+d lp / d u = W_U[x] - E_p[W_U], and forward, which has the softmax p at hand, computes
+E_p[W_U] = p W_U for each kept row. Backward is then g · (W_U[x] - E_p[W_U]): no logits are
+recomputed, and two (chunk, V) x (V, d) products per row become one.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class _FastRowLogprobs(torch.autograd.Function):
         block = max(1, _LOGSOFTMAX_BLOCK_BYTES // (vocab * u.element_size()))
         lsm_buf = u.new_empty(min(block, chunk_rows, n_rows), vocab)
         weight_t = weight.T
+        # A frozen W_U (heads-only training) needs only dU = g (W[x] - E_p[W]) per row: E_p[W]
+        # is computed here from the softmax at hand, and backward needs no second pass over V.
+        frozen = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        expected = u.new_empty(n_rows, dim) if frozen else None  # (K, d): E_p[W]
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
             logits = torch.mm(
@@ -83,16 +92,32 @@ class _FastRowLogprobs(torch.autograd.Function):
                 e = min(b + block, stop - start)
                 lsm = torch.ops.aten._log_softmax.out(logits[b:e], 1, False, out=lsm_buf[: e - b])
                 torch.gather(lsm, 1, tgt[b:e], out=lp[start + b : start + e, None])
+                if frozen:
+                    torch.mm(lsm.exp_(), weight, out=expected[start + b : start + e])
             # logsumexp = logit at the target - log-probability at the target
             torch.sub(logits.gather(1, tgt).squeeze(1), lp[start:stop], out=lse[start:stop])
         if rows is not None:
             out.index_copy_(0, rows, lp)
-        ctx.save_for_backward(u, weight, rows, picked_targets, lse)
+        if frozen:  # d lp / d u = -(E_p[W] - W[x]), kept instead of u, W and the logsumexp
+            expected.sub_(weight[picked_targets])
+            ctx.save_for_backward(rows, expected)
+        else:
+            ctx.save_for_backward(u, weight, rows, picked_targets, lse)
+        ctx.frozen, ctx.u_shape = frozen, u.shape
         ctx.chunk_rows = chunk_rows
         return out.view(n_tokens, n_future, rank)
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.frozen:
+            rows, expected = ctx.saved_tensors
+            row_grad = grad_out.reshape(-1).to(expected.dtype)
+            neg_g = -(row_grad if rows is None else row_grad[rows])  # (K,)
+            scaled = expected * neg_g[:, None]  # (K, d)
+            if rows is None:
+                return scaled.view(ctx.u_shape), None, None, None, None
+            grad_u = scaled.new_zeros(ctx.u_shape.numel() // ctx.u_shape[-1], ctx.u_shape[-1])
+            return grad_u.index_copy_(0, rows, scaled).view(ctx.u_shape), None, None, None, None
         u, weight, rows, picked_targets, lse = ctx.saved_tensors
         chunk_rows = ctx.chunk_rows
         vocab, dim = weight.shape

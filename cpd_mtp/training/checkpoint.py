@@ -103,11 +103,13 @@ def _is_stale_tmp(path: Path) -> bool:
     return any(path.match(pattern) for pattern in _STALE_TMP)
 
 
-def seal(checkpoint_dir: Path, tag: str, step: int) -> None:
+def seal(checkpoint_dir: Path, tag: str, step: int, info: dict[str, Any] | None = None) -> None:
     """Record the files of a saved tag, then point ``latest`` at it. Rank 0 only.
 
     Every file of the tag and the tag folder are fsynced before ``latest`` moves, and the
     checkpoint folder after, so a power cut cannot leave ``latest`` on unwritten data.
+    ``info`` (JSON-serialisable; the trainer stores the run's config and LR schedule) goes
+    into the record next to ``step`` and ``files``; :func:`read_record` returns it.
 
     Raises:
         CheckpointError: the tag has no files, or the disk is full (the message names the path).
@@ -130,7 +132,8 @@ def seal(checkpoint_dir: Path, tag: str, step: int) -> None:
         str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in paths
     }
-    _atomic_write(tag_dir / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+    record = {**(info or {}), "step": step, "files": files}
+    _atomic_write(tag_dir / MARKER, json.dumps(record, indent=1))
     with disk_full_is_an_error(tag_dir):
         fsync_path(tag_dir)  # the marker's rename
     _atomic_write(checkpoint_dir / LATEST, tag)
@@ -171,6 +174,14 @@ def _read_record(tag_dir: Path) -> dict[str, Any]:
         if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
             raise malformed(f"'sha256' of {name!r} must be 64 hex digits, got {digest!r:.80}")
     return record
+
+
+def read_record(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
+    """The sealed record of ``tag`` (``step``, ``files`` and the ``info`` given to :func:`seal`),
+    checked for shape but without hashing the files (:func:`verify` does that)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    _check_tag_name(checkpoint_dir, tag)
+    return _read_record(checkpoint_dir / tag)
 
 
 def verify(checkpoint_dir: Path, tag: str) -> dict[str, Any]:

@@ -7,11 +7,18 @@ the dotted overrides, through OmegaConf, which rejects unknown keys and wrong ty
 The ``head`` and ``data`` sections are not copies: ``HeadSettings`` is generated from the
 fields of ``CPDMTPConfig``, and ``DataSettings`` maps onto ``DataConfig`` field by field
 (:func:`data_config`), so neither can drift from the library.
+
+:func:`check_config` checks every section before any work, with one-line errors that name the
+key; :func:`config_help` lists every key with its default (``cpd-mtp train --help``) and
+:func:`config_to_yaml` prints a merged config (``--print-config``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +125,8 @@ class RunSettings:
     wandb_mode: str | None = None  # None: $WANDB_MODE, else offline without an API key
     progress: bool = True
     export: bool = True  # write an HF-format model to out_dir/final at the end
+    # Warn at evaluation when the entropy of the experts' usage, over log r, is below this.
+    collapse_entropy: float = 0.5
 
 
 def data_config(settings: DataSettings, progress: bool = True) -> DataConfig:
@@ -148,18 +157,309 @@ def preset_path(preset: str) -> Path:
     return candidate
 
 
+def _one_line(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message is several lines (key, types); the key and its first line suffice."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{key}: {first}" if key else first
+
+
 def load_train_config(preset: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the preset, then ``key=value`` overrides; validated and typed."""
+    """Defaults, then the preset, then ``key=value`` overrides; validated and typed.
+
+    Raises:
+        ValueError: an unknown preset, key or a value of the wrong type, in one line that
+            names the key.
+    """
     merged = OmegaConf.structured(TrainConfig)
     try:
         if preset is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(preset_path(preset)))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ValueError(f"bad training config: {err}") from err
-    return OmegaConf.to_object(merged)
+        raise ValueError(f"bad training config: {_one_line(err)}") from None
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The whole config as YAML, every section and key (what ``--print-config`` shows)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"run": {"steps": 8}}`` -> ``{"run.steps": 8}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# ---------------------------------------------------------------------- the keys, described
+# One line per key for `cpd-mtp train --help`; the head's come from CPDMTPConfig's docstring.
+KEY_HELP = {
+    "trunk.init_from": "a local HF causal LM or cpd_mtp export to start from; null builds one",
+    "trunk.vocab_size": "null: the tokenizer's size",
+    "trunk.hidden_size": "the trunk's hidden size d",
+    "trunk.num_layers": "decoder layers",
+    "trunk.num_heads": "attention heads (divides hidden_size)",
+    "trunk.num_kv_heads": "key/value heads for GQA (divides num_heads); null: num_heads",
+    "trunk.intermediate_size": "MLP width; null: 4 d rounded up to a multiple of 8",
+    "trunk.max_position_embeddings": "longest sequence (>= data.block_size)",
+    "trunk.tie_word_embeddings": "share W_U with the input embedding",
+    "trunk.freeze_trunk": "train the head only (trunk and W_U frozen)",
+    "data.source": "'stdlib', a path, glob or directory, or a list of them",
+    "data.vocab_size": "size of the BPE trained on the corpus (ignored with data.tokenizer)",
+    "data.tokenizer": "a local HF tokenizer folder instead of training one",
+    "data.block_size": "tokens per training example",
+    "data.val_fraction": "fraction of documents held out for validation, in (0, 1)",
+    "data.max_files": "keep only the first N documents (quick runs); null: all",
+    "data.text_field": "the text field of JSONL records, Parquet tables and HF datasets",
+    "data.cache_dir": "cache root; null: $CPD_MTP_CACHE or ~/.cache/cpd_mtp",
+    "optim.lr": "peak learning rate (AdamW)",
+    "optim.min_lr_ratio": "the cosine ends at lr * min_lr_ratio, in [0, 1]",
+    "optim.warmup_steps": "linear warmup steps",
+    "optim.weight_decay": "AdamW weight decay of matrices (not biases or norms)",
+    "optim.betas": "AdamW betas, two values in [0, 1)",
+    "optim.grad_clip": "gradient-norm clipping; 0: none",
+    "run.out_dir": "checkpoints, metrics.jsonl and the export (final/) go here",
+    "run.steps": "optimizer steps; the cosine schedule ends here",
+    "run.micro_batch_size": "sequences per process per micro-step",
+    "run.grad_accum": "micro-steps per optimizer step",
+    "run.zero_stage": "DeepSpeed ZeRO stage, 0-3",
+    "run.dtype": "fp32, bf16 or fp16 (fp16: GPU only)",
+    "run.deepspeed_config": "a DeepSpeed JSON to start from; null: presets/deepspeed/zero<stage>",
+    "run.eval_every": "validate every N steps (and at the last)",
+    "run.eval_batches": "validation micro-batches per process",
+    "run.save_every": "checkpoint every N steps (and at the last)",
+    "run.keep_checkpoints": "checkpoints kept on disk",
+    "run.resume": "continue from the latest checkpoint (--resume)",
+    "run.overwrite": "replace the run already in out_dir (--overwrite)",
+    "run.seed": "seed of the initialisation and of the data order",
+    "run.wandb_project": "wandb project; null: no wandb",
+    "run.wandb_mode": "online, offline or disabled; null: $WANDB_MODE, else offline",
+    "run.progress": "progress bar on a terminal, a line every 5 % in a log",
+    "run.export": "write an HF-format model to out_dir/final at the end",
+    "run.collapse_entropy": "warn when the experts' usage entropy / log r falls below this",
+}
+
+
+def _head_help() -> dict[str, str]:
+    """A short line per ``Args:`` entry of ``CPDMTPConfig``'s docstring, by field name."""
+    found: dict[str, str] = {}
+    name = None
+    for line in (CPDMTPConfig.__doc__ or "").splitlines():
+        match = re.match(r"\s{8}(\w+): (.*)", line)
+        if match:
+            name, text = match.groups()
+            found[name] = text
+        elif name and re.match(r"\s{12}\S", line):
+            found[name] += " " + line.strip()
+        else:
+            name = None
+    # The first sentence, up to a colon that starts the details, without RST markup.
+    short = {
+        k: v.split(". ")[0].split(": ")[0].rstrip(".").replace("``", "") for k, v in found.items()
+    }
+    return {f"head.{k}": v for k, v in short.items()}
+
+
+def config_help() -> str:
+    """Every config key with its built-in default and what it does (``train --help``)."""
+    defaults = flatten(dataclasses.asdict(TrainConfig()))
+    described = {**KEY_HELP, **_head_help()}
+    width = max(len(f"{k}={_yaml_value(v)}") for k, v in defaults.items())
+    lines = [
+        "config keys (built-in defaults; the preset overrides some, --print-config shows the "
+        "merged config):"
+    ]
+    section = None
+    for key, value in defaults.items():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines.append(f"  {section}:")
+        setting = f"{key}={_yaml_value(value)}"
+        lines.append(f"    {setting:<{width}}  {described.get(key, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
+# ---------------------------------------------------------------------- validation
+DTYPES = ("fp32", "bf16", "fp16")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def check_config(cfg: TrainConfig, on_gpu: bool) -> None:
+    """Every section, before any work: one-line errors that name the key.
+
+    Raises:
+        ValueError: a setting that cannot run, or would silently learn or measure nothing.
+        FileNotFoundError: a path in the config (data, tokenizer, model, DeepSpeed JSON) is
+            missing.
+    """
+    _check_run(cfg.run, on_gpu)
+    _check_optim(cfg.optim)
+    _check_trunk(cfg.trunk, cfg.data.block_size)
+    _check_data(cfg.data)
+    _check_head(cfg)
+    _check_deepspeed_file(cfg.run)
+
+
+def _at_least(section: str, settings: Any, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value < low:
+            raise ValueError(f"{section}.{name} must be >= {low}, got {value}")
+
+
+def _check_run(run: RunSettings, on_gpu: bool) -> None:
+    if run.dtype not in DTYPES:
+        raise ValueError(f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
+    if run.dtype == "fp16" and not on_gpu:
+        raise ValueError(
+            "run.dtype=fp16 is not supported by DeepSpeed on CPU; use run.dtype=bf16 or fp32"
+        )
+    if run.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"run.zero_stage must be 0, 1, 2 or 3, got {run.zero_stage}")
+    names = ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every")
+    _at_least("run", run, (*names, "keep_checkpoints"), 1)
+    _at_least("run", run, ("seed",), 0)
+    if run.resume and run.overwrite:
+        raise ValueError("run.resume and run.overwrite exclude each other; pick one")
+    if run.wandb_mode is not None and run.wandb_mode not in WANDB_MODES:
+        raise ValueError(
+            f"run.wandb_mode must be one of {WANDB_MODES} or null, got {run.wandb_mode!r}"
+        )
+    if not 0.0 <= run.collapse_entropy <= 1.0:
+        raise ValueError(f"run.collapse_entropy must be in [0, 1], got {run.collapse_entropy}")
+    if not run.out_dir:
+        raise ValueError("run.out_dir must name a folder")
+
+
+def _check_optim(opt: OptimSettings) -> None:
+    if not (math.isfinite(opt.lr) and opt.lr > 0):
+        raise ValueError(f"optim.lr must be a finite number > 0, got {opt.lr}")
+    if not 0.0 <= opt.min_lr_ratio <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
+    _at_least("optim", opt, ("warmup_steps",), 0)
+    for name in ("weight_decay", "grad_clip"):
+        value = getattr(opt, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
+    betas = list(opt.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {betas}")
+
+
+def _check_trunk(trunk: TrunkSettings, block_size: int) -> None:
+    if trunk.init_from:
+        if not Path(trunk.init_from).is_dir():
+            raise FileNotFoundError(f"trunk.init_from={trunk.init_from!r} is not a directory")
+        if not (Path(trunk.init_from) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"trunk.init_from={trunk.init_from!r} holds no config.json (not an HF model)"
+            )
+        return  # the shape is the model's own
+    names = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    _at_least("trunk", trunk, (*names, "vocab_size", "max_position_embeddings"), 1)
+    if trunk.hidden_size % trunk.num_heads:
+        raise ValueError(
+            f"trunk.hidden_size={trunk.hidden_size} must be divisible by "
+            f"trunk.num_heads={trunk.num_heads}"
+        )
+    if trunk.num_kv_heads is not None and trunk.num_heads % trunk.num_kv_heads:
+        raise ValueError(
+            f"trunk.num_heads={trunk.num_heads} must be divisible by "
+            f"trunk.num_kv_heads={trunk.num_kv_heads}"
+        )
+    if block_size > trunk.max_position_embeddings:
+        raise ValueError(
+            f"data.block_size={block_size} exceeds "
+            f"trunk.max_position_embeddings={trunk.max_position_embeddings}"
+        )
+
+
+def _check_data(data: DataSettings) -> None:
+    # Labels are aligned with input_ids, the model shifts (see the label convention in the
+    # docs): offset s has a target only at t < block_size - s, so block_size must exceed n.
+    if data.block_size < 2:
+        raise ValueError(
+            f"data.block_size must be >= 2 (offset 1 needs a target), got {data.block_size}"
+        )
+    if not 0.0 < data.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
+    _at_least("data", data, ("max_files",), 1)
+    if data.tokenizer is not None:
+        if not Path(data.tokenizer).is_dir():
+            raise FileNotFoundError(f"data.tokenizer={data.tokenizer!r} is not a directory")
+    else:
+        from cpd_mtp.training.tokenizer import SPECIAL_TOKENS
+
+        least = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
+        if data.vocab_size < least:
+            raise ValueError(f"data.vocab_size must be >= {least}, got {data.vocab_size}")
+    source = data.source
+    if source != "stdlib":
+        for entry in [source] if isinstance(source, str) else list(source):
+            matches = list(Path().glob(entry)) if any(c in entry for c in "*?[") else []
+            if not matches and not Path(entry).exists():
+                raise FileNotFoundError(f"data.source entry {entry!r} does not exist")
+
+
+def _model_sizes(cfg: TrainConfig) -> tuple[int, int]:
+    """(hidden size, vocabulary) the head will see, read without building anything."""
+    hidden, vocab = cfg.trunk.hidden_size, cfg.trunk.vocab_size or cfg.data.vocab_size
+    if cfg.trunk.init_from:
+        model = json.loads((Path(cfg.trunk.init_from) / "config.json").read_text())
+        model = model.get("text_config", model)  # a cpd_mtp export keeps the trunk's config
+        hidden, vocab = model.get("hidden_size", hidden), model.get("vocab_size", vocab)
+    return int(hidden), int(vocab)
+
+
+def _check_head(cfg: TrainConfig) -> None:
+    """The library's own checks (rank, expert type, draft vocabulary, ...), keys named."""
+    hidden, vocab = _model_sizes(cfg)
+    try:
+        head_config(cfg.head, hidden, vocab)
+    except ValueError as err:
+        raise ValueError(str(err).replace("CPDMTPConfig.", "head.")) from None
+    block, n_future = cfg.data.block_size, cfg.head.n_future
+    if n_future >= block:
+        raise ValueError(
+            f"head.n_future={n_future} must be < data.block_size={block}: offsets >= the block "
+            "size never have a target"
+        )
+
+
+def _check_deepspeed_file(run: RunSettings) -> None:
+    path = deepspeed_config_path(run)
+    if not path.is_file():
+        raise FileNotFoundError(f"run.deepspeed_config: {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"run.deepspeed_config: {path} is not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"run.deepspeed_config: {path} must hold a JSON object")
+
+
+def deepspeed_config_path(run: RunSettings) -> Path:
+    """The DeepSpeed JSON a run starts from: ``run.deepspeed_config`` or the stage's preset."""
+    return Path(run.deepspeed_config or CONFIG_DIR / "deepspeed" / f"zero{run.zero_stage}.json")

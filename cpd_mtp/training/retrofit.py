@@ -130,7 +130,7 @@ class RetrofitConfig:
     gamma: float = 0.8
     temperature: float = 0.0
     prompt_tokens: int | None = None
-    generate_batch_size: int = 8
+    generate_batch_size: int = 16
     data: Any = "stdlib"
     max_files: int | None = None
     val_fraction: float = 0.03
@@ -306,9 +306,20 @@ class RetrofitTrainer(Trainer):
     (``run`` and ``optim``) those helpers read, ``self.retrofit`` the full settings.
     """
 
-    def __init__(self, cfg: RetrofitConfig) -> None:
+    # What a resume must keep: the model, the data and the head's shape (see ``Trainer``).
+    FIXED_KEYS = (
+        "model", "data", "max_files", "val_fraction", "block_size", "tokens", "seed",
+        "distill", "beta", "gamma", "temperature", "prompt_tokens", "n_future", "rank",
+        "draft_vocab", "expert_type", "dtype", "store_dtype",
+    )  # fmt: skip
+    FREE_KEYS = ()
+
+    def __init__(self, cfg: RetrofitConfig, base: tuple[Any, Any] | None = None) -> None:
+        """``base``: the (model, tokenizer) of ``cfg.model`` when the caller already loaded
+        them (a study training many heads for one model); they are frozen, not copied."""
         check_retrofit_config(cfg)
         self.retrofit = cfg
+        self._preloaded = base
         self.cfg = _train_view(cfg)
         self.rank, self.world, self.device = init_distributed()
         self.out_dir = Path(cfg.out_dir)
@@ -328,7 +339,10 @@ class RetrofitTrainer(Trainer):
 
         cfg = self.retrofit
         show = cfg.progress and self.rank == 0
-        self.base, self.tokenizer = load_causal_lm(cfg.model, cfg.dtype)
+        if self._preloaded is not None:
+            self.base, self.tokenizer = self._preloaded
+        else:
+            self.base, self.tokenizer = load_causal_lm(cfg.model, cfg.dtype)
         self.base.requires_grad_(False)
         self.base.eval()
         lm_head = self.base.get_output_embeddings()
@@ -361,6 +375,11 @@ class RetrofitTrainer(Trainer):
         self.cfg.run.steps = steps
         if cfg.warmup_steps is None:
             self.cfg.optim.warmup_steps = max(1, steps // 20)
+        # The checkpoint is checked against the settings before the engine is built.
+        self.resume_point = self._find_resume_point() if cfg.resume else None
+        self.complete = self._run_complete()
+        if self.complete:
+            return
         import deepspeed
 
         self.ds_config = deepspeed_config(self.cfg, torch.cuda.is_available())
@@ -378,6 +397,10 @@ class RetrofitTrainer(Trainer):
                     path = self.out_dir / name
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
             torch.distributed.barrier()
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The retrofit settings, stored in every checkpoint and compared on resume."""
+        return self.retrofit.to_dict()
 
     # ------------------------------------------------------------------ data
     def _build_data(self, show: bool) -> tuple[HeadData, HeadData, torch.Tensor | None]:
@@ -528,20 +551,22 @@ class RetrofitTrainer(Trainer):
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None) -> dict[str, float | None]:
         """Run to the last step (or ``stop_after`` more steps); returns the last validation."""
-        from tqdm import tqdm
+        from cpd_mtp.utils.progress import progress
 
+        if getattr(self, "complete", False):
+            return {}  # said so at start-up
         cfg, steps = self.retrofit, self.cfg.run.steps
         distill = (cfg.beta, cfg.gamma) if cfg.distill == "kl" else None
         if self.step == 0 and not cfg.resume:  # the untrained head, as the baseline
             record: dict[str, Any] = {"step": 0, **self.evaluate()}
             self._log(record)
-        bar = tqdm(
+        # A bar on a terminal; in a log, a plain line every 5 % (no carriage returns).
+        bar = progress(
             total=steps,
             initial=self.step,
             desc="retrofit",
             unit="step",
             disable=self.rank != 0 or not cfg.progress,
-            dynamic_ncols=True,
         )
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.block_size
         tokens, train_time = 0, 0.0
@@ -566,8 +591,8 @@ class RetrofitTrainer(Trainer):
             loss, joint, next_nll, aux = np.array(self._all_reduce(sums.tolist())) / (
                 cfg.grad_accum * self.world
             )
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / train_time:,.0f}")
+            bar.update(1)
             record = {
                 "step": self.step,
                 "loss": loss,
@@ -580,6 +605,7 @@ class RetrofitTrainer(Trainer):
             }
             if self.step % cfg.eval_every == 0 or self.step == steps:
                 last_eval = self.evaluate()
+                self._check_usage(last_eval)
                 record.update(last_eval)
                 if self.rank == 0:
                     value = last_eval["val/joint_nll_per_target"]
@@ -677,9 +703,12 @@ def _train_view(cfg: RetrofitConfig) -> TrainConfig:
     return TrainConfig(run=run, optim=optim)
 
 
-def retrofit(cfg: RetrofitConfig, stop_after: int | None = None) -> dict[str, float | None]:
-    """Run a retrofit per ``cfg``; returns the last validation metrics."""
-    trainer = RetrofitTrainer(cfg)
+def retrofit(
+    cfg: RetrofitConfig, stop_after: int | None = None, base: tuple[Any, Any] | None = None
+) -> dict[str, float | None]:
+    """Run a retrofit per ``cfg``; returns the last validation metrics. ``base``: the
+    already-loaded (model, tokenizer) of ``cfg.model``, see ``RetrofitTrainer``."""
+    trainer = RetrofitTrainer(cfg, base=base)
     try:
         return trainer.train(stop_after=stop_after)
     finally:

@@ -122,7 +122,7 @@ def cached_trunk_states(
 
 
 def _build(model, blocks, entry: Path, batch_size: int, dtype, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from cpd_mtp.utils.progress import progress
 
     was_training = getattr(model, "training", False)
     model.eval()
@@ -131,7 +131,7 @@ def _build(model, blocks, entry: Path, batch_size: int, dtype, progress: bool) -
     with atomic_directory(entry) as tmp:
         np.save(tmp / "tokens.npy", blocks.astype(np.int64))
         hidden_out = None
-        bar = tqdm(total=n_blocks, desc="trunk states", unit="block", disable=not progress)
+        bar = progress(total=n_blocks, desc="trunk states", unit="block", disable=not progress)
         for start in range(0, n_blocks, batch_size):
             ids = torch.from_numpy(blocks[start : start + batch_size].astype(np.int64)).to(device)
             hidden = _trunk_hidden(model, ids).float().cpu().numpy()  # (b, T, d)

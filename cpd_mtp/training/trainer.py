@@ -7,45 +7,134 @@
 Every run goes through a DeepSpeed engine (ZeRO stage 0-3 from the package's
 ``presets/deepspeed/``) with AdamW, warmup + cosine LR, gradient accumulation and clipping.
 The data order is a pure function of (seed, step), so ``run.resume=true`` continues a killed
-run exactly.
+run exactly. Each checkpoint's record stores the run's config: a resume that would change the
+model or its data is refused with the key named, one that re-shapes the LR schedule is warned
+about, and one of a finished run says so and trains nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import functools
+import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cpd_mtp.head import shift_targets
 from cpd_mtp.training import checkpoint
 from cpd_mtp.training.config import (
-    CONFIG_DIR,
     TrainConfig,
+    check_config,
     config_to_dict,
+    config_to_yaml,
     data_config,
+    deepspeed_config_path,
+    flatten,
     head_config,
     load_train_config,
 )
 from cpd_mtp.utils.files import atomic_write_text
-
-DTYPES = ("fp32", "bf16", "fp16")
-
+from cpd_mtp.utils.progress import progress
 
 # ---------------------------------------------------------------------- set-up
+# Deprecations that dependencies raise on their own calls, not on ours: DeepSpeed's ZeRO-3
+# calls torch.distributed's old collective names on every step (about 80 FutureWarnings in 20
+# steps of a two-process run). (category, message regex, module regex) of each, silenced
+# exactly; every other warning still shows.
+DEPENDENCY_NOISE = (
+    (
+        FutureWarning,
+        r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        r"torch\.distributed\.c10d_logger$",
+    ),
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated", r"torch\.jit\._script$"),
+)
+
+
+# DeepSpeed's own log lines that say nothing to a user: the scheduler's LR read once before
+# the first step (by DeepSpeed's start-up, on every process).
+DEEPSPEED_LOG_NOISE = ("Attempting to get learning rate from scheduler before it has started",)
+
+
+class _DropLogNoise(logging.Filter):
+    """Drops the log records whose message starts with one of :data:`DEEPSPEED_LOG_NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(DEEPSPEED_LOG_NOISE)
+
+
+def silence_dependency_noise() -> None:
+    """Ignore the warnings of :data:`DEPENDENCY_NOISE`, matched by category, message, module,
+    and DeepSpeed's log lines of :data:`DEEPSPEED_LOG_NOISE`."""
+    for category, message, module in DEPENDENCY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropLogNoise) for f in logger.filters):
+        logger.addFilter(_DropLogNoise())
+
+
+def quiet_library_bars() -> None:
+    """No progress bars from transformers and datasets when stderr is not a terminal: their
+    tqdm bars would write carriage returns into a log (this package's own bars print lines)."""
+    if sys.stderr.isatty():
+        return
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet
+    from transformers.utils.logging import disable_progress_bar as transformers_quiet
+
+    transformers_quiet()
+    datasets_quiet()
+
+
+def ops_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled ops go when ``TORCH_EXTENSIONS_DIR`` is not set.
+
+    A folder of the running environment (``<sys.prefix>/torch_extensions``, e.g.
+    ``.venv/torch_extensions``): ops built against one environment's torch never meet another
+    environment's, as they would in the shared ``~/.cache/torch_extensions``. An environment
+    that cannot be written to gets a folder of its own under ``~/.cache/cpd_mtp``.
+    """
+    prefix = Path(sys.prefix)
+    if os.access(prefix, os.W_OK):
+        return prefix / "torch_extensions"
+    key = hashlib.blake2b(str(prefix.resolve()).encode(), digest_size=6).hexdigest()
+    return Path.home() / ".cache" / "cpd_mtp" / "torch_extensions" / f"env-{key}"
+
+
+def use_project_ops_dir() -> Path:
+    """Point ``TORCH_EXTENSIONS_DIR`` at :func:`ops_dir` unless it is set; return the folder.
+
+    While the folder holds no compiled op yet (a first run), local rank 0 prints one line
+    naming it, so the minute or two DeepSpeed spends compiling is not a silent hang.
+    """
+    path = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ops_dir())))
+    first = not path.is_dir() or not any(path.rglob("*.so"))
+    if first and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"compiled ops: DeepSpeed builds the ops it needs into {path} "
+            "(TORCH_EXTENSIONS_DIR); the first build takes a minute or two",
+            file=sys.stderr,
+            flush=True,
+        )
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,6 +146,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    silence_dependency_noise()
+    use_project_ops_dir()  # before DeepSpeed compiles anything (its CPU comm op, at init)
     if "RANK" not in os.environ:  # a plain `python -m cpd_mtp.training.trainer`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -72,45 +163,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def check_config(cfg: TrainConfig, on_gpu: bool) -> None:
-    """Fail before any work on settings that cannot run."""
-    run = cfg.run
-    if run.dtype not in DTYPES:
-        raise ValueError(f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
-    if run.dtype == "fp16" and not on_gpu:
-        raise ValueError(
-            "run.dtype=fp16 is not supported by DeepSpeed on CPU; use run.dtype=bf16 or fp32"
-        )
-    if run.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"run.zero_stage must be 0, 1, 2 or 3, got {run.zero_stage}")
-    names = ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every")
-    for name in names:
-        if getattr(run, name) < 1:
-            raise ValueError(f"run.{name} must be >= 1, got {getattr(run, name)}")
-    if run.resume and run.overwrite:
-        raise ValueError("run.resume and run.overwrite exclude each other; pick one")
-    # The head's own checks (rank, expert type, ...), before any data or model is built.
-    head_config(cfg.head, cfg.trunk.hidden_size, cfg.trunk.vocab_size or cfg.data.vocab_size)
-    # Labels are aligned with input_ids, the model shifts (see the label convention in the
-    # docs): offset s has a target only at t < block_size - s, so block_size must exceed n.
-    block, n_future = cfg.data.block_size, cfg.head.n_future
-    if block < 2:
-        raise ValueError(f"data.block_size must be >= 2 (offset 1 needs a target), got {block}")
-    if n_future >= block:
-        raise ValueError(
-            f"head.n_future={n_future} must be < data.block_size={block}: offsets >= the block "
-            "size never have a target"
-        )
-    if cfg.trunk.init_from and not Path(cfg.trunk.init_from).is_dir():
-        raise FileNotFoundError(f"trunk.init_from={cfg.trunk.init_from!r} is not a directory")
-    source = cfg.data.source
-    if source != "stdlib":
-        for entry in [source] if isinstance(source, str) else list(source):
-            matches = list(Path().glob(entry)) if any(c in entry for c in "*?[") else []
-            if not matches and not Path(entry).exists():
-                raise FileNotFoundError(f"data.source entry {entry!r} does not exist")
-
-
 # ---------------------------------------------------------------------- the run directory
 LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "checkpoints", "final")  # what a run leaves in out_dir
@@ -118,6 +170,10 @@ RUN_FILES = ("metrics.jsonl", "checkpoints", "final")  # what a run leaves in ou
 
 class OutDirError(ValueError):
     """``run.out_dir`` holds another run, or a live run holds it."""
+
+
+class ResumeMismatchError(ValueError):
+    """The config changes what the checkpoint was trained on (the model or its data)."""
 
 
 def lock_out_dir(out_dir: Path) -> IO[str]:
@@ -162,7 +218,7 @@ def json_line(record: dict[str, Any]) -> str:
 def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for this run: the stage's file with every ``auto`` filled in."""
     run, opt = cfg.run, cfg.optim
-    path = Path(run.deepspeed_config or CONFIG_DIR / "deepspeed" / f"zero{run.zero_stage}.json")
+    path = deepspeed_config_path(run)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
     ds = json.loads(path.read_text())
@@ -311,9 +367,103 @@ def _permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
     return epoch_permutation(num_blocks, seed, epoch)
 
 
+# ---------------------------------------------------------------------- notes for people
+def note(message: str) -> None:
+    """One line on stderr for the person running the job (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def usage_entropy(usage: Sequence[float]) -> float | None:
+    """Entropy of the experts' mean usage over log r: 1 is even use, 0 is one expert only.
+
+    ``usage`` holds r mean gate weights (they need not sum to exactly 1); None for r < 2.
+    """
+    weights = np.clip(np.asarray(usage, dtype=np.float64), 0.0, None)
+    if len(weights) < 2 or weights.sum() <= 0:
+        return None
+    p = weights / weights.sum()
+    nonzero = p[p > 0]
+    return float(-(nonzero * np.log(nonzero)).sum() / math.log(len(p)))
+
+
+def usage_collapse(usage: Sequence[float], threshold: float) -> str | None:
+    """The warning for a gate that has collapsed onto few experts, or None when it has not."""
+    entropy = usage_entropy(usage)
+    if entropy is None or entropy >= threshold:
+        return None
+    shown = "/".join(f"{u:.2f}" for u in usage)
+    return (
+        f"expert usage has collapsed: usage {shown}, entropy {entropy:.2f} of log r "
+        f"< run.collapse_entropy={threshold} (most experts are unused; try a larger "
+        "head.balance_coef, head.expert_init_noise or a lower optim.lr)"
+    )
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resume starts from: its tag, step and folder."""
+
+    tag: str
+    step: int
+    path: Path
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, list, dict)) else str(value).lower()
+
+
+def _changes(
+    old: dict[str, Any], new: dict[str, Any], keys: Sequence[str], free: Sequence[str] = ()
+) -> list[str]:
+    """``key old -> new`` for each flattened key that differs, matches one of ``keys`` (a key,
+    or a prefix ending in ``.``) and is not one of ``free``."""
+    old, new = flatten(old), flatten(new)
+
+    def watched(key: str) -> bool:
+        hit = any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+        return hit and key not in free
+
+    missing = object()
+    names = [k for k in dict.fromkeys([*old, *new]) if watched(k)]
+    return [
+        f"{k} {_shown(old.get(k))} -> {_shown(new.get(k))}"
+        for k in names
+        if old.get(k, missing) != new.get(k, missing)
+    ]
+
+
 # ---------------------------------------------------------------------- trainer
 class Trainer:
-    """One training run: corpus, model, DeepSpeed engine, loop, checkpoints, logging."""
+    """One training run: corpus, model, DeepSpeed engine, loop, checkpoints, logging.
+
+    A subclass with other settings (``RetrofitTrainer``) reuses the run-folder lock, the
+    checkpoints and the resume logic by overriding :meth:`checkpoint_config` and
+    :attr:`FIXED_KEYS`; see :meth:`_find_resume_point` and :meth:`_resume`.
+    """
+
+    # Keys of `checkpoint_config()` a resume must keep (a trailing "." is a whole section):
+    # they change the model's shape or the data it sees, so the checkpoint would not fit.
+    FIXED_KEYS: tuple[str, ...] = (
+        "trunk.",
+        "head.",
+        "data.source",
+        "data.vocab_size",
+        "data.tokenizer",
+        "data.block_size",
+        "data.val_fraction",
+        "data.max_files",
+        "data.text_field",
+    )
+    # Keys under FIXED_KEYS that only pick how the same loss is computed: free to change.
+    FREE_KEYS: tuple[str, ...] = ("head.loss_impl", "head.chunk_bytes")
+    # What shapes the warmup + cosine LR schedule; a change is allowed, with a warning.
+    SCHEDULE_KEYS: tuple[str, ...] = (
+        "run.steps",
+        "optim.lr",
+        "optim.warmup_steps",
+        "optim.min_lr_ratio",
+    )
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -362,6 +512,14 @@ class Trainer:
         from cpd_mtp.training.data import build_corpus
 
         cfg, on_gpu = self.cfg, torch.cuda.is_available()
+        self.step = 0
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.wandb = None
+        # The checkpoint is checked against the config before anything is built.
+        self.resume_point = self._find_resume_point() if cfg.run.resume else None
+        self.complete = self._run_complete()
+        if self.complete:
+            return
         data = data_config(cfg.data, progress=cfg.run.progress and self.rank == 0)
         # Rank 0 builds the caches first; the others then read them.
         if self.rank != 0:
@@ -382,8 +540,6 @@ class Trainer:
             model_parameters=param_groups(model, cfg.optim.weight_decay),
             config=self.ds_config,
         )
-        self.step = 0
-        self.metrics_path = self.out_dir / "metrics.jsonl"
         if cfg.run.resume:
             self._resume()
         elif cfg.run.overwrite:
@@ -444,10 +600,94 @@ class Trainer:
             torch.distributed.all_reduce(tensor, op=op)
         return tensor.tolist()
 
-    def _resume(self) -> None:
+    # ------------------------------------------------------------------ resume
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The settings stored in every checkpoint and compared on resume (:attr:`FIXED_KEYS`)."""
+        return config_to_dict(self.cfg)
+
+    def schedule(self) -> dict[str, Any]:
+        """The settings that shape the LR schedule (:attr:`SCHEDULE_KEYS`), as the run uses them."""
+        flat = flatten(config_to_dict(self.cfg))
+        return {key: flat[key] for key in self.SCHEDULE_KEYS}
+
+    def _find_resume_point(self) -> ResumePoint:
+        """The checkpoint to resume from, checked against the config; call before heavy work.
+
+        Rank 0 picks the newest checkpoint that verifies, refuses one whose stored
+        :meth:`checkpoint_config` differs on a :attr:`FIXED_KEYS` key (``ResumeMismatchError``
+        naming the key and both values) and warns when a :meth:`schedule` key changed; every
+        rank gets the same answer or the same error. Sets and returns ``self.resume_point``.
+        """
+        answer: ResumePoint | Exception | None = None
+        if self.rank == 0:
+            try:
+                answer = self._check_resume_point()
+            except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as err:
+                answer = err
+        if self.world > 1:
+            box = [answer]
+            torch.distributed.broadcast_object_list(box, src=0)
+            answer = box[0]
+        if isinstance(answer, Exception):
+            raise answer
+        self.resume_point = answer
+        return answer
+
+    def _check_resume_point(self) -> ResumePoint:
         tag = checkpoint.resume_tag(self.ckpt_dir)  # falls back past a corrupt latest
         if tag is None:
             raise FileNotFoundError(f"run.resume=true but {self.ckpt_dir} holds no checkpoint")
+        record = checkpoint.read_record(self.ckpt_dir, tag)
+        point = ResumePoint(tag, int(record["step"]), self.ckpt_dir / tag)
+        saved = record.get("config")
+        if saved is None:
+            note(
+                f"warning: checkpoint {point.path} stores no config (an older version wrote "
+                "it): the model and data settings cannot be checked against it"
+            )
+        else:
+            changed = _changes(saved, self.checkpoint_config(), self.FIXED_KEYS, self.FREE_KEYS)
+            if changed:
+                raise ResumeMismatchError(
+                    f"cannot resume from {point.path}: {'; '.join(changed)} (checkpoint -> "
+                    "now) changes the model or its data; set the checkpoint's values back, or "
+                    "start a new run (--overwrite or another run.out_dir)"
+                )
+        steps = self.cfg.run.steps
+        reshaped = _changes(record.get("schedule") or {}, self.schedule(), self.SCHEDULE_KEYS)
+        if record.get("schedule") and reshaped and point.step < steps:
+            note(
+                f"warning: the cosine schedule is re-shaped: {', '.join(reshaped)} (checkpoint "
+                f"-> now); steps 1-{point.step} followed the old schedule, steps "
+                f"{point.step + 1}-{steps} follow the new one"
+            )
+        return point
+
+    def _run_complete(self) -> bool:
+        """Whether the resume point already is the last step (then say so); False otherwise.
+
+        A complete run whose export is missing (killed while exporting) is not complete: the
+        run loads the checkpoint and writes the export without training.
+        """
+        point = getattr(self, "resume_point", None)
+        steps = self.cfg.run.steps
+        if point is None or point.step < steps:
+            return False
+        final = self.out_dir / "final"
+        if self.cfg.run.export and not (final / "config.json").is_file():
+            note(f"the run is at step {point.step} of {steps}; writing its missing export {final}")
+            return False
+        note(
+            f"the run is already complete: step {point.step} of {steps} (checkpoint "
+            f"{point.path}); nothing to train. Raise run.steps to train further."
+        )
+        return True
+
+    def _resume(self) -> None:
+        """Load the resume point into the engine (found first if :meth:`_find_resume_point`
+        was not called), announce it and cut ``metrics.jsonl`` back to its step."""
+        point = getattr(self, "resume_point", None) or self._find_resume_point()
+        tag = point.tag
         try:
             path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         except Exception as err:  # torch/DeepSpeed raise many types on a broken file
@@ -458,6 +698,7 @@ class Trainer:
             )
         self.step = int(client["step"])
         torch.set_rng_state(client["torch_rng"])
+        note(f"resumed from step {self.step} of {self.cfg.run.steps} (checkpoint {point.path})")
         if self.rank == 0 and self.metrics_path.exists():  # drop records past the checkpoint
             kept = []
             for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
@@ -483,7 +724,8 @@ class Trainer:
             )
         torch.distributed.barrier()
         if self.rank == 0:
-            checkpoint.seal(self.ckpt_dir, tag, self.step)
+            info = {"config": self.checkpoint_config(), "schedule": self.schedule()}
+            checkpoint.seal(self.ckpt_dir, tag, self.step, info)
             checkpoint.prune(self.ckpt_dir, self.cfg.run.keep_checkpoints)
         torch.distributed.barrier()
 
@@ -532,19 +774,33 @@ class Trainer:
         result.update({f"val/head{k + 1}_nll": v for k, v in enumerate(per_head)})
         usage = s[5 + 2 * n_future :]
         result.update({f"val/expert{a}_weight": ratio(v, s[1]) for a, v in enumerate(usage)})
+        weights = [ratio(v, s[1]) for v in usage]
+        result["val/usage_entropy"] = None if None in weights else usage_entropy(weights)
         return result
+
+    def _check_usage(self, metrics: dict[str, float | None]) -> str | None:
+        """Warn (one line, rank 0) when the ``val/expert{a}_weight`` usage has collapsed."""
+        usage = [v for k, v in metrics.items() if re.fullmatch(r"val/expert\d+_weight", k)]
+        if self.rank != 0 or not usage or None in usage:
+            return None
+        message = usage_collapse(usage, self.cfg.run.collapse_entropy)
+        if message is not None:
+            note(f"warning: step {self.step}: {message}")
+        return message
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None) -> dict[str, float | None]:
         """Run to ``run.steps`` (or ``stop_after`` steps, to simulate preemption)."""
         run = self.cfg.run
-        bar = tqdm(
+        if getattr(self, "complete", False):
+            return {}  # said so at start-up; nothing was built
+        # A bar on a terminal; in a log, a plain line every 5 % (no carriage returns).
+        bar = progress(
             total=run.steps,
             initial=self.step,
             desc="train",
             unit="step",
             disable=self.rank != 0 or not run.progress,
-            dynamic_ncols=True,
         )
         start, tokens = time.perf_counter(), 0
         tokens_per_step = (
@@ -571,8 +827,8 @@ class Trainer:
                 run.grad_accum * self.world
             )
             elapsed = time.perf_counter() - start
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+            bar.update(1)
             record = {
                 "step": self.step,
                 "loss": loss,
@@ -591,6 +847,7 @@ class Trainer:
                     bar.write(
                         f"step {self.step}: val joint {_nats(joint)} next-token {_nats(nxt)} nats"
                     )
+                self._check_usage(last_eval)
             self._log(record)
             if self.step % run.save_every == 0 or self.step == run.steps:
                 self.save()
@@ -635,17 +892,40 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict[str, float | 
     return Trainer(cfg).train(stop_after=stop_after)
 
 
-def run_command(preset: str, overrides: list[str]) -> None:
-    """``cpd-mtp train``: a bad config or a taken out_dir is a one-line ``error:`` exit."""
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line (a dependency's may span several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def run_command(
+    preset: str,
+    overrides: list[str],
+    print_config: bool = False,
+    parser: argparse.ArgumentParser | None = None,
+) -> None:
+    """``cpd-mtp train``: every problem is one ``cpd-mtp train: error: ...`` line.
+
+    The whole config is checked before anything heavy (DeepSpeed, the corpus, the model); a
+    bad config, a taken out_dir or a checkpoint that does not fit the config exits 2, like
+    argparse's own errors; a failure while running (a corrupt checkpoint, a full disk) exits 1.
+    ``print_config`` prints the merged config as YAML and exits.
+    """
+    parser = parser or argparse.ArgumentParser(prog="cpd-mtp train")
     try:
         cfg = load_train_config(preset, overrides)
         check_config(cfg, torch.cuda.is_available())  # before any heavy work
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        parser.error(_one_line(err))
+    if print_config:
+        print(config_to_yaml(cfg), end="")
+        return
+    quiet_library_bars()
     try:
         metrics = train(cfg)
-    except OutDirError as err:
-        sys.exit(f"error: {err}")
+    except (ValueError, FileNotFoundError) as err:  # OutDirError, ResumeMismatchError, ...
+        parser.error(_one_line(err))
+    except checkpoint.CheckpointError as err:
+        parser.exit(1, f"{parser.prog}: error: {_one_line(err)}\n")
     if int(os.environ.get("RANK", 0)) == 0 and metrics:
         print(json.dumps(metrics, indent=1))
 

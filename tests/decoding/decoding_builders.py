@@ -97,6 +97,7 @@ def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 def hf_greedy(model, ids, mask, max_new_tokens, eos=None) -> torch.Tensor:
     return model.generate(
         ids,
+        speculative=False,  # HF's own loop: the independent reference
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,

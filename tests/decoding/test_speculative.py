@@ -19,7 +19,6 @@ import torch
 from conftest import build_tiny_llama_config as tiny_llama_config
 from decoding_builders import (
     enumerate_joint,
-    hf_greedy,
     hf_warp,
     left_padded,
     periodic,
@@ -29,7 +28,15 @@ from decoding_builders import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    MistralConfig,
+    Qwen2Config,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
 
 from cpd_mtp.decoding import (
     UniformDrafter,
@@ -41,6 +48,20 @@ from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
 VOCAB, PAD = 16, 0  # the vocabulary and pad id of the conftest models
 GREEDY_SHAPES = [(2, 1), (3, 2), (4, 3)]  # (n_future, rank)
+
+
+def hf_greedy(model, ids, mask, max_new_tokens, eos=None) -> torch.Tensor:
+    """Hugging Face's own greedy loop on the same model (``model.generate`` would decode
+    speculatively: ``speculative=False`` keeps the reference independent)."""
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=eos,
+        speculative=False,
+    )
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -191,6 +212,79 @@ def test_invalid_arguments():
     assert torch.equal(generate(model, ids, 0).sequences, ids)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"repetition_penalty": 1.2}, ["repetition_penalty", "model.generate"]),
+        ({"num_beams": 2, "max_length": 9}, ["max_length, num_beams", "model.generate"]),
+        (
+            {"do_sample": True, "warpers": [RepetitionPenaltyLogitsProcessor(1.2)]},
+            ["RepetitionPenaltyLogitsProcessor", "model.generate"],
+        ),
+        ({"min_new_tokens": -1}, ["min_new_tokens"]),
+    ],
+)
+def test_what_the_decoder_cannot_serve_is_refused_by_name(kwargs, words):
+    model = trained_model(2, 1)
+    with pytest.raises(ValueError) as error:
+        generate(model, prompt_tokens(1, 3)[None], 3, **kwargs)
+    message = str(error.value)
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+class _StopAfter(StoppingCriteria):
+    """Row-wise: a row is done at its third new ``token``."""
+
+    def __init__(self, token: int, prompt_width: int) -> None:
+        self.token, self.width = token, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids[:, self.width :] == self.token).sum(dim=1) >= 3
+
+
+class _Recorder(BaseStreamer):
+    def __init__(self) -> None:
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_streamer_and_stopping_criteria_as_hf(batch):
+    """The streamer gets what HF's loop puts (the prompt, then the same tokens; the same (B,)
+    columns for a batch), and a row-wise criterion stops each row at HF's token."""
+    model = trained_model(4, 3)
+    g = torch.Generator().manual_seed(11)
+    ids, mask = left_padded([periodic(1, n, g)[0] for n in (9, 6, 4)[:batch]])
+    free = hf_greedy(model, ids, mask, 20)
+    token = int(free[0, ids.shape[1]])
+    eos = min(set(range(1, VOCAB)) - set(free.flatten().tolist()))  # never emitted
+    criteria = StoppingCriteriaList([_StopAfter(token, ids.shape[1])])
+    ours, theirs = _Recorder(), _Recorder()
+    out = generate(
+        model, ids, 20, attention_mask=mask, eos_token_id=eos, streamer=ours,
+        stopping_criteria=criteria,
+    )  # fmt: skip
+    ref = model.generate(
+        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD,
+        eos_token_id=eos, streamer=theirs, stopping_criteria=criteria, speculative=False,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, ref)
+    assert out.sequences.shape[1] < free.shape[1]  # the criterion cut every row
+    assert out.forwards < out.new_tokens  # speculation did run
+    assert ours.ended and theirs.ended and torch.equal(ours.puts[0], theirs.puts[0])
+    if batch == 1:  # chunks of the accepted tokens
+        assert torch.equal(torch.cat(ours.puts[1:]), torch.cat(theirs.puts[1:]))
+        assert len(ours.puts) < len(theirs.puts)
+    else:
+        assert len(ours.puts) == len(theirs.puts)
+        assert all(torch.equal(a, b) for a, b in zip(ours.puts, theirs.puts))
+
+
 NAN, INF = float("nan"), float("inf")
 
 
@@ -242,7 +336,9 @@ def test_generate_defaults_to_the_model_eos_like_hf():
     assert not bool((free[1:] == eos).any())
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = None  # HF then pads with the EOS id
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    ref = model.generate(
+        ids, attention_mask=mask, max_new_tokens=16, do_sample=False, speculative=False
+    )
     out = generate(model, ids, 16, attention_mask=mask)
     assert torch.equal(out.sequences, ref)
     assert out.new_tokens_per_row == [1, 16, 16]
@@ -486,6 +582,7 @@ def test_greedy_exactness_contract_in_low_precision(dtype):
             pad_token_id=PAD,
             output_scores=True,
             return_dict_in_generate=True,
+            speculative=False,
         )
         out = generate(model, ids, 20)
         if torch.equal(out.sequences, ref.sequences):

@@ -376,8 +376,10 @@ def test_fresh_model_from_config(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------- generation
+@pytest.mark.parametrize("speculative", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_greedy_matches_hand_loop(arch: str) -> None:
+def test_generate_greedy_matches_hand_loop(arch: str, speculative: bool) -> None:
+    """``generate`` (speculative by default, or Hugging Face's loop) is greedy decoding."""
     model = make_model(arch)
     prompt = batch(shape=(2, 5))
     steps = 6
@@ -388,7 +390,9 @@ def test_generate_greedy_matches_hand_loop(arch: str) -> None:
         max_new_tokens=steps,
         do_sample=False,
         pad_token_id=0,
+        speculative=speculative,
     )
+    assert (model.last_generation_stats is not None) == speculative
     assert out.shape == (2, 5 + steps)
     tokens = prompt
     with torch.no_grad():

@@ -338,6 +338,30 @@ def test_fast_chunked_rows_match_reference_with_and_without_ignored(
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    case=shapes,
+    keep_all=st.booleans(),
+    chunk_bytes=st.sampled_from([1, 150, 10**9]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_a_frozen_unembedding_gets_the_references_gradient_of_u(case, keep_all, chunk_bytes, dtype):
+    """Heads-only training (W_U frozen): dU comes from E_p[W] kept in forward, no second pass."""
+    u, weight, _, targets = make_inputs(**case, dtype=dtype)
+    if keep_all:
+        targets = targets.clamp(min=0)
+    upstream = torch.randn((*targets.shape, u.shape[2]), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for impl in ("reference", "chunked"):
+        leaf = u.detach().clone().requires_grad_()
+        lp = ops.row_logprobs(leaf, weight.detach(), targets, impl=impl, chunk_bytes=chunk_bytes)
+        (grad,) = torch.autograd.grad((lp * upstream.to(lp.dtype)).sum(), [leaf])
+        results[impl] = (lp.detach(), grad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for got, want in zip(results["chunked"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 def test_fast_chunk_rows_hold_one_buffer_per_row():
     from cpd_mtp.ops.chunked import fast_chunk_rows
 

@@ -37,6 +37,19 @@ def test_seal_then_latest_round_trip(tmp_path):
     assert record["step"] == 4 and set(record["files"]) == {"model.pt", "sub/optim.pt"}
 
 
+def test_the_record_carries_the_info_given_to_seal(tmp_path):
+    tag = write_tag(tmp_path, 4)
+    info = {"config": {"head": {"rank": 4}, "run": {"steps": 8}}, "schedule": {"run.steps": 8}}
+    # The info cannot overwrite what seal itself records.
+    checkpoint.seal(tmp_path, tag, 4, {**info, "step": 99, "files": {}})
+    record = checkpoint.read_record(tmp_path, tag)  # no hashing
+    assert record == checkpoint.verify(tmp_path, tag)
+    assert {k: record[k] for k in info} == info and record["step"] == 4
+    assert set(record["files"]) == {"model.pt", "sub/optim.pt"}
+    with pytest.raises(checkpoint.CheckpointError, match="refusing checkpoint tag"):
+        checkpoint.read_record(tmp_path, "../elsewhere")
+
+
 def test_an_unsealed_newer_tag_does_not_move_latest(tmp_path):
     checkpoint.seal(tmp_path, write_tag(tmp_path, 2), 2)
     write_tag(tmp_path, 4)  # a save killed before its seal

@@ -59,3 +59,19 @@ def test_unknown_preset_and_key_fail_early():
         load_train_config("tiny", ["run.steps=many"])
     with pytest.raises(ValueError, match="bad training config"):
         load_train_config("tiny", ["run.log_every=3"])  # removed: nothing read it
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("run.steps=many", "run.steps"),
+        ("run.stepz=3", "run.stepz"),
+        ("head.expert_type=dense", "head.expert_type"),
+        ("optim.betas=high", "optim.betas"),
+    ],
+)
+def test_load_errors_are_one_line_naming_the_key(override, key):
+    with pytest.raises(ValueError) as info:
+        load_train_config("tiny", [override])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"bad training config: {key}: ")

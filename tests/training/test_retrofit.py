@@ -33,31 +33,9 @@ N_FUTURE, RANK, BLOCK = 3, 2, 32
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_model(tiny_pretrained_folder) -> Path:
     """A random 2-layer Llama and a 320-token BPE, saved together as an HF folder."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from cpd_mtp.training.tokenizer import train_bpe_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    texts = [p.read_text(errors="replace") for p in sorted(STDLIB.glob("*.py"))[:20]]
-    tokenizer = train_bpe_tokenizer(texts, 320)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_pretrained_folder
 
 
 def config(model: Path, out: Path, **overrides) -> RetrofitConfig:
