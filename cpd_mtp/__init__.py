@@ -27,6 +27,7 @@ _LAZY = {
     "CPDMTPForCausalLM": "cpd_mtp.hf",
     "CPDMTPModelConfig": "cpd_mtp.hf",
     "generate": "cpd_mtp.decoding",
+    "load_causal_lm": "cpd_mtp.hf.loading",
 }
 
 __all__ = ["CPDMTPConfig", "CPDMTPHead", "CPDMTPHeadOutput"]

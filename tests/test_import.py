@@ -78,6 +78,7 @@ SCRIPT = textwrap.dedent(
         lambda: cpd_mtp.CPDMTPForCausalLM,
         lambda: cpd_mtp.CPDMTPModelConfig,
         lambda: cpd_mtp.generate,
+        lambda: cpd_mtp.load_causal_lm,
         lambda: importlib.import_module("cpd_mtp.hf"),
     ):
         try:
@@ -107,4 +108,7 @@ def test_hf_names_resolve_with_the_extra_installed():
 
     assert cpd_mtp.CPDMTPForCausalLM is CPDMTPForCausalLM is cpd_mtp.hf.CPDMTPForCausalLM
     assert cpd_mtp.CPDMTPModelConfig is CPDMTPModelConfig is cpd_mtp.hf.CPDMTPModelConfig
+    from cpd_mtp.hf.loading import load_causal_lm
+
+    assert cpd_mtp.load_causal_lm is load_causal_lm
     assert "tiny_llama_config" not in dir(cpd_mtp)

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", type=Path, default=model_path("smollm2"), help="HF folder or .gguf"
     )
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="run folder (replaced)")
-    parser.add_argument("--rank", type=positive_int, default=4, help="experts r")
+    parser.add_argument("--rank", type=positive_int, default=2, help="experts r")
     parser.add_argument(
         "--n-future", type=positive_int, default=4, help="tokens per draft window n"
     )

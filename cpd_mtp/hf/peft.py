@@ -54,7 +54,9 @@ def lora_config(
     """A ``peft.LoraConfig`` for a ``CPDMTPForCausalLM``: LoRA on the trunk, head parts saved.
 
     Args:
-        r, lora_alpha, lora_dropout: LoRA's rank, scale and dropout.
+        r: LoRA's rank.
+        lora_alpha: LoRA's scale.
+        lora_dropout: LoRA's dropout.
         target_modules: the trunk modules LoRA adapts (GPT-2: ``("c_attn", "c_proj")``).
         modules_to_save: more modules to train in full, after ``HEAD_MODULES_TO_SAVE``.
         **kwargs: any other ``LoraConfig`` field.

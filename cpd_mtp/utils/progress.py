@@ -189,7 +189,11 @@ def progress(
 
     Args:
         iterable: optional, iterated over like ``tqdm(iterable)``.
-        total, desc, unit, disable, initial: as tqdm's.
+        total: as tqdm's: the count at 100 %.
+        desc: as tqdm's: the label.
+        unit: as tqdm's: what is counted.
+        disable: as tqdm's: show nothing.
+        initial: as tqdm's: the count to start from.
         every: the plain form prints a line each time this many more percent are done.
         file: the stream written to (tqdm's ``file``); None is ``sys.stderr``.
         tqdm_kwargs: passed to tqdm on a terminal (``leave``, ``dynamic_ncols``, ...).
