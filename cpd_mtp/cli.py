@@ -157,7 +157,7 @@ def add_retrofit_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=0.0, help="generated: 0 greedy, > 0 samples"
     )
     parser.add_argument("--prompt-tokens", type=positive_int, default=None)
-    parser.add_argument("--generate-batch-size", type=positive_int, default=8)
+    parser.add_argument("--generate-batch-size", type=positive_int, default=16)
     parser.add_argument(
         "--data", action="append", default=None, help="corpus path/glob (repeat); default stdlib"
     )
@@ -175,6 +175,9 @@ def add_retrofit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
     parser.add_argument(
         "--expert-type", choices=["linear", "resblock", "lowrank"], default="linear"
+    )
+    parser.add_argument(
+        "--balance-coef", type=float, default=0.01, help="weight of the gate's balancing loss"
     )
     parser.add_argument("--eval-every", type=positive_int, default=100)
     parser.add_argument("--eval-blocks", type=positive_int, default=32)

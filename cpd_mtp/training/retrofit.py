@@ -103,6 +103,7 @@ class RetrofitConfig:
         grad_clip: gradient norm clipping.
         zero_stage: DeepSpeed ZeRO stage, 0-3.
         expert_type: ``linear``, ``resblock`` or ``lowrank`` (``CPDMTPConfig.expert_type``).
+        balance_coef: weight of the gate's load-balancing loss (``CPDMTPConfig.balance_coef``).
         eval_every: validate every this many steps (and at the end).
         eval_blocks: validation blocks (at most; the split may hold fewer).
         save_every: checkpoint every this many steps (and at the end).
@@ -146,6 +147,7 @@ class RetrofitConfig:
     grad_clip: float = 1.0
     zero_stage: int = 0
     expert_type: str = "linear"
+    balance_coef: float = 0.01
     eval_every: int = 100
     eval_blocks: int = 32
     save_every: int = 100
@@ -206,6 +208,8 @@ def check_retrofit_config(cfg: RetrofitConfig) -> None:
         raise ValueError(f"beta must lie in [0, 1], got {cfg.beta}")
     if not 0.0 < cfg.gamma <= 1.0:
         raise ValueError(f"gamma must lie in (0, 1], got {cfg.gamma}")
+    if not 0.0 <= cfg.balance_coef < float("inf"):
+        raise ValueError(f"balance_coef must be a finite number >= 0, got {cfg.balance_coef}")
     if not (cfg.temperature >= 0.0 and math.isfinite(cfg.temperature)):
         raise ValueError(f"temperature must be a finite number >= 0, got {cfg.temperature}")
     if cfg.temperature > 0 and cfg.distill != "generated":
@@ -258,6 +262,7 @@ def head_config(cfg: RetrofitConfig, hidden_size: int, vocab_size: int) -> CPDMT
         n_future=cfg.n_future,
         rank=cfg.rank,
         expert_type=cfg.expert_type,
+        balance_coef=cfg.balance_coef,
         next_token="base",
         draft_vocab_size=k if k is not None and k < vocab_size else None,
     )
@@ -310,7 +315,7 @@ class RetrofitTrainer(Trainer):
     FIXED_KEYS = (
         "model", "data", "max_files", "val_fraction", "block_size", "tokens", "seed",
         "distill", "beta", "gamma", "temperature", "prompt_tokens", "n_future", "rank",
-        "draft_vocab", "expert_type", "dtype", "store_dtype",
+        "draft_vocab", "expert_type", "balance_coef", "dtype", "store_dtype",
     )  # fmt: skip
     FREE_KEYS = ()
 
@@ -659,6 +664,7 @@ class RetrofitTrainer(Trainer):
                 rank=cfg.rank,
                 freeze_trunk=True,
                 expert_type=cfg.expert_type,
+                balance_coef=cfg.balance_coef,
                 next_token="base",
                 draft_vocab_size=cfg.draft_vocab_size,
             )

@@ -230,6 +230,7 @@ def test_generated_mode_trains_on_the_models_own_continuations(tiny_model, tmp_p
         (["--distill", "kl", "--temperature", "0.5"], "temperature applies to --distill generated"),
         (["--n-future", "40"], "must be < block_size"),
         (["--beta", "1.5"], "beta must lie in [0, 1]"),
+        (["--balance-coef", "-0.1"], "balance_coef must be a finite number >= 0"),
         (["--tokens", "10000000"], "lower --tokens"),
         (["--draft-vocab", "100000"], "exceeds the model's vocabulary"),
     ],
