@@ -54,10 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-train", action="store_true", help="measure the existing export")
 
 
-def _retrofit(args: argparse.Namespace, base: tuple[Any, Any]) -> None:
-    from cpd_mtp.training.retrofit import RetrofitConfig, RetrofitTrainer
+def _config(args: argparse.Namespace):
+    """The demo's ``RetrofitConfig``."""
+    from cpd_mtp.training.retrofit import RetrofitConfig
 
-    cfg = RetrofitConfig(
+    return RetrofitConfig(
         model=str(args.model),
         out_dir=str(args.out),
         n_future=args.n_future,
@@ -70,6 +71,11 @@ def _retrofit(args: argparse.Namespace, base: tuple[Any, Any]) -> None:
         eval_every=10**9,  # validation at the start and the end
         overwrite=True,  # `make demo` replaces its own earlier run
     )
+
+
+def _retrofit(cfg: Any, base: tuple[Any, Any]) -> None:
+    from cpd_mtp.training.retrofit import RetrofitTrainer
+
     print(
         f"== retrofit: n={cfg.n_future}, r={cfg.rank}, draft vocabulary {cfg.draft_vocab}, "
         f"{cfg.tokens:,} self-generated tokens x {cfg.epochs:g} epochs, heads only ==",
@@ -124,19 +130,14 @@ def run(args: argparse.Namespace) -> None:
     final = args.out / "final"
     if args.skip_train and not final.is_dir():
         sys.exit(f"error: --skip-train needs an export at {final}; run the demo without it first")
+    cfg = _config(args)
     base = load_causal_lm(args.model)
     base[0].eval()
     if not args.skip_train:
-        _retrofit(args, base)
+        _retrofit(cfg, base)
     model = CPDMTPForCausalLM.from_pretrained(final).eval()
     tokenizer = base[1]
-    study_args = argparse.Namespace(
-        model=args.model, n_future=args.n_future, rank=args.rank, tokens=args.tokens,
-        draft_vocab=args.draft_vocab, block_size=128, batch_size=8, epochs=args.epochs,
-        lr=2e-3, expert_type="linear", max_files=None, work_dir=args.out.parent,
-        progress=False, prompts=args.prompts, prompt_tokens=48,
-    )  # fmt: skip
-    prompts = held_out_prompts(study_args, tokenizer)
+    prompts = held_out_prompts(cfg, tokenizer, args.prompts, prompt_tokens=48)
 
     with torch.no_grad():
         out = generate(model, prompts[0][None], args.max_new_tokens)

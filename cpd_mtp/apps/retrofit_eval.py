@@ -16,41 +16,27 @@ Used by the demo and the retrofit study.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from cpd_mtp.apps.results import percentiles
 from cpd_mtp.decoding import DecodingStats, generate
 
-__all__ = ["measure_retrofit", "spread", "summarise_speedup"]
+__all__ = ["measure_retrofit", "summarise_speedup"]
 
 # A speedup whose 20th-80th percentile range is wider than this fraction of its median is
 # reported as too noisy to trust.
 TRUSTED_SPREAD = 0.25
 
 
-def spread(values: Sequence[float]) -> dict[str, float]:
-    """Median and 20th / 80th percentiles (nearest rank) of ``values``."""
-    ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return {
-        "median": statistics.median(ordered),
-        "p20": rank(0.2),
-        "p80": rank(0.8),
-        "n": len(ordered),
-    }
-
-
 def summarise_speedup(ratios: Sequence[float]) -> dict[str, Any]:
-    """``spread`` of per-prompt speedups, with ``trusted``: whether the p20-p80 range is within
-    ``TRUSTED_SPREAD`` of the median."""
-    summary: dict[str, Any] = spread(ratios)
+    """Median, p20, p80 and count of per-prompt speedups (``percentiles``), with ``trusted``:
+    whether the p20-p80 range is within ``TRUSTED_SPREAD`` of the median."""
+    summary: dict[str, Any] = percentiles(list(ratios))
+    summary["median"] = summary.pop("p50")
     summary["trusted"] = (summary["p80"] - summary["p20"]) <= TRUSTED_SPREAD * summary["median"]
     return summary
 

@@ -318,12 +318,12 @@ def write_results(out: Path, payload: dict[str, Any], with_plots: bool) -> None:
 
 
 # ---------------------------------------------------------------------- the study
-def held_out_prompts(args: argparse.Namespace, tokenizer: Any) -> list[torch.Tensor]:
-    """``--prompts`` prompts from the validation split of the retrofit's own corpus split."""
+def held_out_prompts(cfg: Any, tokenizer: Any, n: int, prompt_tokens: int) -> list[torch.Tensor]:
+    """``n`` prompts of ``prompt_tokens`` tokens from the validation documents of the corpus
+    split the retrofit ``cfg`` (a ``RetrofitConfig``) trains on: code its head never saw."""
     from cpd_mtp.training.data import DataConfig, build_corpus
     from cpd_mtp.training.retrofit import save_tokenizer
 
-    cfg = retrofit_config(args, 0, "none", 1)  # the documents split as every run splits them
     corpus = build_corpus(
         DataConfig(
             source=cfg.data,
@@ -335,7 +335,7 @@ def held_out_prompts(args: argparse.Namespace, tokenizer: Any) -> list[torch.Ten
             progress=False,
         )
     )
-    texts = corpus.held_out_prompts(args.prompts, prompt_tokens=args.prompt_tokens)
+    texts = corpus.held_out_prompts(n, prompt_tokens=prompt_tokens)
     if not texts:
         raise SystemExit(
             f"error: the validation split of {len(corpus.validation_files)} document(s) gives no "
@@ -368,7 +368,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
     base = load_causal_lm(args.model)
     base[0].eval()
-    prompts = held_out_prompts(args, base[1])
+    # Every run splits the documents alike: any configuration's split gives the prompts.
+    split = retrofit_config(args, 0, "none", 1)
+    prompts = held_out_prompts(split, base[1], args.prompts, args.prompt_tokens)
     order = [c for c in plan(args.ranks, args.distill, args.seeds) if run_name(*c) not in done]
     started = time.perf_counter()
     for index, (seed, distill, rank) in enumerate(order):

@@ -50,10 +50,16 @@ def trained_model(n_future: int, rank: int) -> CPDMTPForCausalLM:
         loss_impl="reference",
         expert_init_noise=0.1,
     )
-    g = torch.Generator().manual_seed(n_future)
+    return train_on_periodic(model, steps=60, seed=n_future)
+
+
+def train_on_periodic(model: CPDMTPForCausalLM, steps: int, seed: int) -> CPDMTPForCausalLM:
+    """Train ``model`` for ``steps`` Adam steps on batches of periodic sequences; return it in
+    eval mode, padding with PAD and with no EOS (decoding runs to ``max_new_tokens``)."""
+    g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(60):
+    for _ in range(steps):
         x = periodic(16, 24, g)
         loss = model(x, labels=x).loss
         opt.zero_grad()

@@ -24,6 +24,7 @@ from decoding_builders import (
     periodic,
     prompt_tokens,
     random_head_model,
+    train_on_periodic,
     trained_model,
 )
 from hypothesis import HealthCheck, given, settings
@@ -629,19 +630,7 @@ def sliding_model(arch: str, periodic) -> CPDMTPForCausalLM:
         loss_impl="reference",
         expert_init_noise=0.1,
     )
-    g = torch.Generator().manual_seed(1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(120):
-        x = periodic(16, 24, g)
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
+    return train_on_periodic(model, steps=120, seed=1)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
