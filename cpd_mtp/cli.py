@@ -73,25 +73,27 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     """Stream a completion (one prompt) or print every completion (a batch), then statistics."""
+    if any(not prompt for prompt in args.prompt):
+        args.parser.error("--prompt must not be empty")
     if not (args.model / "config.json").is_file():
         sys.exit(f"error: --model {args.model} is not a saved model directory (no config.json)")
 
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
     from cpd_mtp.decoding import generate
     from cpd_mtp.decoding.inputs import special_token_ids
     from cpd_mtp.decoding.sampling import check_warping
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     if args.sample:
         try:
             check_warping(args.temperature, args.top_k, args.top_p)
         except ValueError as error:
             args.parser.error(str(error))
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    tokenizer.padding_side = "left"
-    model = CPDMTPForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+    try:
+        model, tokenizer = _load_export(args.model)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     # Stop where HF `model.generate` and `cpd_mtp.generate` stop: the model's generation
     # config; the tokenizer's ids only where the model has none.
     eos_token_id, pad_token_id = special_token_ids(model, None, None)
@@ -124,13 +126,40 @@ def run_generate(args: argparse.Namespace) -> None:
     if not streaming:
         for row in tokenizer.batch_decode(out.sequences, skip_special_tokens=True):
             print(row, end="\n---\n")
-    rates = " ".join(f"{a:.2f}" for a in out.acceptance_rate)
+    from cpd_mtp.decoding.output import format_rates
+
+    rates = format_rates(out.acceptance_rate)
     summary = (
         f"{out.new_tokens} tokens, {out.forwards} forwards, "
         f"{out.tokens_per_forward:.2f} tokens/forward, acceptance per draft position: {rates}, "
         f"{out.wall_time_s:.2f} s"
     )
     print(f"\n\n[{summary}]", file=sys.stderr)
+
+
+def _load_export(path: Path) -> tuple[Any, Any]:
+    """The saved model and its tokenizer; a ``ValueError`` in one line for a folder that is not
+    a complete cpd_mtp model (another model type, no weights, no tokenizer, corrupt files)."""
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer
+
+    from cpd_mtp.hf.loading import check_model_folder, transformers_progress
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
+
+    check_model_folder(path)
+    try:  # a ValueError (another model type, say) already names the folder in one line
+        with transformers_progress(False):
+            model = CPDMTPForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, RuntimeError, KeyError, SafetensorError) as error:  # e.g. a truncated file
+        raise ValueError(
+            f"{path}: cannot load the model ({type(error).__name__}: {error})"
+        ) from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot load the tokenizer ({error})") from error
+    tokenizer.padding_side = "left"
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------- retrofit

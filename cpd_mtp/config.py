@@ -38,10 +38,14 @@ class CPDMTPConfig:
         loss_impl: ``auto`` (``triton`` on CUDA, ``chunked`` elsewhere), ``reference``,
             ``chunked`` or ``triton``.
         chunk_bytes: memory budget of one chunk of logits in the ``chunked`` loss.
+        grad_filter: gradient filtering in the ``triton`` loss's backward (off by default):
+            vocabulary tiles whose probabilities are all negligible are skipped, within the
+            bound of ``docs/kernels.md``. Opt in only for a peaked softmax (a trained model);
+            near the start of training it drops most of the gradient's softmax part.
         next_token: which distribution is the model's next-token distribution. ``marginal``:
             the CP marginal sum_a w_a p_{1,a} (models trained with the CP loss). ``base``: the
-            wrapped model's own lm_head, softmax(W_U h), bit for bit; the CP head only drafts
-            (retrofits: the model's outputs never change).
+            wrapped model's own lm_head, softmax(W_U h) (the forward's logits bit for bit);
+            the CP head only drafts (retrofits: decoding verifies every draft against it).
         draft_vocab_size: K, the size of the draft vocabulary: the experts' softmax runs over
             K token ids (the head's ``draft_ids``, by default the K most frequent of its
             training tokens), so drafting and head training cost O(K) per expert row; the
@@ -62,6 +66,7 @@ class CPDMTPConfig:
     ignore_index: int = -100
     loss_impl: LossImpl = "auto"
     chunk_bytes: int = 64 * 2**20
+    grad_filter: bool = False
     next_token: NextToken = "marginal"
     draft_vocab_size: int | None = None
 
@@ -89,6 +94,10 @@ class CPDMTPConfig:
         for name in ("balance_coef", "router_z_coef", "expert_init_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CPDMTPConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.grad_filter, bool):
+            raise ValueError(
+                f"CPDMTPConfig.grad_filter must be True or False, got {self.grad_filter!r}"
+            )
         if self.chunk_bytes < 1:
             raise ValueError(f"CPDMTPConfig.chunk_bytes must be >= 1, got {self.chunk_bytes}")
         if self.next_token not in NEXT_TOKEN_MODES:

@@ -399,6 +399,7 @@ class CPDMTPHead(nn.Module):
             ignore_index=cfg.ignore_index,
             impl=cfg.loss_impl,
             chunk_bytes=cfg.chunk_bytes,
+            grad_filter=cfg.grad_filter,
         )  # (N, n, r)
         nll, gamma = mixture_logsumexp(row_lp, log_w)  # (N,), (N, r)
         # A position without targets has -l_t = -logsumexp(log w) = 0 only up to rounding.

@@ -10,16 +10,19 @@ gradient). One program owns a (BLOCK_M rows × BLOCK_V vocabulary) tile: it reco
 logits (fp32 accumulation), forms d from the saved log-sum-exp, then adds
 d @ W[tile] into dU and dᵀ @ u[rows] into dW_U, both fp32 accumulators updated with atomics.
 
-**Gradient filtering.** When every |softmax − onehot| of a tile is below ``eps`` (every
-probability in it is below eps and no row's target lies in it, the rule of Cut Cross-Entropy)
-the tile's contribution is skipped (two of the three GEMMs of the tile are saved). The test is
-on the unscaled difference, so it does not depend on the upstream gradient's scale (a mean over
-many positions, gradient accumulation). Each skipped entry of d_k is below |c_k|·eps, so
+**Gradient filtering** (opt-in). When every |softmax − onehot| of a tile is below the
+threshold tau (every probability in it is below tau and no row's target lies in it, the rule
+of Cut Cross-Entropy) the tile's contribution is skipped (two of the three GEMMs of the tile are
+saved). The test is on the unscaled difference, so it does not depend on the upstream
+gradient's scale (a mean over many positions, gradient accumulation). The caller sets
+tau = eps / V, so the entries a row skips hold less than eps of probability in all, and
 
-    |ΔdU[k, j]| ≤ |c_k|·eps·Σ_v |W[v, j]|,    |ΔdW[v, j]| ≤ eps·Σ_k |c_k|·|u[rows[k], j]|.
+    |ΔdU[k, j]| ≤ |c_k|·eps·max_v |W[v, j]|,    |ΔdW[v, j]| ≤ (eps / V)·Σ_k |c_k|·|u[rows[k], j]|.
 
+(A threshold of eps per entry would bound a row's loss by eps·V instead: near the uniform
+distribution, where every p ≈ 1/V < eps, it skips the whole softmax part of the gradient.)
 In a peaked softmax most tiles hold only tiny probabilities, which is where the saving lies.
-Filtering is on by default; ``grad_filter=False`` or ``CPD_MTP_GRAD_FILTER=0`` turns it off.
+Filtering is off by default; ``grad_filter=True`` or ``CPD_MTP_GRAD_FILTER=1`` turns it on.
 
 The fp32 dU scratch holds at most ``config.DU_SCRATCH_BYTES``; longer row lists are processed
 in several launches, each cast back to the input dtype once done. dW_U stays fp32 (V, d)
@@ -162,7 +165,8 @@ def row_lse_backward(
         lse: (K,) float32 log-sum-exp saved by the forward.
         coef: (K,) float32 c_k, the weight of each row's softmax − onehot.
         need_du / need_dw: which gradients to compute.
-        grad_filter / filter_eps: skip tiles whose every |softmax − onehot| < filter_eps.
+        grad_filter / filter_eps: skip tiles whose every |softmax − onehot| < filter_eps (the
+            per-entry threshold tau; the caller passes its mass budget divided by V).
 
     Returns:
         dU (M, d) and dW_U (V, d) in the input dtype (rows not kept get 0), or None

@@ -8,8 +8,8 @@ config, so there the request is ignored with a warning and a small interpreter c
 Environment variables read at call time:
 
 - ``CPD_MTP_AUTOTUNE=1``: autotune the log-sum-exp forward and backward kernels (GPU only).
-- ``CPD_MTP_GRAD_FILTER=0``: turn gradient filtering off (it is on by default).
-- ``CPD_MTP_GRAD_FILTER_EPS=<float>``: the filtering threshold, overriding the dtype default.
+- ``CPD_MTP_GRAD_FILTER=1``: turn gradient filtering on (it is off by default).
+- ``CPD_MTP_GRAD_FILTER_EPS=<float>``: the filter's mass budget, overriding the dtype default.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import torch
 # Budget of the fp32 dU scratch in backward; rows are processed in launches that fit it.
 DU_SCRATCH_BYTES = 256 * 2**20
 
-# Default gradient-filtering thresholds: a vocabulary block whose every |softmax − onehot| is
-# below this is skipped, so each skipped entry of a row's gradient is below eps·|c_k|. 2^-12 is
-# below the resolution of a bf16 gradient relative to that row's scale |c_k| (bf16 keeps 8
-# mantissa bits); fp32 inputs get a threshold far below their own rounding.
+# Default mass budgets of gradient filtering: the probability that a row's skipped entries may
+# hold together. A tile is skipped when every |softmax − onehot| in it is below eps / V, so the
+# V entries of a row skip less than eps in all, and the dropped part of that row's gradient is
+# below eps·|c_k|·max_v |W_U[v]|. 2^-12 is below what a bf16 gradient resolves relative to its
+# row's scale (8 mantissa bits); fp32 inputs get a budget at their own rounding.
 FILTER_EPS = {
     torch.bfloat16: 2.0**-12,
     torch.float16: 2.0**-12,
@@ -125,14 +126,15 @@ def grad_filter_setting(
 ) -> tuple[bool, float]:
     """Resolve (enabled, eps) of gradient filtering from the arguments and the environment.
 
-    An explicit argument wins over ``CPD_MTP_GRAD_FILTER`` / ``CPD_MTP_GRAD_FILTER_EPS``,
-    which win over the defaults (on; ``FILTER_EPS[dtype]``).
+    ``eps`` is the mass budget of one row (the per-entry threshold is eps / V). An explicit
+    argument wins over ``CPD_MTP_GRAD_FILTER`` / ``CPD_MTP_GRAD_FILTER_EPS``, which win over
+    the defaults (off; ``FILTER_EPS[dtype]``).
     """
     if enabled is None:
-        enabled = os.environ.get("CPD_MTP_GRAD_FILTER", "1") not in ("0", "false", "False", "")
+        enabled = os.environ.get("CPD_MTP_GRAD_FILTER", "0") not in ("0", "false", "False", "")
     if eps is None:
         env_eps = os.environ.get("CPD_MTP_GRAD_FILTER_EPS")
         eps = float(env_eps) if env_eps else FILTER_EPS.get(dtype, 2.0**-24)
-    if eps < 0:
+    if not eps >= 0:
         raise ValueError(f"the gradient-filter eps must be >= 0, got {eps}")
     return bool(enabled), float(eps)

@@ -35,7 +35,9 @@ class _RowLogprobs(torch.autograd.Function):
         lse = row_lse_forward(u_rows, weight, rows, tgt_logits, out)
         ctx.save_for_backward(u_rows, weight, rows, picked, lse)
         ctx.u_shape = u.shape
-        ctx.filter = (grad_filter, filter_eps)
+        # A tile is skipped when every entry is below eps / V: a row's V entries then skip
+        # less than eps of probability mass in all (the bound in docs/kernels.md).
+        ctx.filter = (grad_filter, filter_eps / weight.shape[0])
         return out.view(n_tokens, n_future, rank)
 
     @staticmethod
@@ -81,9 +83,10 @@ def row_logprobs_triton(
         targets: (N, n) integer token ids in [0, V) or ``ignore_index``.
         ignore_index: the id of a missing target.
         grad_filter: skip backward vocabulary tiles whose every |softmax − onehot| is below
-            ``filter_eps``; None reads ``CPD_MTP_GRAD_FILTER`` (default on).
-        filter_eps: the threshold; None reads ``CPD_MTP_GRAD_FILTER_EPS`` or the dtype
-            default (2^-12 for 16-bit inputs, 2^-24 for fp32).
+            ``filter_eps / V``; None reads ``CPD_MTP_GRAD_FILTER`` (default off).
+        filter_eps: the mass budget of a row: its skipped entries hold less probability than
+            this in all. None reads ``CPD_MTP_GRAD_FILTER_EPS`` or the dtype default (2^-12
+            for 16-bit inputs, 2^-24 for fp32).
 
     Returns:
         (N, n, r) float32, 0 where the target is ignored. Differentiable in u and weight; the

@@ -281,3 +281,87 @@ def test_a_character_split_across_forwards_prints_whole(saved_model, monkeypatch
     cli.main(["generate", "--model", str(path), "--prompt", "def", "--max-new-tokens", "8"])
     out = capsys.readouterr().out
     assert out.startswith("def" + text) and "\ufffd" not in out
+
+
+# ------------------------------------------------------------------ one-line errors, not tracebacks
+def _exit_message(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") or exit_info.value.code == 2, message
+    return message
+
+
+def test_generate_errors_are_one_line(saved_model, tmp_path, capsys):
+    import shutil
+
+    path, _, _ = saved_model
+    # An empty prompt is a usage error.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--model", str(path), "--prompt", ""])
+    assert exit_info.value.code == 2 and "--prompt must not be empty" in capsys.readouterr().err
+
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(path, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    message = _exit_message(["generate", "--model", str(no_tokenizer), "--prompt", "x"])
+    assert "has no tokenizer" in message and "\n" not in message
+
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(path, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    message = _exit_message(["generate", "--model", str(no_weights), "--prompt", "x"])
+    assert "no weights" in message and "\n" not in message
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(path, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    message = _exit_message(["generate", "--model", str(corrupt), "--prompt", "x"])
+    assert "cannot load the model" in message and "\n" not in message
+
+
+def test_a_plain_model_folder_is_refused_in_one_line(tmp_path, tiny_llama_config):
+    plain = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=40))
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"holds a plain 'llama' model, not a cpd_mtp model"):
+        CPDMTPForCausalLM.from_pretrained(tmp_path / "plain")
+
+
+PLAIN_FOLDER_PROBE = """
+import resource, sys
+# 3 GiB of address space: the default 7B-parameter model that a silent fallback would build
+# needs 28 GB; the refusal needs what importing torch and transformers takes.
+resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+from cpd_mtp import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_pointing_generate_at_a_plain_model_does_not_take_the_machine_down(
+    tmp_path, tiny_llama_config
+):
+    import os
+    import subprocess
+    import sys
+
+    from cpd_mtp.training.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x\n"] * 10, vocab_size=300)
+    plain = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer)))
+    plain.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    argv = ["generate", "--model", str(tmp_path / "plain"), "--prompt", "def"]
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_FOLDER_PROBE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "holds a plain 'llama' model" in last, last
+    assert "cpd-mtp retrofit" in last
+    assert "Traceback" not in result.stderr

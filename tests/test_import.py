@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 # Every optional dependency of the extras (hf, train, bench).
 BLOCKED = (
@@ -112,3 +117,79 @@ def test_hf_names_resolve_with_the_extra_installed():
 
     assert cpd_mtp.load_causal_lm is load_causal_lm
     assert "tiny_llama_config" not in dir(cpd_mtp)
+
+
+# --- The repository's kernels/ folder never shadows the PyPI package `kernels` ----------------
+# transformers (>= 5.25) imports the PyPI package `kernels` and refuses `from_pretrained`
+# without it. Python puts the current directory first on sys.path for `python -m`, `python -c`
+# and scripts read from stdin, so these run from the repository root, as the Makefile and users
+# do. Without the fix (a kernels/__init__.py) every check below fails.
+ROOT = Path(__file__).resolve().parent.parent
+
+SHADOW_PROBE = textwrap.dedent(
+    """
+    import importlib.util, json, sys, tempfile
+    spec = importlib.util.find_spec("kernels")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=50)
+    model = LlamaForCausalLM(config)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        LlamaForCausalLM.from_pretrained(folder)  # the call that needs the real `kernels`
+    import cpd_mtp.kernels.ops
+    print(json.dumps({"kernels": spec.origin, "ours": cpd_mtp.kernels.ops.__file__,
+                      "path0": sys.path[0]}))
+    """
+)
+
+
+def _kernels_site_origin() -> str:
+    dist = pytest.importorskip("importlib.metadata")
+    try:
+        dist.version("kernels")
+    except dist.PackageNotFoundError:
+        pytest.skip("the PyPI package `kernels` is not installed (transformers < 5.25)")
+    return str(Path(dist.distribution("kernels").locate_file("kernels")).resolve())
+
+
+def _check_probe(result: subprocess.CompletedProcess, site_kernels: str) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["path0"] in ("", str(ROOT)), report  # the repository root is on sys.path
+    assert Path(report["kernels"]).resolve().is_relative_to(site_kernels), report
+    assert not Path(report["kernels"]).resolve().is_relative_to(ROOT / "kernels"), report
+    assert Path(report["ours"]).resolve() == ROOT / "kernels" / "ops.py", report
+
+
+@pytest.mark.parametrize("started_as", ["python -c", "python - (stdin)"])
+def test_python_started_from_the_repository_root_finds_the_pypi_kernels(started_as):
+    site_kernels = _kernels_site_origin()
+    if started_as == "python -c":
+        command, stdin = [sys.executable, "-c", SHADOW_PROBE], None
+    else:
+        command, stdin = [sys.executable, "-"], SHADOW_PROBE
+    result = subprocess.run(
+        command,
+        input=stdin,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONSAFEPATH": ""},
+    )
+    _check_probe(result, site_kernels)
+
+
+def test_python_m_cli_from_the_repository_root_runs():
+    _kernels_site_origin()
+    result = subprocess.run(
+        [sys.executable, "-m", "cpd_mtp.cli", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONSAFEPATH": ""},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "usage: cpd-mtp" in result.stdout

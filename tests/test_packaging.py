@@ -24,6 +24,8 @@ PRESETS = ("demo", "tiny", "small")
 ZERO_STAGES = (0, 1, 2, 3)
 # What the build reads: the sources and the two metadata files (README.md is the long description).
 SOURCES = ("cpd_mtp", "kernels", "pyproject.toml", "setup.cfg", "README.md")
+# In a checkout, cpd_mtp.kernels is this file pointing at kernels/; the wheel holds kernels/ itself.
+CHECKOUT_SHIM = "cpd_mtp/kernels/__init__.py"
 
 # setuptools >= 70.1 builds wheels itself (no separate `wheel` package needed).
 pytestmark = pytest.mark.skipif(
@@ -92,11 +94,11 @@ def test_wheel_has_every_package_and_no_top_level_kernels(wheel: Path) -> None:
     inits = {
         f"cpd_mtp/{path.relative_to(ROOT / 'cpd_mtp').as_posix()}"
         for path in (ROOT / "cpd_mtp").rglob("__init__.py")
-    } | {
-        f"cpd_mtp/kernels/{path.relative_to(ROOT / 'kernels').as_posix()}"
-        for path in (ROOT / "kernels").rglob("__init__.py")
-    }
+    } - {CHECKOUT_SHIM}
     assert inits <= names, sorted(inits - names)
+    # The kernels folder is shipped as it is, without the checkout's pointer to it.
+    assert CHECKOUT_SHIM not in names
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/ would shadow PyPI's kernels"
     sources = {
         f"cpd_mtp/kernels/{path.relative_to(ROOT / 'kernels').as_posix()}"
         for path in (ROOT / "kernels").rglob("*.py")
@@ -118,6 +120,9 @@ from pathlib import Path
 import cpd_mtp
 from cpd_mtp.training.config import load_train_config
 from cpd_mtp.training.trainer import deepspeed_config
+from cpd_mtp.kernels.ops import row_logprobs_triton  # the kernels, from the wheel's cpd_mtp/kernels/
+import cpd_mtp.kernels.ops as kernel_ops
+assert kernel_ops.__file__.startswith(str(Path(cpd_mtp.__file__).parent)), kernel_ops.__file__
 
 presets = {}
 for name in sys.argv[1].split(","):

@@ -91,7 +91,9 @@ def _retrofit(cfg: Any, base: tuple[Any, Any]) -> None:
 def _report(measured: dict[str, Any], prompts: int, new_tokens: int, repeats: int) -> None:
     greedy = measured["greedy"]
     speed = greedy["speedup"]
-    rates = "  ".join("-" if r is None else f"{r:.2f}" for r in greedy["acceptance_per_position"])
+    from cpd_mtp.decoding.output import format_rates
+
+    rates = format_rates(greedy["acceptance_per_position"], sep="  ")
     print("\n== speculative decoding vs the original model's HF generate (greedy, batch 1) ==")
     print(f"{prompts} held-out prompts x {new_tokens} new tokens, {repeats} interleaved passes")
     print(f"tokens per forward            {greedy['tokens_per_forward']:.2f}")

@@ -196,9 +196,11 @@ def _measure_decoding(
             for ids in prompts
         ]
         stats = DecodingStats.combine(out.stats for out in outs)
+        from cpd_mtp.decoding.output import json_rates
+
         result[mode] = {
             "tokens_per_forward": stats.new_tokens / stats.forwards,
-            "acceptance": [None if r != r else r for r in stats.acceptance_rate],
+            "acceptance": json_rates(stats.acceptance_rate),
             "time_s": sum(out.wall_time_s for out in outs),
         }
     start = time.perf_counter()

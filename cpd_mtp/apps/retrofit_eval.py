@@ -15,7 +15,6 @@ Used by the demo and the retrofit study.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -145,7 +144,9 @@ def measure_retrofit(
 
 def _rates(stats: DecodingStats) -> dict[str, Any]:
     # A position never verified has no rate: None (JSON null), not NaN.
-    rates = [None if math.isnan(rate) else rate for rate in stats.acceptance_rate]
+    from cpd_mtp.decoding.output import json_rates
+
+    rates = json_rates(stats.acceptance_rate)
     return {
         "tokens_per_forward": stats.tokens_per_forward,
         "acceptance_per_position": rates,

@@ -246,7 +246,9 @@ def markdown_table(rows: list[dict[str, Any]], machine: str, settings: dict[str,
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        accept = " / ".join("-" if a is None else f"{a:.2f}" for a in row["greedy_acceptance"])
+        from cpd_mtp.decoding.output import format_rates
+
+        accept = format_rates(row["greedy_acceptance"])
         lines.append(
             f"| {row['distill']} | {row['rank']} | {_fmt(row['greedy_tpf'])} | "
             f"{_fmt(row.get('sampled_tpf'))} | {accept} | {_fmt(row['speedup'])}x | "

@@ -54,7 +54,9 @@ def decode_and_compare(model_dir: Path, prompts: list[str], max_new_tokens: int)
         stats = compare_decoding(
             model, ids, max_new_tokens, repeats=3, pad_token_id=tokenizer.pad_token_id
         )
-    rates = ", ".join(f"{r:.2f}" for r in stats["acceptance_rate"])
+    from cpd_mtp.decoding.output import format_rates
+
+    rates = format_rates(stats["acceptance_rate"], sep=", ")
     spec = sorted(stats["spec_time_s"])[1]
     ar = sorted(stats["ar_time_s"])[1]
     print("\n== self-speculative vs autoregressive decoding (same model, same run) ==")

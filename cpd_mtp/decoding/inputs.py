@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,9 +15,11 @@ __all__ = [
     "check_warpers",
     "eos_tensor",
     "is_int",
+    "is_left_padding",
     "reject_unsupported",
     "resolve_special_tokens",
     "special_token_ids",
+    "warn_past_max_positions",
 ]
 
 # Hugging Face warpers that read the scores alone (not the ids so far): applying one to the
@@ -80,10 +83,46 @@ def check_inputs(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
             f"got {tuple(attention_mask.shape)}"
         )
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real tokens)")
     mask = attention_mask.to(device=input_ids.device).bool()
-    if not bool(mask[:, -1].all()):
-        raise ValueError("generate needs left padding: the last prompt column must be real tokens")
+    if not is_left_padding(mask):
+        row, col = _first_hole(mask)
+        raise ValueError(
+            "generate needs left padding (zeros only before a row's first real token, and a "
+            f"real last token): row {row} of attention_mask has a 0 at column {col}"
+        )
     return mask
+
+
+def is_left_padding(mask: torch.Tensor) -> bool:
+    """Whether a (B, T) mask is left padding: each row is zeros, then ones to the end."""
+    mask = mask.bool()
+    return bool(mask[:, -1].all()) and bool((mask[:, 1:] >= mask[:, :-1]).all())
+
+
+def _first_hole(mask: torch.Tensor) -> tuple[int, int]:
+    """(row, column) of the first 0 after a real token, or of a 0 in the last column."""
+    after_real = ~mask[:, 1:] & mask[:, :-1]  # (B, T - 1): a 0 right after a 1
+    holes = torch.cat([after_real, (~mask[:, -1])[:, None]], dim=1).nonzero()
+    row, col = (int(v) for v in holes[0])
+    return row, (col + 1 if col < mask.shape[1] - 1 else col)
+
+
+def warn_past_max_positions(model: Any, prompt_length: int, max_new_tokens: int) -> None:
+    """Warn when the prompt plus the new tokens run past the trunk's ``max_position_embeddings``,
+    as transformers' tokenizer warns of a prompt longer than the model's maximum."""
+    config = getattr(getattr(model, "trunk", model), "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_length + max_new_tokens > limit:
+        what = "the prompt" if prompt_length > limit else "the prompt plus max_new_tokens"
+        warnings.warn(
+            f"{what} ({prompt_length} + {max_new_tokens} tokens) runs past the model's "
+            f"max_position_embeddings ({limit}): the model was not trained on positions beyond "
+            "it, so its output there may degrade or fail",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,9 +10,19 @@ import torch
 
 from cpd_mtp.decoding.stats import DecodingStats
 
-__all__ = ["GenerationOutput", "StreamCallback", "TokenBuffer"]
+__all__ = ["GenerationOutput", "StreamCallback", "TokenBuffer", "format_rates", "json_rates"]
 
 StreamCallback = Callable[[list[list[int]]], None]
+
+
+def json_rates(rates: Sequence[float | None]) -> list[float | None]:
+    """Acceptance rates for JSON: a position never verified (NaN or None) is None (null)."""
+    return [None if r is None or r != r else float(r) for r in rates]
+
+
+def format_rates(rates: Sequence[float | None], sep: str = " / ") -> str:
+    """Acceptance rates for people: two decimals, ``-`` for a position never verified."""
+    return sep.join("-" if r is None else f"{r:.2f}" for r in json_rates(rates))
 
 
 @dataclass
@@ -98,7 +108,7 @@ class GenerationOutput:
             "draft_positions": self.draft_positions,
             "proposed_counts": self.proposed_counts,
             "accepted_counts": self.accepted_counts,
-            "acceptance_rate": [None if r != r else r for r in self.acceptance_rate],
+            "acceptance_rate": json_rates(self.acceptance_rate),
             "expected_tokens_per_step": self.expected_tokens_per_step,
             "wall_time_s": self.wall_time_s,
         }

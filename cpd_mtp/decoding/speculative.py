@@ -50,6 +50,7 @@ from cpd_mtp.decoding.inputs import (
     is_int,
     reject_unsupported,
     resolve_special_tokens,
+    warn_past_max_positions,
 )
 from cpd_mtp.decoding.output import GenerationOutput, StreamCallback, TokenBuffer
 from cpd_mtp.decoding.sampling import apply_warpers, build_warpers, sample, verify
@@ -110,7 +111,7 @@ class SpeculativeDecoder:
             input_ids,
             attention_mask=mask.long(),
             position_ids=positions,
-            past_key_values=decoding_cache(self.model),
+            cache=decoding_cache(self.model),
             use_cache=True,
         )
         self.counter.count_forward(self.rows)
@@ -149,7 +150,7 @@ class SpeculativeDecoder:
             fed,
             attention_mask=torch.cat([self.mask, self.mask.new_ones(live, m_now + 1)], 1).long(),
             position_ids=self.n_valid[:, None] + step[None],
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
         self.counter.count_forward(rows)
@@ -332,6 +333,7 @@ def generate(
     mask = check_inputs(input_ids, attention_mask, max_new_tokens, model.head.config.vocab_size)
     if not is_int(min_new_tokens) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
+    warn_past_max_positions(model, input_ids.shape[1], max_new_tokens)
     drafter = drafter if drafter is not None else CPDrafter(model.head)
     m = _check_draft_positions(drafter, draft_positions)
     warp = None

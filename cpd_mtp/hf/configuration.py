@@ -42,7 +42,7 @@ class CPDMTPModelConfig(PretrainedConfig):
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
     # `cp_output` is not a tensor: keep it out of Trainer's prediction gathering.
-    keys_to_ignore_at_inference = ["past_key_values", "cp_output"]  # noqa: RUF012
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "cp_output"]  # noqa: RUF012
 
     text_config: dict | PretrainedConfig | None = None
     head_config: dict | None = None
@@ -77,6 +77,31 @@ class CPDMTPModelConfig(PretrainedConfig):
                 f" but the wrapped {text.model_type!r} model has {(hidden, vocab)}"
             )
         self.head_config = head.to_dict()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        """``PretrainedConfig.from_pretrained``, refusing a folder that holds another model.
+
+        transformers would only warn ("You are using a model of type llama to instantiate a
+        model of type cpd_mtp") and then build the default config: a 7B-parameter trunk, which
+        ``CPDMTPForCausalLM.from_pretrained`` then allocates.
+
+        Raises:
+            ValueError: the folder (or GGUF file) holds a model of another type, in one line.
+        """
+        found, _ = cls.get_config_dict(pretrained_model_name_or_path, **dict(kwargs))
+        model_type = found.get("model_type")
+        if model_type != cls.model_type:
+            source = pretrained_model_name_or_path
+            if kwargs.get("gguf_file"):
+                source = f"{source}/{kwargs['gguf_file']}"
+            raise ValueError(
+                f"{source} holds a plain {model_type!r} model, not a cpd_mtp model: pass the "
+                f"folder a retrofit exported (cpd-mtp retrofit --model {source} --out DIR, then "
+                "DIR/final), or load it with cpd_mtp.load_causal_lm and wrap it with "
+                "CPDMTPForCausalLM.from_causal_lm"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def cp_config(self) -> CPDMTPConfig:

@@ -13,8 +13,9 @@ logits processors and stopping criteria it would build) and then:
   ``num_return_sequences`` when sampling, and ``return_dict_in_generate`` without scores;
 - falls back to Hugging Face's own loop otherwise (beam search, ``repetition_penalty`` and the
   other processors that read the ids so far, scores / logits / attentions in the output,
-  assistant models, ``inputs_embeds``, a cache passed in, right padding, ...), with an ``INFO``
-  log line of the ``cpd_mtp.hf.generation`` logger naming the reason.
+  assistant models, ``inputs_embeds``, a cache passed in, right padding, ...), with a
+  ``WARNING`` of the ``cpd_mtp.hf.generation`` logger naming the reason, once per reason and
+  process (as transformers warns); turning speculation off yourself is logged at ``INFO``.
 
 The switch: ``generate(..., speculative=False)``, or ``model.generation_config.speculative =
 False`` (saved with the generation config; a ``generation_config`` passed to the call may set it
@@ -39,12 +40,16 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from cpd_mtp.decoding.inputs import SCORE_ONLY_WARPERS
+from cpd_mtp.decoding.inputs import SCORE_ONLY_WARPERS, is_left_padding
 from cpd_mtp.decoding.output import GenerationOutput
 
 __all__ = ["CPDMTPGenerateOutput", "SpeculativeGenerationMixin"]
 
 logger = logging.getLogger(__name__)
+# Reasons already warned about: each fallback warns once per process, as transformers does.
+_WARNED_REASONS: set[str] = set()
+# Fallbacks the caller asked for: no warning.
+_CHOSEN = ("speculative=False", "generation_config.speculative is False")
 
 # Model inputs the speculative decoder takes (the rest go to Hugging Face's loop).
 _SERVED_MODEL_KWARGS = {"attention_mask", "use_cache"}
@@ -124,7 +129,7 @@ class SpeculativeGenerationMixin:
         self.last_generation_stats = None
         request = _plan(self, speculative, hf_arguments, dict(kwargs))
         if isinstance(request, str):
-            logger.info("CPDMTPForCausalLM.generate runs Hugging Face's loop: %s", request)
+            _log_fallback(request)
             return super().generate(**hf_arguments, **kwargs)  # type: ignore[misc]
 
         from cpd_mtp.decoding.speculative import generate as speculative_generate
@@ -134,6 +139,16 @@ class SpeculativeGenerationMixin:
         if request.return_dict:
             return CPDMTPGenerateOutput(sequences=out.sequences, stats=out)
         return out.sequences
+
+
+def _log_fallback(reason: str) -> None:
+    """Say why Hugging Face's (slower, one forward per token) loop runs this call."""
+    message = "CPDMTPForCausalLM.generate runs Hugging Face's loop, one forward per token: %s"
+    if reason in _CHOSEN:
+        logger.info(message, reason)
+    elif reason not in _WARNED_REASONS:
+        _WARNED_REASONS.add(reason)
+        logger.warning(message, reason)
 
 
 def _plan(
@@ -204,7 +219,7 @@ def _plan(
             )
         batch = input_ids.shape[0]
     mask = model_kwargs.get("attention_mask")
-    if mask is not None and (mask.shape != input_ids.shape or not bool(mask[:, -1].all())):
+    if mask is not None and (mask.shape != input_ids.shape or not is_left_padding(mask)):
         return "the attention mask is not a left-padding mask of the shape of input_ids"
 
     # EOS / pad, lengths, processors and stopping criteria exactly as Hugging Face builds them.

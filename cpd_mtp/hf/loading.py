@@ -9,7 +9,11 @@ that it loaded from GGUF.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +56,64 @@ def _plain_copy(model: Any) -> Any:
     return plain.eval()
 
 
+# Files that hold a model's weights, and a tokenizer, in a Hugging Face folder.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(path: Path, *, tokenizer: bool = True) -> None:
+    """One-line ``ValueError``s for a folder that cannot be a model: no weights, no tokenizer."""
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(
+            f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])})"
+        )
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+            "tokenizer beside it (tokenizer.save_pretrained)"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading weights, reading a GGUF file, writing shards)
+    on or off for the duration, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    gguf_utils, gguf_tqdm = None, None
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        # The GGUF reader calls tqdm itself, not through transformers' switch.
+        with contextlib.suppress(ImportError):
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+            gguf_tqdm = gguf_utils.tqdm
+            gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_utils is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(
-    source: str | os.PathLike[str], dtype: torch.dtype | str | None = None
+    source: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    *,
+    progress: bool = True,
 ) -> tuple[Any, Any]:
     """A pretrained causal LM and its tokenizer, from a local folder or a ``.gguf`` file.
 
@@ -62,6 +122,7 @@ def load_causal_lm(
             beside them), or a ``.gguf`` file (its tokenizer is read from the same file).
         dtype: the weights' dtype (``torch.float32``, ``"bfloat16"``, ...); None keeps the
             folder's dtype, and float32 for a GGUF file (dequantised weights).
+        progress: transformers' progress bars while loading.
 
     Returns:
         ``(model, tokenizer)``: a plain ``transformers`` causal LM in eval mode, on the CPU,
@@ -69,11 +130,15 @@ def load_causal_lm(
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        ValueError: ``source`` is neither a model folder nor a ``.gguf`` file, or a bad dtype.
+        ValueError: ``source`` is neither a model folder nor a ``.gguf`` file, a GGUF file cut
+            short or corrupt, a folder without weights or tokenizer, or a bad dtype; in one
+            line.
         cpd_mtp.utils.extras.MissingExtraError: ``transformers`` (or ``gguf`` for a GGUF file)
             is not installed.
     """
     transformers = require("transformers", "cpd_mtp.load_causal_lm")
+    from safetensors import SafetensorError
+
     path = Path(source).expanduser()
     torch_dtype = _resolve_dtype(dtype)
     if not path.exists():
@@ -81,17 +146,34 @@ def load_causal_lm(
     if path.is_file() and path.suffix.lower() == ".gguf":
         require("gguf", "loading a .gguf model")
         kwargs = {"gguf_file": path.name, "local_files_only": True}
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        try:
+            with transformers_progress(progress):
+                loaded = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), **kwargs
+                )
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        except (struct.error, ValueError, OSError, EOFError, IndexError, KeyError) as err:
+            raise ValueError(
+                f"cannot read the GGUF file {path} ({path.stat().st_size:,} bytes; cut short or "
+                f"corrupt?): {_first_line(err)}"
+            ) from err
         model = _plain_copy(loaded)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
     elif path.is_dir() and (path / "config.json").is_file():
+        check_model_folder(path)
         kwargs = {"local_files_only": True}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            with transformers_progress(progress):
+                model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    str(path), local_files_only=True
+                )
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+            raise ValueError(f"cannot load the model in {path}: {_first_line(err)}") from err
+        model = model.eval()
     else:
         raise ValueError(
             f"model source {path} is neither a model folder (with config.json) nor a .gguf file"

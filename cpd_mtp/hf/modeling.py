@@ -48,6 +48,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.experts import ExpertStates
 from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput, _full_shape, check_bias_free
+from cpd_mtp.hf.compat import OUTPUT_CACHE_FIELD, cache_keyword, output_cache
 from cpd_mtp.hf.configuration import CPDMTPModelConfig
 from cpd_mtp.hf.generation import SpeculativeGenerationMixin
 
@@ -74,7 +75,8 @@ class CPDMTPCausalLMOutputWithPast(CausalLMOutputWithPast):
         loss: scalar CP-MTP loss (``cp_output.loss``), when labels are given.
         logits: (B, T', V) float32 next-token marginal log-probabilities (T' = T unless
             ``logits_to_keep`` selects fewer positions), or None with ``return_logits=False``.
-        past_key_values: the trunk's cache (``DynamicCache``) when ``use_cache``.
+        cache: the trunk's cache (``DynamicCache``) when ``use_cache``; the field is named
+            ``past_key_values`` under transformers < 5.25, as Hugging Face's own outputs are.
         cp_output: with labels, the head's ``CPDMTPHeadOutput`` (joint NLL, per-head NLL, aux
             loss, expert usage, ...) for metrics; None otherwise. It is a plain dict with
             attribute access, nested here as is: DeepSpeed ZeRO-3 and ``nested_detach`` walk
@@ -359,7 +361,7 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any | None = None,
+        cache: Any | None = None,
         use_cache: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
@@ -374,21 +376,21 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
             input_ids: (B, T) new token ids (or pass ``inputs_embeds`` (B, T, d)).
             attention_mask: (B, T_past + T) 1 for real tokens, 0 for padding.
             position_ids: (B, T) positions; the trunk derives them from the cache when None.
-            past_key_values: the trunk's cache (a ``DynamicCache``), or None. To drop k
+            cache: the trunk's cache (a ``DynamicCache``), or None. To drop k
                 rejected tokens call ``cache.crop(-k)``: transformers 5 rejects a positive
                 ``crop(new_length)``; ``cache.get_seq_length()`` gives the cached length.
             use_cache: whether to build / extend and return the cache.
             **kwargs: passed to the trunk (e.g. ``token_type_ids`` for GPT-2).
 
         Returns:
-            hidden: (B, T, d) last hidden states; past_key_values: the updated cache, or None
-            when ``use_cache`` is False.
+            hidden: (B, T, d) last hidden states; cache: the updated cache, or None when
+            ``use_cache`` is False.
         """
-        outputs = self.trunk(
+        outputs = self._run_trunk(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -396,14 +398,20 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         if isinstance(outputs, tuple):
             hidden, cache = outputs[0], outputs[1] if use_cache and len(outputs) > 1 else None
             return hidden, cache
-        return outputs.last_hidden_state, (outputs.past_key_values if use_cache else None)
+        return outputs.last_hidden_state, (output_cache(outputs) if use_cache else None)
+
+    def _run_trunk(self, *, cache: Any | None, **kwargs: Any) -> Any:
+        """The trunk's forward, given the cache under the name its version takes."""
+        if cache is not None:
+            kwargs[cache_keyword(self.trunk)] = cache
+        return self.trunk(**kwargs)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any | None = None,
+        cache: Any | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -418,13 +426,14 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
             input_ids: (B, T) token ids (or ``inputs_embeds`` (B, T, d)).
             attention_mask: (B, T_past + T) 1 for real tokens, 0 for padding.
             position_ids: (B, T).
-            past_key_values: the trunk's cache.
+            cache: the trunk's cache (``past_key_values``, the name before transformers 5.25,
+                is taken too).
             labels: (B, T) aligned with ``input_ids``, the model shifts; see the label
                 convention in the docs. Values must lie in [0, V) or be ``ignore_index``.
             use_cache: return the trunk's cache (default: the trunk config's ``use_cache``).
             logits_to_keep: int k: logits for the last k positions only (0: all); or a 1-D
                 tensor of positions. The loss always uses every position.
-            return_dict: False returns the tuple ``(loss?, logits?, past_key_values?)``; None
+            return_dict: False returns the tuple ``(loss?, logits?, cache?)``; None
                 (the default) takes ``config.return_dict``, as Hugging Face models do.
             return_logits: False skips the (B, T', V) marginal (it costs r·V per position),
                 e.g. in training where only the loss is needed; ``logits`` is then None.
@@ -433,7 +442,7 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
 
         Returns:
             ``CPDMTPCausalLMOutputWithPast`` with ``loss`` (scalar, with labels), ``logits``
-            (B, T', V) float32 normalised log-probabilities, ``past_key_values``,
+            (B, T', V) float32 normalised log-probabilities, ``cache``,
             ``hidden_states``/``attentions`` when asked for, and ``cp_output`` (the head's
             ``CPDMTPHeadOutput``, with labels).
 
@@ -441,6 +450,9 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
             ValueError: labels whose shape is not (B, T) or whose values are out of range.
         """
         kwargs.pop("num_items_in_batch", None)
+        legacy_cache = kwargs.pop("past_key_values", None)
+        if cache is None:
+            cache = legacy_cache
         if labels is not None:
             reference = input_ids if input_ids is not None else inputs_embeds
             expected = tuple(reference.shape[:2]) if reference is not None else None
@@ -449,11 +461,11 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
                     f"labels must have the shape of input_ids (B, T) = {expected} (aligned, the "
                     f"model shifts), got {tuple(labels.shape)}"
                 )
-        outputs = self.trunk(
+        outputs = self._run_trunk(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -469,7 +481,7 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         if return_logits and logits is None:
             logits = self.head(_slice_positions(hidden, logits_to_keep))
 
-        past = getattr(outputs, "past_key_values", None)
+        past = output_cache(outputs)
         if return_dict is None:  # resolved from the config, like HF models (PEFT passes None)
             return_dict = self.config.return_dict
         if not return_dict:
@@ -477,7 +489,7 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         return CPDMTPCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past,
+            **{OUTPUT_CACHE_FIELD: past},
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
             cp_output=cp_output,

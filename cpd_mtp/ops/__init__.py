@@ -43,6 +43,7 @@ def row_logprobs(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_bytes: int = 64 * 2**20,
+    grad_filter: bool | None = None,
 ) -> torch.Tensor:
     """log p_{s,a}(x_{t+s}) per expert row, differentiable in ``u`` and ``weight``.
 
@@ -53,6 +54,8 @@ def row_logprobs(
         ignore_index: the id of a missing target.
         impl: ``auto``, ``reference``, ``chunked`` or ``triton``.
         chunk_bytes: memory budget of one chunk for ``chunked``.
+        grad_filter: opt in to gradient filtering in the ``triton`` backward (see
+            ``docs/kernels.md``); None reads ``CPD_MTP_GRAD_FILTER`` (default off).
 
     Under an enabled autocast for u's device, u and W_U are first cast to the autocast dtype,
     as ``F.linear`` would be (float64 is left alone).
@@ -60,11 +63,35 @@ def row_logprobs(
     Returns:
         (N, n, r) float32; 0 where the target is ignored (the factor is marginalised out).
     """
+    return _checked_row_logprobs(
+        u, weight, None, targets, ignore_index, impl, chunk_bytes, grad_filter
+    )
+
+
+def _checked_row_logprobs(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    log_w: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    impl: str,
+    chunk_bytes: int,
+    grad_filter: bool | None,
+) -> torch.Tensor:
+    """The public entries' one validation (and autocast cast), then the rows."""
+    if grad_filter is not None and not isinstance(grad_filter, bool):
+        raise ValueError(f"grad_filter must be True, False or None, got {grad_filter!r}")
     u, weight = autocast_operands(u, weight)
-    check_mixture_args(u, weight, None, targets, ignore_index)
+    check_mixture_args(u, weight, log_w, targets, ignore_index)
     targets = targets.to(torch.int64)  # narrow label dtypes would wrap ignore_index
     return row_logprobs_unchecked(
-        u, weight, targets, ignore_index=ignore_index, impl=impl, chunk_bytes=chunk_bytes
+        u,
+        weight,
+        targets,
+        ignore_index=ignore_index,
+        impl=impl,
+        chunk_bytes=chunk_bytes,
+        grad_filter=grad_filter,
     )
 
 
@@ -77,6 +104,7 @@ def mixture_nll(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_bytes: int = 64 * 2**20,
+    grad_filter: bool | None = None,
 ) -> torch.Tensor:
     """Per-token negative log-likelihood -l_t of the observed future tokens.
 
@@ -89,17 +117,16 @@ def mixture_nll(
         ignore_index: the id of a missing target.
         impl: ``auto``, ``reference``, ``chunked`` or ``triton``.
         chunk_bytes: memory budget of one chunk for ``chunked``.
+        grad_filter: opt in to gradient filtering in the ``triton`` backward (see
+            ``docs/kernels.md``); None reads ``CPD_MTP_GRAD_FILTER`` (default off).
 
     Returns:
         (N,) float32. A token with no target gets 0. Gradients flow to ``u``, ``weight``
         and ``log_w``. Under an enabled autocast for u's device, u and W_U are first cast to
         the autocast dtype, as ``F.linear`` would be; gradients come back in their own dtype.
     """
-    u, weight = autocast_operands(u, weight)
-    check_mixture_args(u, weight, log_w, targets, ignore_index)
-    targets = targets.to(torch.int64)  # narrow label dtypes would wrap ignore_index
-    lp = row_logprobs_unchecked(
-        u, weight, targets, ignore_index=ignore_index, impl=impl, chunk_bytes=chunk_bytes
+    lp = _checked_row_logprobs(
+        u, weight, log_w, targets, ignore_index, impl, chunk_bytes, grad_filter
     )
     nll, _ = mixture_logsumexp(lp, log_w)
     return nll

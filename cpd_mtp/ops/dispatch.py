@@ -51,6 +51,7 @@ def row_logprobs_unchecked(
     ignore_index: int,
     impl: str,
     chunk_bytes: int,
+    grad_filter: bool | None = None,
 ) -> torch.Tensor:
     """``row_logprobs`` without the argument checks: the caller has made them.
 
@@ -61,6 +62,8 @@ def row_logprobs_unchecked(
         ignore_index: the id of a missing target.
         impl: one of ``IMPLS``.
         chunk_bytes: memory budget of one chunk for ``chunked``.
+        grad_filter: gradient filtering in the ``triton`` backward; None reads
+            ``CPD_MTP_GRAD_FILTER`` (default off). Ignored by the other implementations.
 
     Returns:
         (N, n, r) float32 (float64 for float64 input); 0 where the target is ignored.
@@ -70,12 +73,12 @@ def row_logprobs_unchecked(
         return row_logprobs_reference(u, weight, targets, ignore_index)
     if impl == "chunked":
         return row_logprobs_chunked(u, weight, targets, ignore_index, chunk_bytes)
-    from cpd_mtp.kernels import row_logprobs_triton
     from cpd_mtp.kernels.config import SUPPORTED_DTYPES
+    from cpd_mtp.kernels.ops import row_logprobs_triton
 
     if u.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"impl='triton' takes bfloat16, float16 or float32 u and weight, got {u.dtype}; "
             "use impl='chunked' or impl='reference' for float64"
         )
-    return row_logprobs_triton(u, weight, targets, ignore_index)
+    return row_logprobs_triton(u, weight, targets, ignore_index, grad_filter=grad_filter)

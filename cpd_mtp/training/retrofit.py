@@ -25,8 +25,9 @@ and experts; W_U is the model's own, frozen) is trained:
    data order is a function of seed and step), ``metrics.jsonl``, progress and validation.
 4. **Export.** ``CPDMTPForCausalLM.from_causal_lm(base, ..., next_token="base")`` with the
    trained head, written with the tokenizer to ``<out>/final``. In base mode the model's
-   logits are the original model's bit for bit: the head only drafts, and self-speculative
-   decoding verifies every draft against the original distribution.
+   forward gives the original model's logits bit for bit: the head only drafts, and
+   self-speculative decoding verifies every draft against the original distribution (greedy
+   tokens identical up to the precision contract of ``docs/concepts.md``).
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ class RetrofitTrainer(Trainer):
         if self._preloaded is not None:
             self.base, self.tokenizer = self._preloaded
         else:
-            self.base, self.tokenizer = load_causal_lm(cfg.model, cfg.dtype)
+            self.base, self.tokenizer = load_causal_lm(cfg.model, cfg.dtype, progress=show)
         self.base.requires_grad_(False)
         self.base.eval()
         lm_head = self.base.get_output_embeddings()
@@ -641,6 +642,7 @@ class RetrofitTrainer(Trainer):
         import deepspeed
 
         from cpd_mtp.hf.export import save_export
+        from cpd_mtp.hf.loading import transformers_progress
         from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
         module = self.engine.module
@@ -675,7 +677,8 @@ class RetrofitTrainer(Trainer):
                     f"unexpected {unexpected}"
                 )
             extra = {"retrofit_config.json": json.dumps(self.retrofit.to_dict(), indent=1)}
-            save_export(model, self.tokenizer, path, extra_files=extra)
+            with transformers_progress(self.retrofit.progress):
+                save_export(model, self.tokenizer, path, extra_files=extra)
             print(f"exported {path}", flush=True)
         torch.distributed.barrier()
 

@@ -110,7 +110,8 @@ def generate_continuations(
 
 
 def _generate(model, prompts, new_tokens, entry, temperature, batch_size, seed, pad, progress):
-    from cpd_mtp.utils.progress import progress
+    # Imported under another name: `progress` is the caller's on/off switch.
+    from cpd_mtp.utils.progress import progress as progress_bar
 
     generation = model.generation_config
     pad = pad if pad is not None else generation.pad_token_id
@@ -122,7 +123,7 @@ def _generate(model, prompts, new_tokens, entry, temperature, batch_size, seed, 
     model.eval()
     torch.manual_seed(seed)
     outputs: list[np.ndarray] = []
-    bar = progress(
+    bar = progress_bar(
         total=len(prompts), desc="self-distillation", unit="prompt", disable=not progress
     )
     for start in range(0, len(prompts), batch_size):

@@ -122,7 +122,8 @@ def cached_trunk_states(
 
 
 def _build(model, blocks, entry: Path, batch_size: int, dtype, progress: bool) -> None:
-    from cpd_mtp.utils.progress import progress
+    # Imported under another name: `progress` is the caller's on/off switch.
+    from cpd_mtp.utils.progress import progress as progress_bar
 
     was_training = getattr(model, "training", False)
     model.eval()
@@ -131,7 +132,7 @@ def _build(model, blocks, entry: Path, batch_size: int, dtype, progress: bool) -
     with atomic_directory(entry) as tmp:
         np.save(tmp / "tokens.npy", blocks.astype(np.int64))
         hidden_out = None
-        bar = progress(total=n_blocks, desc="trunk states", unit="block", disable=not progress)
+        bar = progress_bar(total=n_blocks, desc="trunk states", unit="block", disable=not progress)
         for start in range(0, n_blocks, batch_size):
             ids = torch.from_numpy(blocks[start : start + batch_size].astype(np.int64)).to(device)
             hidden = _trunk_hidden(model, ids).float().cpu().numpy()  # (b, T, d)

@@ -15,9 +15,11 @@ about, and one of a finished run says so and trains nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -154,7 +156,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        # DeepSpeed prints "DeepSpeed ... built successfully" on stdout when it loads its CPU
+        # comm op; keep what it printed only if the start fails.
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        except BaseException:
+            sys.stdout.write(printed.getvalue())
+            raise
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if on_gpu:
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -182,8 +192,15 @@ def lock_out_dir(out_dir: Path) -> IO[str]:
     Fails at once when another process holds it. The kernel drops the lock when its process
     dies, so a killed run never leaves a stale lock behind.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handle = (out_dir / LOCK_FILE).open("a")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutDirError(f"run.out_dir {str(out_dir)!r} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = (out_dir / LOCK_FILE).open("a")
+    except OSError as err:  # a read-only filesystem, no permission, a full disk
+        raise OutDirError(
+            f"cannot write to run.out_dir {str(out_dir)!r}: {err.strerror or err}"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

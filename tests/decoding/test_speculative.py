@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -201,6 +202,17 @@ def test_batch_statistics_count_rows():
 # ----------------------------------------------------------------------------- arguments
 
 
+def test_running_past_max_position_embeddings_warns():
+    model = trained_model(2, 1)
+    limit = model.trunk.config.max_position_embeddings
+    ids = prompt_tokens(1, 4)[None]
+    with pytest.warns(UserWarning, match="max_position_embeddings"):
+        generate(model, ids, limit, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, ids, limit - ids.shape[1], eos_token_id=[])
+
+
 def test_invalid_arguments():
     model = trained_model(2, 1)
     ids = prompt_tokens(1, 3)[None]
@@ -208,6 +220,11 @@ def test_invalid_arguments():
         generate(model, ids, 3, draft_positions=2)
     with pytest.raises(ValueError, match="left padding"):
         generate(model, ids, 3, attention_mask=torch.tensor([[1, 1, 0]]))
+    # A hole in the middle is not left padding either (it was accepted without a word).
+    with pytest.raises(ValueError, match="row 0 of attention_mask has a 0 at column 1"):
+        generate(model, ids, 3, attention_mask=torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="only 0"):
+        generate(model, ids, 3, attention_mask=torch.tensor([[1, 2, 1]]))
     with pytest.raises(ValueError, match="temperature"):
         generate(model, ids, 3, do_sample=True, temperature=0.0)
     assert torch.equal(generate(model, ids, 0).sequences, ids)

@@ -178,8 +178,9 @@ def test_marginal_mode_greedy_equals_hf_greedy_on_the_same_weights():
         ({"speculative": False}, "speculative=False"),
     ],
 )
-def test_fallback_is_hfs_own_loop(pair, caplog, kwargs, reason):
+def test_fallback_is_hfs_own_loop(pair, caplog, kwargs, reason, monkeypatch):
     original, model = pair
+    monkeypatch.setattr("cpd_mtp.hf.generation._WARNED_REASONS", set())
     ids, mask = periodic_prompts(2, seed=5)
     calls = count_trunk_forwards(model)
     with caplog.at_level(logging.INFO, logger="cpd_mtp.hf.generation"):
@@ -189,8 +190,24 @@ def test_fallback_is_hfs_own_loop(pair, caplog, kwargs, reason):
     assert torch.equal(out, want)
     assert model.last_generation_stats is None
     assert any(reason in record.getMessage() for record in caplog.records)
+    level = logging.INFO if "speculative" in kwargs else logging.WARNING
+    assert {r.levelno for r in caplog.records if reason in r.getMessage()} == {level}
     if "num_beams" not in kwargs:
         assert calls[0] == out.shape[1] - ids.shape[1]  # one trunk forward per token
+
+
+def test_a_fallback_warns_once_per_reason(pair, caplog, monkeypatch):
+    _, model = pair
+    monkeypatch.setattr("cpd_mtp.hf.generation._WARNED_REASONS", set())
+    ids, mask = periodic_prompts(1, seed=6)
+    with caplog.at_level(logging.INFO, logger="cpd_mtp.hf.generation"):
+        for _ in range(2):
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, repetition_penalty=1.2)
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, no_repeat_ngram_size=2)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2, warned  # one per reason
+    assert "RepetitionPenaltyLogitsProcessor" in warned[0]
+    assert "NoRepeatNGramLogitsProcessor" in warned[1]
 
 
 def test_generation_config_switch_turns_speculation_off(pair):

@@ -152,3 +152,41 @@ def test_bad_sources_are_clear_errors(tmp_path, tiny_gguf):
         load_causal_lm(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="dtype must be"):
         load_causal_lm(tiny_gguf[2], dtype="float8")
+
+
+@pytest.mark.parametrize("keep", [100, 0.5])
+def test_a_gguf_file_cut_short_is_one_line(tmp_path, tiny_gguf, keep):
+    # Cut in the header it was a struct.error; cut in the tensors, "cannot reshape array".
+    data = tiny_gguf[2].read_bytes()
+    size = keep if isinstance(keep, int) else int(len(data) * keep)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:size])
+    with pytest.raises(
+        ValueError, match=r"cannot read the GGUF file .*cut short or corrupt"
+    ) as err:
+        load_causal_lm(cut)
+    assert "\n" not in str(err.value)
+
+
+def test_a_folder_without_weights_or_tokenizer_is_one_line(tmp_path, tiny_gguf):
+    original, tokenizer, _ = tiny_gguf
+    folder = tmp_path / "model"
+    original.save_pretrained(folder)
+    with pytest.raises(ValueError, match="has no tokenizer") as err:
+        load_causal_lm(folder)  # it suggested installing sentencepiece
+    assert "\n" not in str(err.value)
+    tokenizer.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"has a config\.json but no weights"):
+        load_causal_lm(folder)  # an OSError from deep inside
+
+
+def test_progress_false_silences_transformers_bars(tiny_gguf, capfd):
+    from transformers.utils import logging as hf_logging
+
+    load_causal_lm(tiny_gguf[2], progress=False)
+    err = capfd.readouterr().err
+    assert "Converting and de-quantizing" not in err and "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored afterwards
+    load_causal_lm(tiny_gguf[2])
+    assert "Converting and de-quantizing" in capfd.readouterr().err

@@ -411,12 +411,12 @@ def test_trunk_hidden_with_cache_matches_full_forward(arch: str) -> None:
         assert none is None
         first, cache = model.trunk_hidden(ids[:, :5], use_cache=True)
         assert cache.get_seq_length() == 5
-        rest, cache = model.trunk_hidden(ids[:, 5:], past_key_values=cache, use_cache=True)
+        rest, cache = model.trunk_hidden(ids[:, 5:], cache=cache, use_cache=True)
         assert cache.get_seq_length() == 8
         # what a speculative decoder does after a rejection (transformers 5: crop(-k) drops k)
         cache.crop(-2)
         assert cache.get_seq_length() == 6
-        again, cache = model.trunk_hidden(ids[:, 6:], past_key_values=cache, use_cache=True)
+        again, cache = model.trunk_hidden(ids[:, 6:], cache=cache, use_cache=True)
     assert full.shape == (2, 8, 32)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, full[:, 6:], rtol=1e-5, atol=1e-5)

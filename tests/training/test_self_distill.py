@@ -83,3 +83,10 @@ def test_bad_arguments(tmp_path):
             generate_continuations(model, [[1]], cache_dir=tmp_path, **args)
     with pytest.raises(ValueError, match="prompts"):
         generate_continuations(model, [[]], 2, tmp_path)
+
+
+@pytest.mark.parametrize("shown", [False, True])
+def test_the_progress_switch_is_obeyed(tmp_path, capfd, shown):
+    # `progress=False` used to be shadowed by the import of the progress bar: always shown.
+    generate_continuations(tiny_model(), [[1, 2, 3]], 4, tmp_path, progress=shown)
+    assert ("self-distillation" in capfd.readouterr().err) is shown

@@ -74,3 +74,11 @@ def test_bad_arguments(tmp_path):
         cached_trunk_states(model, np.zeros((1, 2), dtype=np.int64), tmp_path, store_dtype="int8")
     with pytest.raises(ValueError, match="non-empty"):
         cached_trunk_states(model, np.zeros((0, 2), dtype=np.int64), tmp_path)
+
+
+@pytest.mark.parametrize("shown", [False, True])
+def test_the_progress_switch_is_obeyed(tmp_path, capfd, shown):
+    # `progress=False` used to be shadowed by the import of the progress bar: always shown.
+    blocks = np.random.default_rng(2).integers(0, 50, size=(3, 8))
+    cached_trunk_states(tiny_model(), blocks, tmp_path, progress=shown)
+    assert ("trunk states" in capfd.readouterr().err) is shown

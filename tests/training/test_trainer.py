@@ -439,6 +439,18 @@ def test_a_locked_out_dir_is_refused_and_the_lock_dies_with_its_process(finished
     lock_out_dir(out).close()  # the kernel dropped the dead process's lock
 
 
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path):
+    # These were a FileExistsError / OSError traceback from deep inside.
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    with pytest.raises(OutDirError, match="is a file, not a folder"):
+        lock_out_dir(a_file)
+    assert a_file.read_text() == "not a folder"
+    unwritable = Path("/proc/cpd_mtp_test/out")  # no folder can be made under /proc
+    with pytest.raises(OutDirError, match=r"cannot write to run\.out_dir"):
+        lock_out_dir(unwritable)
+
+
 def test_overwrite_replaces_the_old_run(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     old_final = (out / "final" / "model.safetensors").read_bytes()
@@ -613,6 +625,7 @@ def test_a_zero3_run_prints_no_future_warning(tmp_path):
     # Without the filter, this run prints the c10d FutureWarnings about 20 times.
     output = launch(tmp_path / "z3", "run.zero_stage=3", "run.steps=2", "run.export=false")
     assert "FutureWarning" not in output and "DeprecationWarning" not in output
+    assert "built successfully" not in output  # DeepSpeed's line at each start
     assert [r["step"] for r in metrics(tmp_path / "z3")] == [1, 2]
 
 
