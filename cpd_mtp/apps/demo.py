@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-future", type=positive_int, default=4, help="tokens per draft window n"
     )
     parser.add_argument(
-        "--tokens", type=positive_int, default=40_960, help="generated training tokens"
+        "--tokens", type=positive_int, default=30_720, help="generated training tokens"
     )
     parser.add_argument("--draft-vocab", type=positive_int, default=4096, help="draft vocabulary K")
     parser.add_argument("--epochs", type=float, default=3.0)

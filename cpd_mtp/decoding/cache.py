@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["compact", "decoding_cache"]
+__all__ = ["compact", "decoding_cache", "keep_slots"]
 
 
 def decoding_cache(model: Any) -> DynamicCache | None:
@@ -72,3 +72,27 @@ def compact(cache: Any, mask: torch.Tensor) -> torch.Tensor:
         layer.keys = keys.gather(2, index.expand(-1, keys.shape[1], -1, keys.shape[3]))
         layer.values = values.gather(2, index.expand(-1, values.shape[1], -1, values.shape[3]))
     return mask
+
+
+def keep_slots(cache: Any, start: int, index: torch.Tensor) -> None:
+    """Keep the first ``start`` slots and, after them, the slots ``start + index``, in place.
+
+    After a tree forward the last N slots of every row hold the tree's nodes; the accepted path
+    is kept in path order and the other nodes are dropped.
+
+    Args:
+        cache: the trunk's cache (attention layers with keys / values (B, heads, S, head_dim)).
+        start: slots before the tree (the prefix, kept whole).
+        index: (B, L) the kept tree slots of each row, counted from ``start``.
+    """
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.numel() == 0:
+            continue
+        gather = index[:, None, :, None].to(keys.device)
+        tail = gather.expand(-1, keys.shape[1], -1, keys.shape[3])
+        layer.keys = torch.cat([keys[:, :, :start], keys[:, :, start:].gather(2, tail)], dim=2)
+        tail = gather.expand(-1, values.shape[1], -1, values.shape[3])
+        layer.values = torch.cat(
+            [values[:, :, :start], values[:, :, start:].gather(2, tail)], dim=2
+        )

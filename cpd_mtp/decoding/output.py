@@ -40,12 +40,17 @@ class GenerationOutput:
         new_tokens_per_row: (B,) new tokens per row.
         tokens_per_forward: sum(new_tokens_per_row) / sum(row_forwards); with B = 1 it is
             ``new_tokens / forwards``. Autoregressive decoding gives 1.
-        draft_positions: m, drafts proposed per iteration (at most n - 1).
-        proposed_counts: (m,) how many times draft position j was verified (every draft before
-            it in its iteration accepted, and its token within ``max_new_tokens`` and before EOS).
+        draft_positions: m, the deepest draft depth counted (a chain's length).
+        proposed_counts: (m,) how many times draft depth j was verified (the accepted path
+            reached depth j - 1 at a node with children, and the token lies within
+            ``max_new_tokens`` and before EOS).
         accepted_counts: (m,) how many of those were accepted.
-        acceptance_rate: (m,) ``accepted / proposed`` per position, the conditional acceptance
-            rate alpha_j (NaN where a position was never verified).
+        acceptance_rate: (m,) ``accepted / proposed`` per depth, the conditional acceptance
+            rate alpha_j (NaN where a depth was never verified).
+        tree_sizes: draft nodes fed per forward -> how many forwards fed that many.
+        accepted_depths: (m + 1,) how many iterations accepted 0, 1, ..., m drafts.
+        forward_cost: fed tokens -> measured cost of such a forward against one token, for
+            runs whose tree size follows the cost (``draft_tree="auto"``); else empty.
         expected_tokens_per_step: 1 + sum_k prod_{j<=k} alpha_j, tokens per iteration implied by
             the rates (positions never verified count as 0).
         wall_time_s: wall-clock seconds of the whole call.
@@ -64,6 +69,9 @@ class GenerationOutput:
     acceptance_rate: list[float] = field(default_factory=list)
     expected_tokens_per_step: float = 1.0
     wall_time_s: float = 0.0
+    tree_sizes: dict[int, int] = field(default_factory=dict)
+    accepted_depths: list[int] = field(default_factory=list)
+    forward_cost: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def from_stats(
@@ -84,6 +92,9 @@ class GenerationOutput:
             acceptance_rate=stats.acceptance_rate,
             expected_tokens_per_step=stats.expected_tokens_per_step,
             wall_time_s=wall_time_s,
+            tree_sizes=dict(stats.tree_sizes),
+            accepted_depths=list(stats.accepted_depths),
+            forward_cost=dict(stats.forward_cost),
         )
 
     @property
@@ -96,6 +107,9 @@ class GenerationOutput:
             new_tokens_per_row=list(self.new_tokens_per_row),
             proposed_counts=list(self.proposed_counts),
             accepted_counts=list(self.accepted_counts),
+            tree_sizes=dict(self.tree_sizes),
+            accepted_depths=list(self.accepted_depths),
+            forward_cost=dict(self.forward_cost),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -111,6 +125,9 @@ class GenerationOutput:
             "acceptance_rate": json_rates(self.acceptance_rate),
             "expected_tokens_per_step": self.expected_tokens_per_step,
             "wall_time_s": self.wall_time_s,
+            "tree_sizes": {str(k): v for k, v in self.tree_sizes.items()},
+            "accepted_depths": self.accepted_depths,
+            "forward_cost": {str(k): v for k, v in self.forward_cost.items()},
         }
 
 

@@ -29,7 +29,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-__all__ = ["apply_warpers", "build_warpers", "check_warping", "sample", "verify", "warp_log_probs"]
+__all__ = [
+    "apply_warpers",
+    "build_warpers",
+    "check_warping",
+    "inverse_cdf",
+    "sample",
+    "verify",
+    "warp_log_probs",
+]
 
 
 def build_warpers(
@@ -132,10 +140,10 @@ def sample(log_probs: torch.Tensor, generator: torch.Generator | None = None) ->
     Returns:
         (B,) int64 token ids.
     """
-    return _inverse_cdf(log_probs.exp(), generator)
+    return inverse_cdf(log_probs.exp(), generator)
 
 
-def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) non-negative weights (not necessarily normalised) -> (B,) draws.
 
     Inverse-CDF sampling in float64: the first token whose cumulative weight exceeds
@@ -214,5 +222,5 @@ def verify(
         # and p itself is the right fallback.
         use_residual = rejected[:, None] & (mass > 0)
         p_next = torch.where(use_residual, residual / mass.clamp(min=1e-30), p_next)
-    next_token = _inverse_cdf(p_next, generator)
+    next_token = inverse_cdf(p_next, generator)
     return accepted, next_token

@@ -1,49 +1,60 @@
-"""Self-speculative decoding with the CP-MTP head as its own drafter.
+"""Self-speculative decoding with the CP-MTP head as its own drafter, over draft trees.
 
 One trunk forward per iteration (``SpeculativeDecoder.step``), over a Hugging Face
 ``DynamicCache``:
 
-1. At the last accepted position t the marginal gives x_{t+1}; it is always kept.
-2. The head at t drafts x_{t+2..t+m+1} from the CP *conditionals* given what is already chosen:
-   pi_a ∝ w_a prod_{s<=k} p_{s,a}(x_{t+s}) and q_{k+1} = sum_a pi_a p_{k+1,a}
-   (``CPDMTPHead.conditional``), one token after the other (greedy: argmax; sampling: a draw).
-3. The next forward feeds [x_{t+1}, drafts]. The marginal at each fed position is the target p_j
-   of the next token: drafts are verified against it (``cpd_mtp.decoding.sampling.verify``: greedy
-   equality or rejection sampling), and it gives the correction / bonus token. The cache is
-   cropped to the accepted tokens, and the head at the new last accepted position drafts again.
+1. At the last accepted position t the verifier gives x_{t+1}; it is always kept.
+2. The drafter proposes a tree rooted at x_{t+1} (``cpd_mtp.decoding.drafters``): the CP head's
+   conditionals (pi_a ∝ w_a prod_s p_{s,a}(x_{t+s}), q = sum_a pi_a p_{s+1,a}) branch at each
+   node, and context matches add branches. A chain of drafts is a tree with one branch.
+3. One forward feeds every node (a chain under a 2-D mask, a tree under a 4-D one,
+   ``cpd_mtp.decoding.forward``); the verifier's distribution at each node is the target of its
+   children. Verification (``cpd_mtp.decoding.tree``) accepts a path and draws the token after
+   it; the cache keeps the prefix and the accepted path, and the drafter hears what was
+   accepted.
 
-Greedy output equals autoregressive greedy decoding of the marginal token for token; sampled
-output is distributed exactly as autoregressive sampling of the (warped) marginal. Exactness
+Greedy output equals autoregressive greedy decoding of the verifier token for token; sampled
+output is distributed exactly as autoregressive sampling of the (warped) verifier. Exactness
 against Hugging Face greedy ``generate``: in float32 the tokens are identical (a flip would need
 a top-2 tie within float32 rounding); in bf16 (or fp16) the trunk's hidden states are rounded to
 that dtype and the verification forward runs other matrix shapes than one-token decoding, so the
 two may differ where the top-2 next-token log-probabilities are within that rounding of each
 other (the head itself computes its logits in float32, see ``CPDMTPHead.expert_log_probs``).
 
-Batching (B > 1, left padding). Rows accept different numbers of drafts. All rows share one
-cache whose columns are *cache slots*: after verification the cache is cropped to the longest
-accepted prefix in the batch, and the slots of a row's rejected drafts inside it become *holes*,
-masked out of that row's ``attention_mask``; ``cpd_mtp.decoding.cache.compact`` then
-right-aligns each row's real slots. Each row keeps its own position counter (``position_ids`` =
-number of real tokens before the token, as Hugging Face derives them from a left-padded mask),
-so every row sees exactly the keys, values and positions of its own accepted sequence. Rows that
-finish (EOS or ``max_new_tokens``) are removed from the batch and the cache
-(``batch_select_indices``), so they cost nothing more.
+Batching (B > 1, left padding). Rows accept paths of different lengths. All rows share one
+cache whose columns are *cache slots*: after verification each row's accepted path is gathered
+behind the prefix, and the slots of a row's shorter path become *holes*, masked out of that
+row's ``attention_mask``; ``cpd_mtp.decoding.cache.compact`` then right-aligns each row's real
+slots. Each row keeps its own position counter (``position_ids`` = number of real tokens before
+the token, as Hugging Face derives them from a left-padded mask), so every row sees exactly the
+keys, values and positions of its own accepted sequence. Rows that finish (EOS or
+``max_new_tokens``) are removed from the batch and the cache, so they cost nothing more.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from cpd_mtp.decoding.cache import compact, decoding_cache
-from cpd_mtp.decoding.drafters import CPDrafter, Drafter, propose
+from cpd_mtp.decoding.cache import compact, decoding_cache, keep_slots
+from cpd_mtp.decoding.cost import PROBE_SIZES, ForwardCost
+from cpd_mtp.decoding.drafters import (
+    ContextDrafter,
+    CPDrafter,
+    DraftContext,
+    Drafter,
+    TreeBudget,
+    TreeDrafter,
+)
+from cpd_mtp.decoding.forward import feed_chain, feed_tree, tree_attention_support
 from cpd_mtp.decoding.inputs import (
     check_inputs,
     check_warpers,
@@ -53,60 +64,103 @@ from cpd_mtp.decoding.inputs import (
     warn_past_max_positions,
 )
 from cpd_mtp.decoding.output import GenerationOutput, StreamCallback, TokenBuffer
-from cpd_mtp.decoding.sampling import apply_warpers, build_warpers, sample, verify
+from cpd_mtp.decoding.sampling import apply_warpers, build_warpers, sample
 from cpd_mtp.decoding.stats import DraftCounter
+from cpd_mtp.decoding.tree import verify_greedy, verify_sampling
 from cpd_mtp.ops.few_rows import few_row_linear, few_row_linears
 
-__all__ = ["SpeculativeDecoder", "generate"]
+__all__ = ["AUTO_MAX_NODES", "RowState", "SpeculativeDecoder", "generate"]
 
 Warp = Callable[[torch.Tensor], torch.Tensor]
+
+# The most draft nodes an automatic tree may feed per row (a forward of 64 tokens), and the
+# most tokens a timed probe forward feeds in all (rows x nodes).
+AUTO_MAX_NODES = 63
+MAX_PROBE_TOKENS = 4096
+# Each model's measured forward cost by fed tokens, kept across calls.
+_FORWARD_COSTS: weakref.WeakKeyDictionary[Any, ForwardCost] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class RowState:
+    """What one iteration hands to the next, for the b rows still generating.
+
+    Attributes:
+        rows: (b,) their indices in the batch.
+        mask: (b, S) bool, each row's real cache slots.
+        n_valid: (b,) each row's real cached tokens, the next position id.
+        anchor: (b, d) hidden state at the last accepted position.
+        pieces: the head's (log_w, log p_1) at the anchor (marginal mode), else None.
+        pending: (b,) the token x_{t+1} chosen but not yet fed to the trunk.
+    """
+
+    rows: torch.Tensor
+    mask: torch.Tensor
+    n_valid: torch.Tensor
+    anchor: torch.Tensor
+    pieces: tuple[torch.Tensor, torch.Tensor] | None
+    pending: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the rows at ``index`` (of the b live rows), in place."""
+        self.rows, self.mask, self.n_valid = self.rows[index], self.mask[index], self.n_valid[index]
+        self.anchor, self.pending = self.anchor[index], self.pending[index]
+        if self.pieces is not None:
+            self.pieces = (self.pieces[0][index], self.pieces[1][index])
 
 
 class SpeculativeDecoder:
     """The state of one self-speculative decoding call over a batch of B rows.
 
-    Holds what one iteration hands to the next, for the b rows still generating: the trunk's
-    ``cache``, the (b, S) attention ``mask`` over its slots, ``n_valid`` (b,) the next position
-    id of each row, ``rows`` (b,) their indices in the batch, the ``anchor`` (b, d) hidden state
-    at the last accepted position and the head's pieces there, and the ``pending`` (b,) token
-    x_{t+1} already chosen but not yet fed to the trunk.
-
     Args:
         model: a ``CPDMTPForCausalLM`` (``trunk_hidden`` and a ``CPDMTPHead`` as ``head``).
-        drafter: where drafts come from.
-        draft_positions: m, drafts per iteration.
+        drafter: where draft trees come from.
+        max_depth: the deepest draft per iteration (0: plain autoregressive decoding).
+        max_nodes: the most draft nodes per iteration.
         buffer: receives the new tokens.
+        cost: the measured cost of a forward by fed tokens: the tree's size then maximises
+            expected tokens per second; None: always the best ``max_nodes`` nodes.
+        trees: whether the model takes tree forwards (else every tree must be a chain).
         warp: the warping of every target and draft distribution; None for greedy decoding.
         generator: random source for sampling.
         min_new_tokens: EOS is removed from the targets of a row's first ``min_new_tokens`` new
             tokens (Hugging Face's ``min_new_tokens``; drafts of EOS there are then rejected).
+        prompt_mask: (B, T) bool, the prompt's real tokens (for the drafters' history).
     """
 
     def __init__(
         self,
         model: Any,
         drafter: Drafter,
-        draft_positions: int,
+        max_depth: int,
+        max_nodes: int,
         buffer: TokenBuffer,
         *,
+        cost: ForwardCost | None = None,
+        trees: bool = True,
         warp: Warp | None,
         generator: torch.Generator | None = None,
         min_new_tokens: int = 0,
+        prompt_mask: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.drafter = drafter
-        self.draft_positions = draft_positions
+        self.max_depth = max_depth
+        self.max_nodes = max_nodes
         self.buffer = buffer
+        self.cost = cost
+        self.trees = trees
         self.warp = warp
         self.generator = generator
         self.min_new_tokens = min_new_tokens
-        self.counter = DraftCounter(buffer.counts.shape[0], draft_positions, buffer.counts.device)
+        self.prompt_mask = prompt_mask
+        self.counter = DraftCounter(buffer.counts.shape[0], max_depth, buffer.counts.device)
         self.done = False
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Run the (B, T) prompt under its (B, T) bool mask and emit the first new token."""
         positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
-        self.rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         hidden, self.cache = self.model.trunk_hidden(
             input_ids,
             attention_mask=mask.long(),
@@ -114,89 +168,130 @@ class SpeculativeDecoder:
             cache=decoding_cache(self.model),
             use_cache=True,
         )
-        self.counter.count_forward(self.rows)
-        self.mask = mask
-        self.n_valid = mask.sum(dim=1)  # real tokens in each row's cache = next position id
-        self.anchor = hidden[:, -1]  # (B, d)
-        scores, self.pieces = self._next_token(self.anchor)
-        target = self._target(scores, self.buffer.counts[self.rows])  # new token 0 of each row
-        self.pending = self._choose(target)
-        ones = torch.ones_like(self.pending)
-        finished = self.buffer.emit(self.rows, self.pending[:, None], ones, target[:, None])
+        self.counter.count_forward(rows)
+        anchor = hidden[:, -1]  # (B, d)
+        scores, pieces = self._next_token(anchor)
+        target = self._target(scores, self.buffer.counts[rows])  # new token 0 of each row
+        pending = self._choose(target)
+        self.state = RowState(rows, mask, mask.sum(dim=1), anchor, pieces, pending)
+        ones = torch.ones_like(pending)
+        finished = self.buffer.emit(rows, pending[:, None], ones, target[:, None])
         self._drop(finished)
 
-    def step(self) -> None:
-        """One iteration: draft -> forward -> verify -> emit -> crop / compact."""
-        rows, live = self.rows, self.rows.shape[0]
-        remaining = self.buffer.remaining(rows)  # >= 1 for every live row
-        m_now = min(self.draft_positions, int(remaining.max()) - 1)
+    def measure_cost(self, cost: ForwardCost) -> None:
+        """Time forwards of the probe sizes after the current cache, then drop what they fed."""
+        state = self.state
+        live = state.rows.shape[0]
 
-        # Draft x_{t+2..t+m+1} from the anchor, given the kept token x_{t+1}.
-        drafts, draft_log_q = propose(
-            self.drafter,
-            self.anchor,
-            self.pending,
-            m_now,
+        def forward(size: int) -> None:
+            tokens = state.pending[:, None].expand(live, size)
+            hidden, self.cache = feed_chain(
+                self.model, tokens, state.mask, state.n_valid, self.cache
+            )
+            self._next_token(hidden)
+            self.cache.crop(-size)  # transformers 5 crops by a negative count
+
+        # Sizes up to MAX_PROBE_TOKENS fed in all (a big batch needs no wide trees).
+        sizes = tuple(s for s in PROBE_SIZES if s == 1 or s * live <= MAX_PROBE_TOKENS)
+        cost.measure(forward, sizes)
+        # Costs are kept by the tokens fed in all (rows x nodes).
+        cost.seconds = {size * live: seconds for size, seconds in cost.seconds.items()}
+
+    def step(self) -> None:
+        """One iteration: draft a tree -> forward -> verify -> emit -> keep the path."""
+        state = self.state
+        rows, live = state.rows, state.rows.shape[0]
+        remaining = self.buffer.remaining(rows)  # >= 1 for every live row
+        max_depth = min(self.max_depth, int(remaining.max()) - 1)
+
+        # Draft a tree under the kept token x_{t+1}.
+        context = DraftContext(
+            anchor=state.anchor,
+            root=state.pending,
+            max_depth=max_depth,
+            history=self._history(rows),
             warp=self.warp,
             generator=self.generator,
-            first=self.pieces,
+            first=state.pieces,
         )
+        budget = TreeBudget(self.max_nodes if max_depth > 0 else 0, self.cost, live)
+        proposal = self.drafter.propose(context, budget)
+        tree = proposal.tree
+        chain = tree.is_chain
+        if not (chain or self.trees):
+            raise RuntimeError("the drafter proposed a tree for a model that takes only chains")
 
-        # One forward over [x_{t+1}, drafts]: the marginal at each fed position is the target
-        # of the token after it.
-        fed = torch.cat([self.pending[:, None], drafts], dim=1)  # (b, m_now + 1)
-        step = torch.arange(m_now + 1, device=fed.device)
-        hidden, self.cache = self.model.trunk_hidden(
-            fed,
-            attention_mask=torch.cat([self.mask, self.mask.new_ones(live, m_now + 1)], 1).long(),
-            position_ids=self.n_valid[:, None] + step[None],
-            cache=self.cache,
-            use_cache=True,
-        )
-        self.counter.count_forward(rows)
-        scores, pieces = self._next_token(hidden)
+        # One forward over every node: the verifier at each node is its children's target.
+        start = time.perf_counter()
+        before = self.cache.get_seq_length()
+        if chain:
+            hidden, self.cache = feed_chain(
+                self.model, tree.tokens, state.mask, state.n_valid, self.cache
+            )
+        else:
+            hidden, self.cache = feed_tree(self.model, tree, state.mask, state.n_valid, self.cache)
+        scores, pieces = self._next_token(hidden)  # (b, N, V)
+        if self.cost is not None:
+            self.cost.record(live * tree.size, time.perf_counter() - start)
+        self.counter.count_forward(rows, tree.size - 1)
 
-        # Verify: accept a prefix of the drafts, choose the correction / bonus token after it.
-        # Fed position j predicts new token counts + j (the pending token is counts - 1).
-        target = self._target(scores, self.buffer.counts[rows][:, None] + step[None])
-        accepted, next_token = verify(
-            drafts,
-            target,
-            draft_log_q,
-            greedy=self.warp is None,
-            generator=self.generator,
-        )
-        self.counter.count_verification(drafts, accepted, remaining, self.buffer.eos)
+        # Verify: accept a path, choose the token after it. Node u predicts new token number
+        # counts + depth(u) of its row (the root, already emitted, is number counts - 1).
+        target = self._target(scores, self.buffer.counts[rows][:, None] + tree.depth)
+        if self.warp is None:
+            path = verify_greedy(tree, target)
+        else:
+            path = verify_sampling(tree, target, self.generator)
+        self.drafter.update(proposal, path)
+        path_tokens = tree.tokens.gather(1, path.nodes)  # (b, D + 1), root first
+        self.counter.count_verification(path, path_tokens, remaining, self.buffer.eos)
 
         # Emit the accepted drafts and the token after them (cut at EOS and the budget).
-        tokens = torch.cat([drafts, drafts.new_zeros(live, 1)], dim=1)
-        tokens.scatter_(1, accepted[:, None], next_token[:, None])
-        finished = self.buffer.emit(rows, tokens, accepted + 1, target)
+        accepted = path.accepted
+        emitted = torch.cat([path_tokens[:, 1:], path_tokens.new_zeros(live, 1)], dim=1)
+        emitted.scatter_(1, accepted[:, None], path.next_token[:, None])
+        index = path.nodes[..., None].expand(-1, -1, target.shape[-1])
+        finished = self.buffer.emit(rows, emitted, accepted + 1, target.gather(1, index))
 
-        # Keep the accepted slots: crop to the longest accepted prefix, mask the holes, then
-        # right-align each row's real slots (slot distance = position distance).
+        # Keep the prefix and the accepted path (root first); a shorter path leaves holes.
         longest = int(accepted.max())
-        if m_now > longest:
-            self.cache.crop(-(m_now - longest))
-        self.mask = torch.cat([self.mask, step[None, : longest + 1] <= accepted[:, None]], dim=1)
-        if bool((accepted < longest).any()) or not bool(self.mask[:, 0].any()):
-            self.mask = compact(self.cache, self.mask)
-        self.n_valid = self.n_valid + accepted + 1
+        kept = torch.arange(longest + 1, device=accepted.device)[None] <= accepted[:, None]
+        if chain:
+            if tree.size - 1 > longest:
+                self.cache.crop(-(tree.size - 1 - longest))
+        else:
+            keep_slots(self.cache, before, path.nodes)
+        state.mask = torch.cat([state.mask, kept], dim=1)
+        if bool((accepted < longest).any()) or not bool(state.mask[:, 0].any()):
+            state.mask = compact(self.cache, state.mask)
+        state.n_valid = state.n_valid + accepted + 1
 
-        # The last accepted position is the next anchor; the chosen token waits to be fed.
-        index = torch.arange(live, device=fed.device)
-        self.anchor = hidden[index, accepted]  # (b, d)
+        # The last accepted node is the next anchor; the chosen token waits to be fed.
+        batch = torch.arange(live, device=accepted.device)
+        last = path.nodes[batch, accepted]
+        state.anchor = hidden[batch, last]  # (b, d)
         if pieces is not None:
-            self.pieces = (pieces[0][index, accepted], pieces[1][index, accepted])
-        self.pending = next_token
+            state.pieces = (pieces[0][batch, last], pieces[1][batch, last])
+        state.pending = path.next_token
         self._drop(finished)
 
     def output(self, input_ids: torch.Tensor, start_time: float) -> GenerationOutput:
         """The sequences and statistics so far; ``start_time`` from ``time.perf_counter``."""
         stats = self.counter.finish(self.buffer.counts)
+        if self.cost is not None:
+            stats.forward_cost = self.cost.relative()
         return GenerationOutput.from_stats(
             self.buffer.sequences(input_ids), stats, time.perf_counter() - start_time
         )
+
+    def _history(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each live row's prompt (without padding) and new tokens so far (ending with x_{t+1})."""
+        prompt, counts, tokens = self.buffer.prompt, self.buffer.counts, self.buffer.tokens
+        history = []
+        for row in rows.tolist():
+            real = prompt[row] if self.prompt_mask is None else prompt[row][self.prompt_mask[row]]
+            history.append(torch.cat([real, tokens[row, : int(counts[row])]]))
+        return history
 
     def _next_token(self, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
         """The next-token scores at every position of (..., d) ``hidden``, and the head's
@@ -242,18 +337,65 @@ class SpeculativeDecoder:
             self.done = True
             return
         self.cache.batch_select_indices(index)
-        self.rows, self.mask, self.n_valid = self.rows[index], self.mask[index], self.n_valid[index]
-        self.anchor, self.pending = self.anchor[index], self.pending[index]
-        if self.pieces is not None:
-            self.pieces = (self.pieces[0][index], self.pieces[1][index])
+        self.state.select(index)
+        select = getattr(self.drafter, "select", None)
+        if callable(select):
+            select(index)
 
 
-def _check_draft_positions(drafter: Drafter, draft_positions: int | None) -> int:
-    limit = drafter.max_drafts
-    m = draft_positions if draft_positions is not None else (limit if limit is not None else 0)
-    if not is_int(m) or m < 0 or (limit is not None and m > limit):
-        raise ValueError(f"draft_positions must be an int in [0, {limit}], got {m!r}")
-    return m
+def resolve_drafter(
+    model: Any,
+    draft_tree: int | str | None,
+    drafter: Drafter | None,
+    context_drafts: bool | int | None,
+    sample_ids: torch.Tensor,
+) -> tuple[Drafter, int, bool, bool]:
+    """The drafter, the most nodes per step, whether to size trees by cost, and whether the
+    model takes tree forwards, for ``generate``'s ``draft_tree`` / ``drafter`` /
+    ``context_drafts`` arguments."""
+    if draft_tree is None:
+        draft_tree = "auto"
+    if isinstance(draft_tree, str):
+        if draft_tree not in ("auto", "chain"):
+            raise ValueError(
+                f"draft_tree must be 'auto', 'chain' or an int >= 0 (most draft nodes), "
+                f"got {draft_tree!r}"
+            )
+    elif not is_int(draft_tree) or draft_tree < 0:
+        raise ValueError(
+            f"draft_tree must be 'auto', 'chain' or an int >= 0 (most draft nodes), "
+            f"got {draft_tree!r}"
+        )
+    if context_drafts is not None and not (
+        isinstance(context_drafts, bool) or (is_int(context_drafts) and context_drafts >= 1)
+    ):
+        raise ValueError(
+            f"context_drafts must be True, False, None or an int >= 1, got {context_drafts!r}"
+        )
+    chain = draft_tree == "chain"
+    trees = not chain and tree_attention_support(model, sample_ids)[0]
+    if drafter is not None:
+        depth = drafter.max_depth if drafter.max_depth is not None else 0
+        nodes = depth if chain else (AUTO_MAX_NODES if draft_tree == "auto" else int(draft_tree))
+        return drafter, nodes, draft_tree == "auto" and trees, trees
+    cp = CPDrafter(model.head)
+    if not trees:  # a chain of the CP head's drafts (the model takes no tree forward)
+        return TreeDrafter(cp, None, chain=True), cp.max_depth, False, False
+    use_context = context_drafts if context_drafts is not None else True
+    context = None
+    if use_context:
+        length = context_drafts if is_int(context_drafts) and context_drafts is not True else 10
+        context = ContextDrafter(num_tokens=int(length))
+    nodes = AUTO_MAX_NODES if draft_tree == "auto" else int(draft_tree)
+    return TreeDrafter(cp, context), nodes, draft_tree == "auto", True
+
+
+def _forward_cost(model: Any, device: torch.device) -> ForwardCost:
+    costs = _FORWARD_COSTS.get(model)
+    if costs is None:
+        costs = ForwardCost()
+        _FORWARD_COSTS[model] = costs
+    return costs
 
 
 @torch.no_grad()
@@ -270,6 +412,8 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    draft_tree: int | str | None = None,
+    context_drafts: bool | int | None = None,
     draft_positions: int | None = None,
     drafter: Drafter | None = None,
     stream: StreamCallback | None = None,
@@ -297,9 +441,17 @@ def generate(
         pad_token_id: fills rows after their EOS. None: the model's ``generation_config`` pad
             id (likewise), else the first EOS id, else 0.
         generator: random source for sampling (on the model's device).
-        draft_positions: drafts per iteration m, 0 <= m <= ``drafter.max_drafts``
-            (default: ``n_future - 1``); 0 is plain autoregressive decoding.
-        drafter: where drafts come from (default ``CPDrafter(model.head)``).
+        draft_tree: the draft tree of each forward. ``"auto"`` (default, None): the CP head's
+            tree and context drafts, sized per step to maximise expected tokens per second
+            under the forward cost measured on this machine (timed once per model, then on
+            every forward). An int T: the best T draft nodes (0: autoregressive decoding).
+            ``"chain"``: one chain of the head's top drafts, no branching. A model whose
+            attention takes no 4-D mask decodes with chains (one INFO line says why).
+        context_drafts: prompt lookup (``ContextDrafter``): True, False, or an int, the
+            longest continuation proposed (default 10; on unless ``draft_tree="chain"``).
+        draft_positions: the deepest CP draft, 0 <= m <= n_future - 1 (default n_future - 1);
+            0 is plain autoregressive decoding. With ``drafter``: the deepest draft.
+        drafter: a ``Drafter`` of your own, used in place of the CP head and context drafts.
         stream: called after each forward with the newly accepted token ids of every row
             (a list of B lists, empty for rows with nothing new).
         streamer: a ``transformers`` streamer (``TextStreamer``, ``TextIteratorStreamer``, any
@@ -334,14 +486,37 @@ def generate(
     if not is_int(min_new_tokens) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
     warn_past_max_positions(model, input_ids.shape[1], max_new_tokens)
-    drafter = drafter if drafter is not None else CPDrafter(model.head)
-    m = _check_draft_positions(drafter, draft_positions)
+    limit = model.head.config.n_future - 1 if drafter is None else drafter.max_depth
+    if draft_positions is not None and (
+        not is_int(draft_positions)
+        or draft_positions < 0
+        or (limit is not None and draft_positions > limit)
+    ):
+        raise ValueError(f"draft_positions must be an int in [0, {limit}], got {draft_positions!r}")
     warp = None
     if do_sample:
         if warpers is None:
             warpers = build_warpers(temperature, top_k, top_p)
         check_warpers(warpers)
         warp = functools.partial(apply_warpers, warpers)
+    sample_ids = input_ids[0][mask[0]]
+    if sample_ids.numel() < 6:
+        sample_ids = torch.cat(
+            [sample_ids, torch.zeros(6, dtype=torch.long, device=input_ids.device)]
+        )
+    drafter, max_nodes, by_cost, trees = resolve_drafter(
+        model, draft_tree, drafter, context_drafts, sample_ids
+    )
+    if draft_positions is not None and isinstance(drafter, TreeDrafter):
+        if drafter.cp is not None:
+            drafter.cp.max_depth = draft_positions
+        if drafter.chain:
+            max_nodes = draft_positions
+    if draft_positions == 0:  # plain autoregressive decoding
+        max_nodes = 0
+    max_depth = _deepest(drafter)
+    if draft_positions is not None and not isinstance(drafter, TreeDrafter):
+        max_depth = min(max_depth, draft_positions)  # a drafter of the caller's
     eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, input_ids.device)
     buffer = TokenBuffer(
         input_ids.shape[0],
@@ -353,8 +528,21 @@ def generate(
         stopping=stopping_criteria or None,
         streamer=streamer,
     )
+    cost = _forward_cost(model, input_ids.device) if by_cost else None
+    if cost is not None:  # no wider than what a probe may time
+        max_nodes = min(max_nodes, max(MAX_PROBE_TOKENS // input_ids.shape[0] - 1, 0))
     decoder = SpeculativeDecoder(
-        model, drafter, m, buffer, warp=warp, generator=generator, min_new_tokens=min_new_tokens
+        model,
+        drafter,
+        max_depth,
+        max_nodes,
+        buffer,
+        cost=cost,
+        trees=trees,
+        warp=warp,
+        generator=generator,
+        min_new_tokens=min_new_tokens,
+        prompt_mask=mask,
     )
     if streamer is not None:
         streamer.put(input_ids.cpu())  # the prompt first, as Hugging Face's generate does
@@ -366,7 +554,24 @@ def generate(
             # The prompt's last position gives x_{t+1}; then one iteration per forward until
             # every row has emitted EOS or max_new_tokens.
             decoder.prefill(input_ids, mask)
+            if cost is not None and not cost.measured and not decoder.done:
+                decoder.measure_cost(cost)  # once per model: what a forward of N tokens costs
             while not decoder.done:
                 decoder.step()
     buffer.close()
     return decoder.output(input_ids, start_time)
+
+
+def _deepest(drafter: Any) -> int:
+    """The deepest draft the drafter proposes (its CP depth, or its context chains')."""
+    depths = []
+    cp = getattr(drafter, "cp", None)
+    context = getattr(drafter, "context", None)
+    if cp is not None:
+        depths.append(cp.max_depth)
+    if context is not None:
+        depths.append(context.num_tokens)
+    if not depths:
+        depth = getattr(drafter, "max_depth", None)
+        depths.append(0 if depth is None else depth)
+    return max(depths)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,8 +43,12 @@ class DecodingStats:
         forwards: trunk forwards (batched calls), the prefill included.
         row_forwards: (B,) forwards during which each row was still generating.
         new_tokens_per_row: (B,) new tokens per row (up to and including EOS).
-        proposed_counts: (m,) how many times draft position j was verified.
+        proposed_counts: (m,) how many times draft depth j was verified.
         accepted_counts: (m,) how many of those were accepted.
+        tree_sizes: draft nodes fed per forward -> number of such forwards.
+        accepted_depths: (m + 1,) how many iterations accepted 0, 1, ..., m drafts.
+        forward_cost: fed tokens -> measured cost of such a forward against one token (runs
+            with an automatic tree size), else empty.
     """
 
     draft_positions: int = 0
@@ -52,6 +57,9 @@ class DecodingStats:
     new_tokens_per_row: list[int] = field(default_factory=list)
     proposed_counts: list[int] = field(default_factory=list)
     accepted_counts: list[int] = field(default_factory=list)
+    tree_sizes: dict[int, int] = field(default_factory=dict)
+    accepted_depths: list[int] = field(default_factory=list)
+    forward_cost: dict[int, float] = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:
@@ -83,6 +91,11 @@ class DecodingStats:
             total.forwards += part.forwards
             total.row_forwards += part.row_forwards
             total.new_tokens_per_row += part.new_tokens_per_row
+            for size, count in part.tree_sizes.items():
+                total.tree_sizes[size] = total.tree_sizes.get(size, 0) + count
+            depths = max(len(total.accepted_depths), len(part.accepted_depths))
+            total.accepted_depths = _add(total.accepted_depths, part.accepted_depths, depths)
+            total.forward_cost = dict(part.forward_cost or total.forward_cost)
         return total
 
 
@@ -92,7 +105,11 @@ def _add(a: list[int], b: list[int], length: int) -> list[int]:
 
 
 class DraftCounter:
-    """Device-side counters of one speculative run over a batch of B rows with m drafts."""
+    """Device-side counters of one speculative run over a batch of B rows.
+
+    Acceptance is counted per depth of the draft tree (a chain's depth is its draft position);
+    the counts grow with the deepest depth verified.
+    """
 
     def __init__(self, batch: int, draft_positions: int, device: torch.device) -> None:
         self.draft_positions = draft_positions
@@ -100,40 +117,59 @@ class DraftCounter:
         self.row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
         self.proposed = torch.zeros(draft_positions, dtype=torch.long, device=device)
         self.accepted = torch.zeros(draft_positions, dtype=torch.long, device=device)
+        self.tree_sizes: dict[int, int] = {}
+        self.accepted_depths = torch.zeros(draft_positions + 1, dtype=torch.long, device=device)
 
-    def count_forward(self, rows: torch.Tensor) -> None:
-        """One trunk forward over the (b,) live ``rows``."""
+    def count_forward(self, rows: torch.Tensor, draft_nodes: int | None = None) -> None:
+        """One trunk forward over the (b,) live ``rows``, feeding ``draft_nodes`` drafts per
+        row (None for the prefill)."""
         self.forwards += 1
         self.row_forwards[rows] += 1
+        if draft_nodes is not None:
+            self.tree_sizes[draft_nodes] = self.tree_sizes.get(draft_nodes, 0) + 1
+
+    def _grow(self, depth: int) -> None:
+        if depth > self.proposed.shape[0]:
+            extra = depth - self.proposed.shape[0]
+            self.proposed = torch.cat([self.proposed, self.proposed.new_zeros(extra)])
+            self.accepted = torch.cat([self.accepted, self.accepted.new_zeros(extra)])
+            self.accepted_depths = torch.cat(
+                [self.accepted_depths, self.accepted_depths.new_zeros(extra)]
+            )
+            self.draft_positions = depth
 
     def count_verification(
-        self,
-        drafts: torch.Tensor,
-        accepted: torch.Tensor,
-        remaining: torch.Tensor,
-        eos: torch.Tensor,
+        self, path: Any, path_tokens: torch.Tensor, remaining: torch.Tensor, eos: torch.Tensor
     ) -> None:
-        """Count which drafts were verified and accepted in one iteration.
+        """Count which depths were verified and accepted in one iteration.
 
-        Draft j was verified iff all drafts before it were accepted (j <= accepted); it counts
-        only when its token lies within the row's budget (j < remaining: the kept token takes
-        one) and no accepted EOS precedes it.
+        Depth j was verified iff the accepted path reached depth j - 1 at a node with children
+        (``path.tried``); it counts only when its token lies within the row's budget
+        (j < remaining: the kept token takes one) and no accepted EOS precedes it.
 
         Args:
-            drafts: (b, m') drafted ids, m' <= m.
-            accepted: (b,) accepted drafts per row.
+            path: the ``cpd_mtp.decoding.tree.TreePath`` of the iteration.
+            path_tokens: (b, D + 1) tokens of the accepted paths, root first.
             remaining: (b,) new tokens each row may still emit, the kept token included.
             eos: (k,) EOS ids.
         """
-        m_now = drafts.shape[1]
-        if m_now == 0:
+        tried = path.tried
+        depth = tried.shape[1]
+        if depth == 0:
+            self.accepted_depths[0] += path.accepted.numel()
             return
-        cols = torch.arange(m_now, device=drafts.device)[None]  # (1, m')
-        is_eos = torch.isin(drafts, eos).long()
-        eos_before = torch.cumsum(is_eos, dim=1) - is_eos
-        counted = (cols <= accepted[:, None]) & (cols < remaining[:, None]) & (eos_before == 0)
-        self.proposed[:m_now] += counted.sum(dim=0)
-        self.accepted[:m_now] += (counted & (cols < accepted[:, None])).sum(dim=0)
+        self._grow(depth)
+        cols = torch.arange(depth, device=tried.device)[None]  # (1, D): depth - 1
+        # EOS among the accepted drafts before depth j + 1 (columns past a row's path are
+        # never tried, so what the padding holds there does not count).
+        is_eos = torch.isin(path_tokens[:, 1:], eos).long()
+        is_eos = torch.nn.functional.pad(is_eos, (0, depth + 1 - is_eos.shape[1]))
+        eos_before = (torch.cumsum(is_eos, dim=1) - is_eos)[:, :depth]  # (b, D)
+        counted = tried & (cols < remaining[:, None])
+        counted = counted & (eos_before == 0)
+        self.proposed[:depth] += counted.sum(dim=0)
+        self.accepted[:depth] += (counted & (cols < path.accepted[:, None])).sum(dim=0)
+        self.accepted_depths.index_add_(0, path.accepted, torch.ones_like(path.accepted))
 
     def finish(self, new_tokens_per_row: torch.Tensor) -> DecodingStats:
         """The plain counts, given the (B,) new tokens per row."""
@@ -144,4 +180,6 @@ class DraftCounter:
             new_tokens_per_row=new_tokens_per_row.tolist(),
             proposed_counts=self.proposed.tolist(),
             accepted_counts=self.accepted.tolist(),
+            tree_sizes=dict(sorted(self.tree_sizes.items())),
+            accepted_depths=self.accepted_depths.tolist(),
         )

@@ -139,3 +139,27 @@ def enumerate_joint(log_w: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         ]
         out[cell] = max(terms) + math.log(sum(math.exp(t - max(terms)) for t in terms))
     return out
+
+
+def chi_square_p_value(observed: dict, expected_probs: dict, total: int) -> float:
+    """Pearson chi-square goodness of fit; cells expected below 5 are pooled into one."""
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
+    for cell, p in expected_probs.items():
+        expected = p * total
+        if expected < 5:
+            pooled_obs += observed.get(cell, 0)
+            pooled_exp += expected
+            continue
+        stat += (observed.get(cell, 0) - expected) ** 2 / expected
+        df += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-12)
+        df += 1
+    unseen = sum(c for cell, c in observed.items() if expected_probs.get(cell, 0.0) == 0.0)
+    if unseen:
+        return 0.0  # a continuation the exact distribution gives probability 0
+    return float(
+        torch.special.gammaincc(
+            torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)
+        )
+    )

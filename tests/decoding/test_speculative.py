@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama_config as tiny_llama_config
 from decoding_builders import (
+    chi_square_p_value,
     enumerate_joint,
     hf_warp,
     left_padded,
@@ -69,8 +70,9 @@ def hf_greedy(model, ids, mask, max_new_tokens, eos=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- greedy
 
 
+@pytest.mark.parametrize("draft_tree", ["chain", 8, "auto"])
 @pytest.mark.parametrize(("n_future", "rank"), GREEDY_SHAPES)
-def test_greedy_matches_hf_generate(n_future, rank):
+def test_greedy_matches_hf_generate(n_future, rank, draft_tree):
     model = trained_model(n_future, rank)
     g = torch.Generator().manual_seed(7)
     proposed = accepted = 0
@@ -81,12 +83,15 @@ def test_greedy_matches_hf_generate(n_future, rank):
             prompts[1] = torch.randint(1, VOCAB, (lengths[1],), generator=g)
         ids, mask = left_padded(prompts)
         ref = hf_greedy(model, ids, mask, max_new)
-        out = generate(model, ids, max_new, attention_mask=mask)
+        out = generate(model, ids, max_new, attention_mask=mask, draft_tree=draft_tree)
         assert torch.equal(out.sequences, ref), (batch, max_new)
         proposed += sum(out.proposed_counts)
         accepted += sum(out.accepted_counts)
-    # Verification was exercised both ways.
-    assert 0 < accepted < proposed
+    # Verification was exercised both ways (a tree with context drafts accepts every level of
+    # these periodic prompts).
+    assert 0 < accepted <= proposed
+    if draft_tree == "chain":
+        assert accepted < proposed
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -163,7 +168,9 @@ def test_statistics_and_stream():
     streamed: list[int] = []
     model.trunk_hidden = counting
     try:
-        out = generate(model, ids, 30, stream=lambda new: streamed.extend(new[0]))
+        out = generate(
+            model, ids, 30, draft_tree="chain", stream=lambda new: streamed.extend(new[0])
+        )
     finally:
         del model.trunk_hidden
     assert out.forwards == calls["trunk"] == out.iterations + 1
@@ -410,31 +417,9 @@ def exact_continuation_distribution(model, prompt, length, temperature, top_k, t
     return probs
 
 
-def chi_square_p_value(observed: dict, expected_probs: dict, total: int) -> float:
-    """Pearson chi-square goodness of fit; cells expected below 5 are pooled into one."""
-    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
-    for cell, p in expected_probs.items():
-        expected = p * total
-        if expected < 5:
-            pooled_obs += observed.get(cell, 0)
-            pooled_exp += expected
-            continue
-        stat += (observed.get(cell, 0) - expected) ** 2 / expected
-        df += 1
-    if pooled_exp > 0:
-        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-12)
-        df += 1
-    unseen = sum(c for cell, c in observed.items() if expected_probs.get(cell, 0.0) == 0.0)
-    if unseen:
-        return 0.0  # a continuation the exact distribution gives probability 0
-    return float(
-        torch.special.gammaincc(
-            torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)
-        )
-    )
-
-
-def sample_continuations(model, drafter=None, draft_positions=None, **warping):
+def sample_continuations(
+    model, drafter=None, draft_positions=None, draft_tree="chain", context_drafts=None, **warping
+):
     ids = SAMPLING_PROMPT.expand(SAMPLES, -1).contiguous()
     out = generate(
         model,
@@ -444,6 +429,8 @@ def sample_continuations(model, drafter=None, draft_positions=None, **warping):
         generator=torch.Generator().manual_seed(123),
         drafter=drafter,
         draft_positions=draft_positions,
+        draft_tree=draft_tree,
+        context_drafts=context_drafts,
         **warping,
     )
     counts: dict[tuple, int] = {}
@@ -453,15 +440,22 @@ def sample_continuations(model, drafter=None, draft_positions=None, **warping):
 
 
 @pytest.mark.parametrize(
-    ("warping", "drafter"),
+    ("warping", "drafter", "draft_tree"),
     [
-        ({"temperature": 1.0}, "cp"),
-        ({"temperature": 0.7, "top_k": 3}, "cp"),
-        ({"temperature": 1.2, "top_k": 3, "top_p": 0.8}, "cp"),
-        ({"temperature": 1.0}, "uniform"),
+        ({"temperature": 1.0}, "cp", "chain"),
+        ({"temperature": 0.7, "top_k": 3}, "cp", "chain"),
+        ({"temperature": 1.2, "top_k": 3, "top_p": 0.8}, "cp", "chain"),
+        ({"temperature": 1.0}, "uniform", "chain"),
+        # Trees: several children per node drawn without replacement, context drafts as
+        # deterministic branches, warped and not.
+        ({"temperature": 1.0}, "cp", 6),
+        ({"temperature": 0.7, "top_k": 3}, "cp", 3),
+        ({"temperature": 1.2, "top_p": 0.8}, "cp", 9),
     ],
 )
-def test_sampling_matches_exact_autoregressive_distribution(warping, drafter, sampling_model):
+def test_sampling_matches_exact_autoregressive_distribution(
+    warping, drafter, draft_tree, sampling_model
+):
     """Chi-square goodness of fit of 24,000 sampled 4-token continuations (256 cells).
 
     Power: the test rejects at p < 1e-3. For a distribution at total-variation distance delta
@@ -472,8 +466,10 @@ def test_sampling_matches_exact_autoregressive_distribution(warping, drafter, sa
     (drafts without verification).
     """
     model = sampling_model
-    chosen = UniformDrafter(SAMPLE_VOCAB, max_drafts=3) if drafter == "uniform" else None
-    counts, out = sample_continuations(model, chosen, 3 if chosen else None, **warping)
+    chosen = UniformDrafter(SAMPLE_VOCAB, max_depth=3) if drafter == "uniform" else None
+    counts, out = sample_continuations(
+        model, chosen, 3 if chosen else None, draft_tree=draft_tree, **warping
+    )
     exact = exact_continuation_distribution(
         model,
         SAMPLING_PROMPT,
@@ -489,6 +485,8 @@ def test_sampling_matches_exact_autoregressive_distribution(warping, drafter, sa
     assert tv < 0.05
     # Both verification branches ran: some drafts accepted, some rejected.
     assert 0 < sum(out.accepted_counts) < sum(out.proposed_counts)
+    if draft_tree != "chain":  # wider than a chain: siblings were verified in turn
+        assert max(out.tree_sizes) > model.head.config.n_future - 1
     if drafter == "uniform":
         assert out.acceptance_rate[0] < 0.9
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from cpd_mtp.decoding.stats import DecodingStats, DraftCounter
+from cpd_mtp.decoding.tree import chain_tree, verify_greedy
 
 
 def brute_force_counts(drafts, accepted, remaining, eos, m):
@@ -24,6 +25,19 @@ def brute_force_counts(drafts, accepted, remaining, eos, m):
     return proposed, accepted_counts
 
 
+def chain_path(drafts, accepted):
+    """Greedy verification of a chain whose verifier agrees with exactly ``accepted`` drafts."""
+    b, m_now = drafts.shape
+    target = torch.zeros(b, m_now + 1, 6)
+    for row in range(b):
+        for j in range(m_now):
+            token = int(drafts[row, j]) if j < accepted[row] else (int(drafts[row, j]) + 1) % 6
+            target[row, j, token] = 1.0
+    path = verify_greedy(chain_tree(torch.zeros(b, dtype=torch.long), drafts), target)
+    assert torch.equal(path.accepted, accepted)
+    return path
+
+
 def test_counts_match_brute_force():
     g = torch.Generator().manual_seed(0)
     m, eos = 4, [3]
@@ -37,7 +51,11 @@ def test_counts_match_brute_force():
         drafts = torch.randint(0, 6, (b, m_now), generator=g)
         accepted = torch.randint(0, m_now + 1, (b,), generator=g)
         remaining = torch.randint(1, m + 3, (b,), generator=g)
-        counter.count_verification(drafts, accepted, remaining, torch.tensor(eos))
+        path = chain_path(drafts, accepted)
+        path_tokens = chain_tree(torch.zeros(b, dtype=torch.long), drafts).tokens.gather(
+            1, path.nodes
+        )
+        counter.count_verification(path, path_tokens, remaining, torch.tensor(eos))
         p, a = brute_force_counts(drafts, accepted.tolist(), remaining.tolist(), eos, m)
         want_p = [x + y for x, y in zip(want_p, p)]
         want_a = [x + y for x, y in zip(want_a, a)]
