@@ -69,6 +69,26 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--draft-tree",
+        type=_draft_tree,
+        default="auto",
+        help="'auto' (sized by the measured forward cost), 'chain', or the most draft nodes",
+    )
+    parser.add_argument(
+        "--no-context-drafts", action="store_true", help="no prompt-lookup branches"
+    )
+
+
+def _draft_tree(text: str) -> str | int:
+    if text in ("auto", "chain"):
+        return text
+    try:
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto', 'chain' or an int >= 0, got {text!r}"
+        ) from None
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -122,6 +142,8 @@ def run_generate(args: argparse.Namespace) -> None:
         pad_token_id=pad_token_id,
         generator=generator,
         streamer=streamer,
+        draft_tree=args.draft_tree,
+        context_drafts=False if args.no_context_drafts else None,
     )
     if not streaming:
         for row in tokenizer.batch_decode(out.sequences, skip_special_tokens=True):
@@ -131,10 +153,16 @@ def run_generate(args: argparse.Namespace) -> None:
     rates = format_rates(out.acceptance_rate)
     summary = (
         f"{out.new_tokens} tokens, {out.forwards} forwards, "
-        f"{out.tokens_per_forward:.2f} tokens/forward, acceptance per draft position: {rates}, "
+        f"{out.tokens_per_forward:.2f} tokens/forward, acceptance per draft depth: {rates}, "
+        f"draft nodes per forward: {_sizes(out.tree_sizes)}, "
         f"{out.wall_time_s:.2f} s"
     )
     print(f"\n\n[{summary}]", file=sys.stderr)
+
+
+def _sizes(tree_sizes: dict[int, int]) -> str:
+    """'4 x12, 15 x3': draft nodes fed per forward, and how many forwards fed that many."""
+    return ", ".join(f"{size} x{count}" for size, count in tree_sizes.items()) or "-"
 
 
 def _load_export(path: Path) -> tuple[Any, Any]:

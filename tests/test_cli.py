@@ -46,7 +46,7 @@ def test_generate_streams_the_greedy_continuation(saved_model, capsys):
             pad_token_id=tokenizer.pad_token_id,
         )
     assert captured.out.startswith(prompt + tokenizer.decode(want[0, ids.shape[1] :]))
-    assert "tokens/forward" in captured.err and "acceptance per draft position" in captured.err
+    assert "tokens/forward" in captured.err and "acceptance per draft depth" in captured.err
 
 
 def test_generate_stops_at_the_model_eos_like_hf_and_the_library(saved_model, tmp_path, capsys):
@@ -365,3 +365,15 @@ def test_pointing_generate_at_a_plain_model_does_not_take_the_machine_down(
     assert last.startswith("error: ") and "holds a plain 'llama' model" in last, last
     assert "cpd-mtp retrofit" in last
     assert "Traceback" not in result.stderr
+
+
+def test_generate_takes_the_draft_tree(saved_model, capsys):
+    path, _, _ = saved_model
+    argv = ["generate", "--model", str(path), "--prompt", "def add(a", "--max-new-tokens", "8"]
+    cli.main([*argv, "--draft-tree", "3", "--no-context-drafts"])
+    err = capsys.readouterr().err
+    sizes = err.split("draft nodes per forward: ")[1].split(",")
+    assert all(int(part.split(" x")[0]) <= 3 for part in sizes if " x" in part)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--draft-tree", "wide"])
+    assert exit_info.value.code == 2 and "'auto', 'chain' or an int" in capsys.readouterr().err

@@ -50,6 +50,7 @@ def compare_decoding(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    draft_tree: int | str | None = "chain",
 ) -> dict[str, Any]:
     """Self-speculative vs autoregressive (HF ``generate``) decoding of the same prompts.
 
@@ -62,6 +63,8 @@ def compare_decoding(
         repeats: timed runs of each decoder.
         seed: sampling seed of run i is ``seed + i`` (the speculative decoder's generator and
             torch's global RNG for HF ``generate``).
+        draft_tree: the speculative decoder's tree (``"chain"`` by default: the head's own
+            drafts per offset, the acceptance the rank study compares).
 
     Returns:
         A dict: ``spec_time_s`` and ``ar_time_s`` (per-run seconds), ``new_tokens`` (per
@@ -88,7 +91,15 @@ def compare_decoding(
     def spec_run(run: int) -> list[GenerationOutput]:
         gen = torch.Generator(device=device).manual_seed(seed + run)
         return [
-            generate(model, ids, max_new_tokens, attention_mask=mask, generator=gen, **options)
+            generate(
+                model,
+                ids,
+                max_new_tokens,
+                attention_mask=mask,
+                generator=gen,
+                draft_tree=draft_tree,
+                **options,
+            )
             for ids, mask in batches
         ]
 

@@ -183,7 +183,8 @@ def _measure_decoding(
     result: dict[str, Any] = {}
     for mode in ("greedy", "sample"):
         generator = torch.Generator().manual_seed(seed)
-        # No EOS stop: the HF baseline below decodes every token too (min_new_tokens).
+        # No EOS stop: the HF baseline below decodes every token too (min_new_tokens). The
+        # study compares the heads' own chains: acceptance per drafted offset, no context.
         outs = [
             generate(
                 model,
@@ -192,6 +193,7 @@ def _measure_decoding(
                 do_sample=mode == "sample",
                 generator=generator,
                 eos_token_id=[],
+                draft_tree="chain",
             )
             for ids in prompts
         ]

@@ -4,9 +4,12 @@
 (``cpd_mtp.decoding.generate``) and with the *original* model's own Hugging Face ``generate``,
 alternating which goes first, and reports:
 
-- greedy: tokens per forward, acceptance per draft position, whether every sequence was
+- greedy: tokens per forward, acceptance per draft depth, whether every sequence was
   identical to the original model's, and the wall-clock speedup per prompt (original seconds /
   speculative seconds for the same tokens) as a median with its 20th-80th percentile spread;
+  with ``baselines``, also the speedup over the best zero-training alternative measured in
+  the same run, prompt by prompt: the faster of Hugging Face greedy in the packed oneDNN
+  layout (``few_row_linears``) and Hugging Face prompt lookup in that layout;
 - sampled (temperature T, no top-k / top-p): tokens per forward and acceptance per position
   (their distribution is the original model's; the wall clock of the draws is not compared).
 
@@ -56,6 +59,7 @@ def measure_retrofit(
     temperature: float | None = 0.7,
     repeats: int = 1,
     seed: int = 0,
+    baselines: bool = True,
 ) -> dict[str, Any]:
     """Speculative decoding of ``model`` against ``original.generate``, prompt by prompt.
 
@@ -69,20 +73,25 @@ def measure_retrofit(
             None: greedy only.
         repeats: greedy passes over the prompts (each prompt's speedup is one sample per pass).
         seed: sampling seed of prompt i is ``seed + i``.
+        baselines: also time the zero-training alternatives (module docstring).
 
     Returns:
         ``{"greedy": {...}, "sampled": {...}}`` (``sampled`` absent without a temperature):
         ``tokens_per_forward``, ``acceptance_per_position``, ``expected_tokens_per_step``,
         ``new_tokens``; greedy also ``identical``, ``speedup`` (``summarise_speedup`` of the
         per-prompt ratios), ``total_speedup`` (summed original seconds / summed speculative
-        seconds), ``spec_s_per_token`` and ``hf_s_per_token``.
+        seconds), ``spec_s_per_token`` and ``hf_s_per_token``; with ``baselines`` also
+        ``speedup_over_best_baseline`` and ``best_baseline_s_per_token``.
     """
+    from cpd_mtp.ops.few_rows import few_row_linears
+
     # Untimed first calls: one-time set-up costs (allocations, lazy imports) favour neither.
     generate(model, prompts[0][None], 2)
     original.generate(prompts[0][None], max_new_tokens=2, do_sample=False)
     greedy_stats: list[DecodingStats] = []
     ratios: list[float] = []
-    spec_total = hf_total = 0.0
+    best_ratios: list[float] = []
+    spec_total = hf_total = best_total = 0.0
     identical = True
     for repeat in range(repeats):
         for i, prompt in enumerate(prompts):
@@ -91,9 +100,10 @@ def measure_retrofit(
             def spec(ids=ids):
                 return generate(model, ids, max_new_tokens)
 
-            def hf(ids=ids):
+            def hf(ids=ids, **extra):
                 return original.generate(
                     ids,
+                    **extra,
                     attention_mask=torch.ones_like(ids),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
@@ -113,6 +123,13 @@ def measure_retrofit(
             identical &= torch.equal(out.sequences, hf_ids)
             greedy_stats.append(out.stats)
             ratios.append(hf_s / spec_s)
+            if baselines:  # the zero-training alternatives, in the layout the decoder uses
+                with few_row_linears(original):
+                    fast_s, _ = _timed(hf)
+                    lookup_s, _ = _timed(lambda hf=hf: hf(prompt_lookup_num_tokens=10))
+                best = min(fast_s, lookup_s)
+                best_ratios.append(best / spec_s)
+                best_total += best
             spec_total, hf_total = spec_total + spec_s, hf_total + hf_s
     greedy = DecodingStats.combine(greedy_stats)
     result: dict[str, Any] = {
@@ -125,6 +142,9 @@ def measure_retrofit(
             "hf_s_per_token": hf_total / max(greedy.new_tokens, 1),
         }
     }
+    if baselines:
+        result["greedy"]["speedup_over_best_baseline"] = summarise_speedup(best_ratios)
+        result["greedy"]["best_baseline_s_per_token"] = best_total / max(greedy.new_tokens, 1)
     if temperature is not None:
         sampled = []
         for i, prompt in enumerate(prompts):

@@ -33,6 +33,7 @@ from cpd_mtp.decoding.calibration import AcceptanceCalibration
 from cpd_mtp.decoding.cost import ForwardCost
 from cpd_mtp.decoding.tree import DETERMINISTIC, SAMPLED, DraftTree, TreePath
 from cpd_mtp.head import CPDMTPHead
+from cpd_mtp.ops.few_rows import mark_reused
 
 __all__ = [
     "CPDrafter",
@@ -175,7 +176,7 @@ class CPDrafter:
         if self.draft_ids is not None:
             self.position = head.draft_position(torch.arange(self.vocab_size))
             # W_U is frozen while decoding: gather its K draft rows once, not per step.
-            self.unembedding = head._expert_unembedding().detach()
+            self.unembedding = mark_reused(head._expert_unembedding().detach())
 
     @torch.no_grad()
     def pieces(
@@ -302,9 +303,12 @@ class CPDrafter:
         from its warped q (Gumbel top-k), in sibling order.
 
         Args:
-            parents, depth: (b, N) the shape (root at 0, parents before children), chosen
-                before any draw; nodes of depth -1 are not the CP head's (left as they are).
-            root: (b,) root tokens; post_root: (b, r) the root's log posterior.
+            parents: (b, N) the shape (root at 0, parents before children), chosen before any
+                draw.
+            depth: (b, N) the nodes' depths; nodes of depth -1 are not the CP head's (left as
+                they are).
+            root: (b,) root tokens.
+            post_root: (b, r) the root's log posterior.
             log_p: (b, D + 1, r, K) the head's log p at the anchor.
             warp: the warping of q (as of the target).
             generator: random source.

@@ -17,6 +17,11 @@ logits processors and stopping criteria it would build) and then:
   ``WARNING`` of the ``cpd_mtp.hf.generation`` logger naming the reason, once per reason and
   process (as transformers warns); turning speculation off yourself is logged at ``INFO``.
 
+Draft trees: ``generate(..., draft_tree=...)`` (``"auto"`` by default, ``"chain"``, or the most
+draft nodes), also read from ``generation_config.draft_tree``; ``context_drafts`` and Hugging
+Face's ``prompt_lookup_num_tokens`` add prompt-lookup branches to the tree (the speculative
+decoder serves them, instead of Hugging Face's assisted loop).
+
 The switch: ``generate(..., speculative=False)``, or ``model.generation_config.speculative =
 False`` (saved with the generation config; a ``generation_config`` passed to the call may set it
 too). ``model.last_generation_stats`` holds the ``GenerationOutput`` statistics of the last
@@ -106,6 +111,11 @@ class SpeculativeGenerationMixin:
         Args:
             speculative: False runs Hugging Face's own loop; None (default) takes
                 ``generation_config.speculative`` (default True).
+            **kwargs: as Hugging Face's, plus ``draft_tree`` (``"auto"``, ``"chain"`` or the
+                most draft nodes per forward, see ``cpd_mtp.decoding.generate``; None takes
+                ``generation_config.draft_tree``) and ``context_drafts`` (prompt-lookup
+                branches: True, False or their longest length; ``prompt_lookup_num_tokens``
+                sets it too).
 
         Returns:
             (B, T + L) sequences, or with ``return_dict_in_generate`` a
@@ -130,6 +140,8 @@ class SpeculativeGenerationMixin:
         request = _plan(self, speculative, hf_arguments, dict(kwargs))
         if isinstance(request, str):
             _log_fallback(request)
+            for name in ("draft_tree", "context_drafts"):  # this decoder's own options
+                kwargs.pop(name, None)
             return super().generate(**hf_arguments, **kwargs)  # type: ignore[misc]
 
         from cpd_mtp.decoding.speculative import generate as speculative_generate
@@ -191,9 +203,20 @@ def _plan(
         and (given is None or given.min_length is None)
         and model.generation_config.min_length is None
     )
+    # The tree options are this decoder's own: taken before transformers sees the kwargs.
+    draft_tree = kwargs.pop("draft_tree", None)
+    context_drafts = kwargs.pop("context_drafts", None)
     config, model_kwargs = model._prepare_generation_config(given, **kwargs)
     if getattr(config, "speculative", True) is False:
         return "generation_config.speculative is False"
+    if draft_tree is None:
+        draft_tree = getattr(config, "draft_tree", None)
+    lookup = getattr(config, "prompt_lookup_num_tokens", None)
+    if lookup is not None:
+        # Prompt lookup runs here as context drafts, branches of the same draft tree.
+        if context_drafts is None:
+            context_drafts = int(lookup)
+        config.prompt_lookup_num_tokens = None
     mode = config.get_generation_mode(hf_arguments["assistant_model"])
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
         return f"generation mode {mode.value}"
@@ -286,6 +309,8 @@ def _plan(
             "attention_mask": mask,
             "streamer": hf_arguments["streamer"],
             "stopping_criteria": checked if len(checked) else None,
+            "draft_tree": draft_tree,
+            "context_drafts": context_drafts,
         },
         return_dict=bool(config.return_dict_in_generate),
     )

@@ -45,7 +45,10 @@ def test_quick_benchmark_writes_json_and_plot(tmp_path):
             row["ar"]["time_s"]["p50"] / row["spec"]["time_s"]["p50"]
         )
         spec = row["spec"]
-        assert spec["new_tokens"] == 3 * 6 == row["ar"]["new_tokens"]
+        if row["mode"] == "greedy":
+            assert spec["new_tokens"] == 3 * 6 == row["ar"]["new_tokens"]
+        else:  # independent draws: either decoder may sample the random model's EOS
+            assert 0 < spec["new_tokens"] <= 3 * 6 and 0 < row["ar"]["new_tokens"] <= 3 * 6
         assert 1.0 <= spec["tokens_per_forward"]["p50"] <= 4.0
         assert len(spec["acceptance_rate"]) == 3
         for acc, prop, rate in zip(

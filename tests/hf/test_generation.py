@@ -223,3 +223,39 @@ def test_generation_config_switch_turns_speculation_off(pair):
         del model.generation_config.speculative
     assert torch.equal(out, original.generate(ids, max_new_tokens=12, do_sample=False))
     assert calls[0] == 12 and model.last_generation_stats is None
+
+
+@pytest.mark.parametrize("where", ["argument", "generation_config"])
+def test_draft_tree_is_an_argument_or_a_generation_config_setting(pair, where):
+    original, model = pair
+    ids, mask = periodic_prompts(2, seed=8)
+    want = original.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    for tree in ("chain", 5):
+        if where == "argument":
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                 draft_tree=tree, context_drafts=False)  # fmt: skip
+        else:
+            model.generation_config.draft_tree = tree
+            try:
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW,
+                                     do_sample=False, context_drafts=False)  # fmt: skip
+            finally:
+                del model.generation_config.draft_tree
+        assert torch.equal(out, want)
+        sizes = model.last_generation_stats.tree_sizes
+        limit = model.head.config.n_future - 1 if tree == "chain" else tree
+        assert sizes and max(sizes) <= limit
+
+
+def test_prompt_lookup_runs_as_context_drafts_of_the_speculative_decoder(pair, caplog):
+    original, model = pair
+    ids, _ = periodic_prompts(1, seed=9)
+    want = original.generate(ids, max_new_tokens=NEW, do_sample=False)
+    with caplog.at_level(logging.INFO, logger="cpd_mtp.hf.generation"):
+        out = model.generate(ids, max_new_tokens=NEW, do_sample=False, prompt_lookup_num_tokens=6)
+    assert torch.equal(out, want)
+    assert model.last_generation_stats is not None  # not Hugging Face's assisted loop
+    assert not [r for r in caplog.records if "Hugging Face's loop" in r.getMessage()]
+    # A fallback drops the tree options before Hugging Face's loop sees them.
+    beams = model.generate(ids, max_new_tokens=4, num_beams=2, draft_tree=4)
+    assert torch.equal(beams, original.generate(ids, max_new_tokens=4, num_beams=2))
