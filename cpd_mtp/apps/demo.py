@@ -108,7 +108,10 @@ def _report(measured: dict[str, Any], prompts: int, new_tokens: int, repeats: in
         f"total time {greedy['total_speedup']:.2f}x"
     )
     if not speed["trusted"]:
-        print("                              the spread is too wide to trust: the machine is busy")
+        print(
+            "                              a wide spread (p20-p80 beyond 25 % of the median): "
+            "the prompts differ, or the machine is busy"
+        )
     best = greedy.get("speedup_over_best_baseline")
     if best is not None:
         print(
