@@ -18,29 +18,19 @@ usage line and one ``error:`` line (exit 2), the same in every subcommand.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cpd_mtp.apps.results import non_negative_int, positive_int
+from cpd_mtp.utils.args import non_negative_int, parse_with_overrides
 
 
 # ---------------------------------------------------------------------- train
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo", help="a packaged preset or a YAML path")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the run already in run.out_dir"
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the merged config (YAML) and exit"
-    )
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. run.steps=100 (keys below)"
-    )
+    from cpd_mtp.training.arguments import add_train_arguments as add  # argparse only
+
+    add(parser)
 
 
 def train_epilog() -> str:
@@ -51,12 +41,12 @@ def train_epilog() -> str:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from cpd_mtp.training.arguments import train_overrides
     from cpd_mtp.training.trainer import run_command
 
-    overrides = list(args.overrides)
-    overrides += ["run.resume=true"] if args.resume else []
-    overrides += ["run.overwrite=true"] if args.overwrite else []
-    run_command(args.preset, overrides, print_config=args.print_config, parser=args.parser)
+    run_command(
+        args.preset, train_overrides(args), print_config=args.print_config, parser=args.parser
+    )
 
 
 # ---------------------------------------------------------------------- generate
@@ -191,76 +181,17 @@ def _load_export(path: Path) -> tuple[Any, Any]:
 
 
 # ---------------------------------------------------------------------- retrofit
-def _optional_positive_int(text: str) -> int | None:
-    return None if text.lower() == "none" else positive_int(text)
-
-
 def add_retrofit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a local HF model folder or a .gguf file")
-    parser.add_argument("--out", required=True, help="the run folder; the export goes to OUT/final")
-    parser.add_argument("--n-future", type=positive_int, default=4, help="tokens drafted jointly")
-    parser.add_argument("--rank", type=positive_int, default=4, help="experts of the CP head")
-    parser.add_argument(
-        "--tokens", type=positive_int, default=200_000, help="the training token budget"
-    )
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument(
-        "--draft-vocab", type=positive_int, default=None, help="K most frequent training ids"
-    )
-    parser.add_argument("--distill", choices=["kl", "generated", "none"], default="kl")
-    parser.add_argument("--beta", type=float, default=0.9, help="kl: weight of the KL")
-    parser.add_argument("--gamma", type=float, default=0.8, help="kl: decay over offsets")
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="generated: 0 greedy, > 0 samples"
-    )
-    parser.add_argument("--prompt-tokens", type=positive_int, default=None)
-    parser.add_argument("--generate-batch-size", type=positive_int, default=16)
-    parser.add_argument(
-        "--data", action="append", default=None, help="corpus path/glob (repeat); default stdlib"
-    )
-    parser.add_argument("--max-files", type=positive_int, default=None)
-    parser.add_argument("--block-size", type=positive_int, default=256)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--grad-accum", type=positive_int, default=1)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--steps", type=_optional_positive_int, default=None)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument(
-        "--warmup-steps", type=non_negative_int, default=None, help="default: 5%% of the steps"
-    )
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
-    parser.add_argument(
-        "--expert-type", choices=["linear", "resblock", "lowrank"], default="linear"
-    )
-    parser.add_argument(
-        "--balance-coef", type=float, default=0.01, help="weight of the gate's balancing loss"
-    )
-    parser.add_argument("--eval-every", type=positive_int, default=100)
-    parser.add_argument("--eval-blocks", type=positive_int, default=32)
-    parser.add_argument("--save-every", type=positive_int, default=100)
-    parser.add_argument("--dtype", default=None, help="the base model's dtype (default: its own)")
-    parser.add_argument("--store-dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    parser.add_argument("--no-export", action="store_true", help="skip writing OUT/final")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    from cpd_mtp.training.arguments import add_retrofit_arguments as add  # argparse only
+
+    add(parser)
 
 
 def run_retrofit(args: argparse.Namespace) -> None:
-    from cpd_mtp.training.retrofit import RetrofitConfig, run_command
+    from cpd_mtp.training.arguments import retrofit_overrides
+    from cpd_mtp.training.retrofit import run_command
 
-    data = "stdlib" if not args.data else args.data[0] if len(args.data) == 1 else args.data
-    # Flags are named like the config's fields; the four that are not are mapped here.
-    fields = {f.name for f in dataclasses.fields(RetrofitConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values.update(
-        out_dir=args.out, data=data, export=not args.no_export, progress=not args.no_progress
-    )
-    cfg = RetrofitConfig(**values)
-    run_command(cfg)
+    run_command(retrofit_overrides(args))
 
 
 # ---------------------------------------------------------------------- demo
@@ -277,17 +208,15 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def add_scratch_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo", help="a packaged preset or a YAML path")
-    parser.add_argument("--skip-train", action="store_true", help="decode the existing export")
-    parser.add_argument("--prompts", type=positive_int, default=6, help="held-out prompts")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. run.steps=50")
+    from cpd_mtp.apps.scratch_demo import add_arguments  # argument definitions only
+
+    add_arguments(parser)
 
 
 def run_scratch_demo(args: argparse.Namespace) -> None:
-    from cpd_mtp.apps.scratch_demo import run
+    from cpd_mtp.apps.scratch_demo import run_command
 
-    run(args.preset, args.overrides, args.skip_train, args.prompts, args.max_new_tokens)
+    run_command(args)
 
 
 # ---------------------------------------------------------------------- bench retrofit
@@ -305,38 +234,15 @@ def run_retrofit_study(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- bench ranks
 def add_rank_study_arguments(parser: argparse.ArgumentParser) -> None:
-    from cpd_mtp.apps.rank_study import PLAN, SIZES  # tables only: it imports torch lazily
+    from cpd_mtp.apps.rank_study import add_arguments  # tables only: it imports torch lazily
 
-    parser.add_argument("--size", choices=sorted(SIZES), default="default")
-    parser.add_argument(
-        "--seeds",
-        type=positive_int,
-        default=None,
-        help="seeds per configuration (at least 1; default: the size's)",
-    )
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        choices=[spec.name for spec in PLAN],
-        help="a subset of configurations (ntp always runs: the others compare to it)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("docs/rank_study"), help="results: JSON, table, plots"
-    )
-    parser.add_argument(
-        "--runs",
-        type=Path,
-        default=Path("runs/rank_study"),
-        help="the trained runs: checkpoints, exports, metrics",
-    )
+    add_arguments(parser)
 
 
 def run_rank_study(args: argparse.Namespace) -> None:
-    from cpd_mtp.apps.rank_study import run_study
+    from cpd_mtp.apps.rank_study import run_command
 
-    payload = run_study(args.size, args.out, args.runs, args.seeds, args.only)
-    print((args.out / "table.md").read_text())
-    print(f"wrote {args.out} in {payload['wall_time_s'] / 60:.1f} min")
+    run_command(args)
 
 
 # ---------------------------------------------------------------------- the parser
@@ -453,19 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # argparse stops collecting a positional list at the first option, so dotted overrides
-    # may also follow options (`train --resume run.steps=10`); anything else is an error of
-    # the subcommand that was called, reported by its own parser.
-    overrides = [a for a in extra if not a.startswith("-") and "=" in a]
-    unknown = [a for a in extra if a not in overrides]
-    if overrides and hasattr(args, "overrides"):
-        args.overrides = [*args.overrides, *overrides]
-    elif overrides:
-        unknown = extra
-    if unknown:
-        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parse_with_overrides(build_parser(), argv)
     args.run(args)
 
 

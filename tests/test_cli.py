@@ -157,26 +157,37 @@ def test_argument_errors_are_one_line_in_every_subcommand(argv, prog, message, c
 
 
 def test_module_entry_points_are_the_subcommands(monkeypatch):
-    """``python -m cpd_mtp.training.trainer`` (the launch scripts) runs ``cpd-mtp train``."""
+    """``python -m cpd_mtp.training.trainer`` (the launch scripts) parses what ``cpd-mtp train``
+    parses, and so does every module entry point, without importing the cli (downward only)."""
     from cpd_mtp.apps import demo, rank_study, retrofit_study, scratch_demo
     from cpd_mtp.training import retrofit, trainer
 
-    seen = []
-    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv))
-    trainer.main(["--preset", "tiny", "run.steps=2"])
-    demo.main(["--skip-train"])
-    scratch_demo.main(["--skip-train"])
-    rank_study.main(["--size", "tiny"])
-    retrofit_study.main(["--quick"])
-    retrofit.main(["--model", "m"])
-    assert seen == [
-        ["train", "--preset", "tiny", "run.steps=2"],
-        ["demo", "--skip-train"],
-        ["demo-scratch", "--skip-train"],
-        ["bench", "ranks", "--size", "tiny"],
-        ["bench", "retrofit", "--quick"],
-        ["retrofit", "--model", "m"],
-    ]
+    def recorder(module, name, pick):
+        calls = []
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(pick(*a, **k)))
+        return calls
+
+    def plain(args, *rest, **kwargs):
+        return {
+            k: v for k, v in vars(args).items() if k not in ("run", "parser", "command", "study")
+        }
+
+    cases = [
+        (trainer, "run_command", lambda *a, **k: (a[:2], a[2] if len(a) > 2 else k.get("print_config")),
+         ["--preset", "tiny", "--resume", "run.steps=2"], ["train"]),
+        (retrofit, "run_command", lambda overrides: overrides,
+         ["--model", "m", "--out", "o", "--rank", "2", "head.n_future=3"], ["retrofit"]),
+        (demo, "run", plain, ["--skip-train"], ["demo"]),
+        (scratch_demo, "run_command", plain, ["--skip-train", "run.steps=4"], ["demo-scratch"]),
+        (rank_study, "run_command", plain, ["--size", "tiny"], ["bench", "ranks"]),
+        (retrofit_study, "run_study", plain, ["--quick"], ["bench", "retrofit"]),
+    ]  # fmt: skip
+    for module, name, pick, argv, command in cases:
+        calls = recorder(module, name, pick)
+        module.main(argv)
+        cli.main([*command, *argv])
+        assert len(calls) == 2 and calls[0] == calls[1], (module.__name__, calls)
+    assert cases[1][0] is retrofit
 
 
 def test_help_lists_every_command(capsys):

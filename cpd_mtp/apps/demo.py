@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cpd_mtp.apps.results import positive_int
+from cpd_mtp.utils.args import positive_int
 
 OUT_DIR = Path("runs") / "demo-smollm2"
 
@@ -56,29 +56,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace):
     """The demo's ``RetrofitConfig``."""
-    from cpd_mtp.training.retrofit import RetrofitConfig
+    from cpd_mtp.training.config import load_retrofit_config
 
-    return RetrofitConfig(
-        model=str(args.model),
-        out_dir=str(args.out),
-        n_future=args.n_future,
-        rank=args.rank,
-        tokens=args.tokens,
-        draft_vocab=args.draft_vocab,
-        distill="generated",
-        block_size=128,
-        epochs=args.epochs,
-        eval_every=10**9,  # validation at the start and the end
-        overwrite=True,  # `make demo` replaces its own earlier run
+    return load_retrofit_config(
+        {
+            "model.path": str(args.model),
+            "run.out_dir": str(args.out),
+            "head.n_future": args.n_future,
+            "head.rank": args.rank,
+            "head.draft_vocab_size": args.draft_vocab,
+            "data.tokens": args.tokens,
+            "data.distill": "generated",
+            "data.block_size": 128,
+            "data.epochs": args.epochs,
+            "run.eval_every": 10**9,  # validation at the start and the end
+            "run.overwrite": True,  # `make demo` replaces its own earlier run
+        }
     )
 
 
 def _retrofit(cfg: Any, base: tuple[Any, Any]) -> None:
     from cpd_mtp.training.retrofit import RetrofitTrainer
 
+    head, data = cfg.head, cfg.data
     print(
-        f"== retrofit: n={cfg.n_future}, r={cfg.rank}, draft vocabulary {cfg.draft_vocab}, "
-        f"{cfg.tokens:,} self-generated tokens x {cfg.epochs:g} epochs, heads only ==",
+        f"== retrofit: n={head.n_future}, r={head.rank}, draft vocabulary "
+        f"{head.draft_vocab_size}, {data.tokens:,} self-generated tokens x {data.epochs:g} "
+        "epochs, heads only ==",
         flush=True,
     )
     trainer = RetrofitTrainer(cfg, base=base)
@@ -178,9 +182,9 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m cpd_mtp.apps.demo ...`` is ``cpd-mtp demo ...``."""
-    from cpd_mtp.cli import main as cli_main
-
-    cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="cpd-mtp demo")
+    add_arguments(parser)
+    run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ The trained runs (checkpoints, exports, metrics) go under ``--runs`` (default
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cpd_mtp.apps.results import environment, write_json
+from cpd_mtp.utils.args import positive_int
 
 # torch is imported where it is used: the command line reads PLAN and SIZES without it.
 
@@ -233,7 +235,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 def usage_entropy(val: dict[str, float], rank: int) -> float:
     """Entropy (nats) of the mean expert usage; ln r means a uniform split."""
-    w = [val[f"expert{a}_weight"] for a in range(rank)]
+    w = [val[f"expert_usage/{a}"] for a in range(rank)]
     return -sum(p * math.log(p) for p in w if p > 0)
 
 
@@ -273,10 +275,10 @@ def _config_row(
         "seeds": len(mine),
         "joint_nll_per_target": val("joint_nll_per_target"),
         "next_token_nll": val("next_token_nll"),
-        "per_head_nll": [val(f"head{s}_nll") for s in range(1, spec.n_future + 1)],
+        "per_head_nll": [val(f"head_nll/{s}") for s in range(1, spec.n_future + 1)],
         "usage_entropy": get(lambda r: usage_entropy(r["val"], spec.rank)),
         "gate_entropy": val("gate_entropy"),
-        "expert_usage": [val(f"expert{a}_weight") for a in range(spec.rank)],
+        "expert_usage": [val(f"expert_usage/{a}") for a in range(spec.rank)],
         "step_time_s": get(lambda r: r["step_time_s"]),
         "step_time_vs_ntp": get(lambda r: r["step_time_s"] / base_time) if base_time else None,
         "greedy_tokens_per_forward": decode("greedy", "tokens_per_forward"),
@@ -469,11 +471,42 @@ def run_study(
     return payload
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help="seeds per configuration (at least 1; default: the size's)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[spec.name for spec in PLAN],
+        help="a subset of configurations (ntp always runs: the others compare to it)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("docs/rank_study"), help="results: JSON, table, plots"
+    )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/rank_study"),
+        help="the trained runs: checkpoints, exports, metrics",
+    )
+
+
+def run_command(args: argparse.Namespace) -> None:
+    payload = run_study(args.size, args.out, args.runs, args.seeds, args.only)
+    print((args.out / "table.md").read_text())
+    print(f"wrote {args.out} in {payload['wall_time_s'] / 60:.1f} min")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m cpd_mtp.apps.rank_study ...`` is ``cpd-mtp bench ranks ...``."""
-    from cpd_mtp.cli import main as cli_main
-
-    cli_main(["bench", "ranks", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="cpd-mtp bench ranks")
+    add_arguments(parser)
+    run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ runs from the repository root), never this machine's absolute paths.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -19,29 +18,6 @@ from cpd_mtp.utils.files import atomic_write_text
 
 # Versions recorded with every result (from package metadata: importing deepspeed takes seconds).
 RECORDED_PACKAGES = ("triton", "transformers", "deepspeed", "cpd_mtp", "cut-cross-entropy")
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (a bad count is a usage error, exit 2)."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer of at least 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def portable_path(path: str | os.PathLike[str] | None) -> str | None:

@@ -27,14 +27,14 @@ import argparse
 import gc
 import itertools
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cpd_mtp.apps.results import environment, portable_path, positive_int, write_json
+from cpd_mtp.apps.results import environment, portable_path, write_json
+from cpd_mtp.utils.args import positive_int
 
 DISTILLS = ("none", "generated", "kl")
 PUBLISHED_DIR = Path("docs") / "retrofit_study"
@@ -81,27 +81,29 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- one configuration
 def retrofit_config(args: argparse.Namespace, seed: int, distill: str, rank: int):
-    from cpd_mtp.training.retrofit import RetrofitConfig
+    from cpd_mtp.training.config import load_retrofit_config
 
-    return RetrofitConfig(
-        model=str(args.model),
-        out_dir=str(args.work_dir / run_name(seed, distill, rank)),
-        n_future=args.n_future,
-        rank=rank,
-        tokens=args.tokens,
-        seed=seed,
-        draft_vocab=args.draft_vocab,
-        distill=distill,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        lr=args.lr,
-        expert_type=args.expert_type,
-        max_files=args.max_files,
-        eval_every=10**9,  # validation at the end only
-        save_every=10**9,
-        overwrite=True,  # the study's own scratch folders
-        progress=args.progress,
+    return load_retrofit_config(
+        {
+            "model.path": str(args.model),
+            "run.out_dir": str(args.work_dir / run_name(seed, distill, rank)),
+            "head.n_future": args.n_future,
+            "head.rank": rank,
+            "head.draft_vocab_size": args.draft_vocab,
+            "head.expert_type": args.expert_type,
+            "data.tokens": args.tokens,
+            "data.distill": distill,
+            "data.block_size": args.block_size,
+            "data.epochs": args.epochs,
+            "data.max_files": args.max_files,
+            "run.seed": seed,
+            "run.micro_batch_size": args.batch_size,
+            "optim.lr": args.lr,
+            "run.eval_every": 10**9,  # validation at the end only
+            "run.save_every": 10**9,
+            "run.overwrite": True,  # the study's own scratch folders
+            "run.progress": args.progress,
+        }
     )
 
 
@@ -126,7 +128,8 @@ def train_and_measure(
     finally:
         trainer.close()
     seconds = time.perf_counter() - start
-    model = CPDMTPForCausalLM.from_pretrained(Path(cfg.out_dir) / "final").eval()
+    final = Path(cfg.run.out_dir) / "final"
+    model = CPDMTPForCausalLM.from_pretrained(final, base_model=base[0]).eval()
     measured = measure_retrofit(
         model,
         base[0],
@@ -328,12 +331,12 @@ def held_out_prompts(cfg: Any, tokenizer: Any, n: int, prompt_tokens: int) -> li
 
     corpus = build_corpus(
         DataConfig(
-            source=cfg.data,
-            tokenizer=save_tokenizer(tokenizer, cfg.cache_dir),
-            block_size=cfg.block_size,
-            val_fraction=cfg.val_fraction,
-            cache_dir=cfg.cache_dir,
-            max_files=cfg.max_files,
+            source=cfg.data.source,
+            tokenizer=save_tokenizer(tokenizer, cfg.data.cache_dir),
+            block_size=cfg.data.block_size,
+            val_fraction=cfg.data.val_fraction,
+            cache_dir=cfg.data.cache_dir,
+            max_files=cfg.data.max_files,
             progress=False,
         )
     )
@@ -448,9 +451,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m cpd_mtp.apps.retrofit_study ...`` is ``cpd-mtp bench retrofit ...``."""
-    from cpd_mtp.cli import main as cli_main
-
-    cli_main(["bench", "retrofit", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="cpd-mtp bench retrofit")
+    add_arguments(parser)
+    run_study(check_args(parser.parse_args(argv), parser))
 
 
 if __name__ == "__main__":

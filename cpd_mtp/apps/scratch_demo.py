@@ -16,13 +16,14 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
 from cpd_mtp.training.config import data_config, load_train_config
+from cpd_mtp.utils.args import positive_int
 
 
 def report_training(metrics: dict[str, float], n_future: int, rank: int) -> None:
@@ -31,9 +32,9 @@ def report_training(metrics: dict[str, float], n_future: int, rank: int) -> None
     print(f"joint NLL per position     {joint:.3f} nats ({n_future} future tokens)")
     print(f"joint NLL per target       {metrics['val/joint_nll_per_target']:.3f} nats")
     print(f"next-token NLL (marginal)  {metrics['val/next_token_nll']:.3f} nats")
-    heads = "  ".join(f"{metrics[f'val/head{s}_nll']:.3f}" for s in range(1, n_future + 1))
+    heads = "  ".join(f"{metrics[f'val/head_nll/{s}']:.3f}" for s in range(1, n_future + 1))
     print(f"per-head NLL (s=1..{n_future})     {heads}")
-    usage = "  ".join(f"{metrics[f'val/expert{a}_weight']:.2f}" for a in range(rank))
+    usage = "  ".join(f"{metrics[f'val/expert_usage/{a}']:.2f}" for a in range(rank))
     print(f"expert usage (mean w)      {usage}   gate entropy {metrics['val/gate_entropy']:.3f}")
 
 
@@ -96,10 +97,25 @@ def run(
     decode_and_compare(Path(cfg.run.out_dir) / "final", texts, max_new_tokens)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from cpd_mtp.cli import main as cli_main
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="demo", help="a packaged preset or a YAML path")
+    parser.add_argument("--skip-train", action="store_true", help="decode the existing export")
+    parser.add_argument("--prompts", type=positive_int, default=6, help="held-out prompts")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. run.steps=50")
 
-    cli_main(["demo-scratch", *(sys.argv[1:] if argv is None else argv)])
+
+def run_command(args: argparse.Namespace) -> None:
+    run(args.preset, args.overrides, args.skip_train, args.prompts, args.max_new_tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cpd_mtp.apps.scratch_demo ...`` is ``cpd-mtp demo-scratch ...``."""
+    from cpd_mtp.utils.args import parse_with_overrides
+
+    parser = argparse.ArgumentParser(prog="cpd-mtp demo-scratch")
+    add_arguments(parser)
+    run_command(parse_with_overrides(parser, argv))
 
 
 if __name__ == "__main__":

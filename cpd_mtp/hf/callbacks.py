@@ -3,17 +3,10 @@
 The Hugging Face ``Trainer`` logs ``loss`` / ``eval_loss``, which for ``CPDMTPForCausalLM`` is
 the joint NLL of the next n tokens plus the balancing terms: not a next-token loss, so its
 exponential is not a perplexity. ``CPDMTPMetricsCallback`` adds, to every training log record
-and to every evaluation record:
-
-==================================  ===========================================================
-``cpd/next_token_nll``              NLL of the model's next-token scores, nats per target
-``cpd/head_nll/{s}``                NLL of the CP marginal at offset s = 1..n
-``cpd/joint_nll``                   joint NLL of the next n tokens, per position
-``cpd/aux_loss``                    balancing + router z-loss, already weighted
-``cpd/expert_usage/{a}``            mean gate weight of expert a = 0..r-1 (sums to 1)
-``cpd/expert_responsibility/{a}``   mean posterior responsibility of expert a (sums to 1)
-``cpd/gate_entropy``                mean entropy of the gate, nats, in [0, log r]
-==================================  ===========================================================
+and to every evaluation record the one metrics record of ``cpd_mtp.metrics.HeadMetrics``, whose names ``cpd-mtp train`` and
+``cpd-mtp retrofit`` log too: ``next_token_nll``, ``head_nll/{s}``, ``joint_nll``,
+``joint_nll_per_target``, ``aux_loss``, ``expert_usage/{a}``, ``expert_responsibility/{a}``,
+``gate_entropy``, ``usage_entropy`` and, with a draft vocabulary, ``draft_coverage``.
 
 The next-token scores are the CP marginal (then ``cpd/head_nll/1`` is the same number) or, for
 a head built with ``next_token="base"``, the wrapped model's own logits. Training values are
@@ -38,144 +31,15 @@ import math
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput, shift_targets
+from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput
+from cpd_mtp.metrics import HeadMetrics
 
 __all__ = ["CPDMTPMetricsCallback", "add_metrics_callback"]
 
 PREFIX = "cpd/"
-
-
-class _Sums:
-    """Weighted sums of one phase's statistics, kept on the device (no sync per step).
-
-    Layout of ``values`` (float64): per-head NLL sums (n), per-head target counts (n), joint NLL
-    sum, positions, aux-loss sum, micro-batches, usage sums (r), responsibility sums (r),
-    entropy sum, statistic rows, next-token NLL sum, next-token targets.
-    """
-
-    def __init__(self, n_future: int, rank: int) -> None:
-        self.n, self.r = n_future, rank
-        self.size = 2 * n_future + 4 + 2 * rank + 4
-        self.values: torch.Tensor | None = None
-
-    def add(
-        self,
-        out: CPDMTPHeadOutput,
-        head_counts: torch.Tensor,
-        rows: torch.Tensor,
-        next_token: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
-        """Add one head output.
-
-        Args:
-            out: the head's output for one micro-batch.
-            head_counts: (n,) observed targets per offset.
-            rows: scalar, the positions the expert statistics were averaged over.
-            next_token: scalars, the summed next-token NLL of the model's next-token scores and
-                the number of targets it is summed over.
-        """
-        dtype = torch.float64
-        device = out.per_head_nll.device
-        positions = out.num_positions.to(device, dtype)
-        counts = head_counts.to(device, dtype)
-        stat_rows = rows.to(device, dtype)
-        row = torch.cat(
-            [
-                out.per_head_nll.detach().to(dtype) * counts,
-                counts,
-                (out.joint_nll.detach().to(dtype) * positions).reshape(1),
-                positions.reshape(1),
-                out.aux_loss.detach().to(device, dtype).reshape(1),
-                torch.ones(1, dtype=dtype, device=device),
-                out.expert_weight.detach().to(dtype) * stat_rows,
-                out.expert_responsibility.detach().to(dtype) * stat_rows,
-                (out.gate_entropy.detach().to(dtype) * stat_rows).reshape(1),
-                stat_rows.reshape(1),
-                next_token[0].detach().to(device, dtype).reshape(1),
-                next_token[1].to(device, dtype).reshape(1),
-            ]
-        )
-        self.values = row if self.values is None else self.values + row.to(self.values.device)
-
-    def pop(self, device: torch.device | str) -> dict[str, float]:
-        """The means (key -> value, keys without prefix), summed over processes; then reset."""
-        values = self.values
-        self.values = None
-        if values is None:
-            values = torch.zeros(self.size, dtype=torch.float64, device=device)
-        values = _sum_over_processes(values, device).cpu().tolist()
-        n, r = self.n, self.r
-        head_sum, head_count = values[:n], values[n : 2 * n]
-        joint_sum, positions, aux_sum, calls = values[2 * n : 2 * n + 4]
-        usage = values[2 * n + 4 : 2 * n + 4 + r]
-        responsibility = values[2 * n + 4 + r : 2 * n + 4 + 2 * r]
-        entropy_sum, rows, next_sum, next_count = values[-4:]
-        means: dict[str, float] = {}
-        if next_count > 0:
-            means["next_token_nll"] = next_sum / next_count
-        for s in range(n):
-            if head_count[s] > 0:
-                means[f"head_nll/{s + 1}"] = head_sum[s] / head_count[s]
-        if positions > 0:
-            means["joint_nll"] = joint_sum / positions
-        if calls > 0:
-            means["aux_loss"] = aux_sum / calls
-        if rows > 0:
-            for a in range(r):
-                means[f"expert_usage/{a}"] = usage[a] / rows
-                means[f"expert_responsibility/{a}"] = responsibility[a] / rows
-            means["gate_entropy"] = entropy_sum / rows
-        return means
-
-
-def _sum_over_processes(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """All-reduce (sum) under ``torch.distributed``; the tensor itself otherwise."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    if torch.distributed.get_world_size() == 1:
-        return values
-    values = values.to(device)  # NCCL needs the process's own GPU
-    torch.distributed.all_reduce(values)
-    return values
-
-
-def _targets_per_offset(head: CPDMTPHead, labels: torch.Tensor) -> torch.Tensor:
-    """(n,) observed targets per offset, exactly as the head counts them for ``per_head_nll``."""
-    cfg = head.config
-    targets = shift_targets(labels.to(torch.int64), cfg.n_future, cfg.ignore_index)
-    valid = targets != cfg.ignore_index  # (..., T, n)
-    if head.draft_ids is not None:  # targets outside the draft vocabulary are ignored
-        valid = valid & (head.draft_position(targets.clamp(min=0)) >= 0).to(valid.device)
-    return valid.reshape(-1, cfg.n_future).sum(0)
-
-
-def _next_token_nll(
-    head: CPDMTPHead, out: CPDMTPHeadOutput, labels: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL of the model's next-token scores, and its number of targets.
-
-    ``marginal`` mode: the scores are the CP marginal, whose NLL the head already gives
-    (``per_head_nll[0]``). ``base`` mode: they are the wrapped model's own logits, which the
-    head returns as ``out.logits`` when asked for them (the default); without them there is
-    nothing to measure, and the count is 0.
-    """
-    if head.config.next_token != "base":
-        return out.per_head_nll[0] * counts[0], counts[0]
-    if out.logits is None:
-        return counts.new_zeros(()), counts.new_zeros(())
-    ignore = head.config.ignore_index
-    logits, targets = out.logits[..., :-1, :], labels[..., 1:].to(torch.int64)
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1).to(logits.device),
-        ignore_index=ignore,
-        reduction="sum",
-    )
-    return nll, (targets != ignore).sum()
 
 
 class CPDMTPMetricsCallback(TrainerCallback):
@@ -190,8 +54,8 @@ class CPDMTPMetricsCallback(TrainerCallback):
     def __init__(self) -> None:
         self._heads: list[CPDMTPHead] = []
         self._hooks: list[Any] = []
-        self._train: _Sums | None = None
-        self._eval: _Sums | None = None
+        self._train: HeadMetrics | None = None
+        self._eval: HeadMetrics | None = None
         self._first = False  # set by add_metrics_callback
         self._warned = False
 
@@ -211,9 +75,8 @@ class CPDMTPMetricsCallback(TrainerCallback):
             return
         self.detach()
         self._heads = heads
-        cfg = heads[0].config
-        self._train = _Sums(cfg.n_future, cfg.rank)
-        self._eval = _Sums(cfg.n_future, cfg.rank)
+        self._train = HeadMetrics.for_head(heads[0])
+        self._eval = HeadMetrics.for_head(heads[0])
         self._hooks = [h.register_forward_hook(self._record, with_kwargs=True) for h in heads]
 
     def detach(self) -> None:
@@ -228,14 +91,7 @@ class CPDMTPMetricsCallback(TrainerCallback):
         labels = kwargs.get("labels", args[1] if len(args) > 1 else None)
         if labels is None:
             return
-        with torch.no_grad():
-            counts = _targets_per_offset(head, labels)
-            # The head takes its expert statistics over the positions with a target, or over
-            # all positions when none has one. (Tensors: no device sync per micro-batch.)
-            positions = output.num_positions
-            rows = torch.where(positions > 0, positions, positions.new_tensor(labels.numel()))
-            sums = self._train if head.training else self._eval
-            sums.add(output, counts, rows, _next_token_nll(head, output, labels, counts))
+        (self._train if head.training else self._eval).add(head, output, labels)
 
     # ------------------------------------------------------------------ trainer events
     def on_init_end(

@@ -6,11 +6,24 @@ existing export at the target is moved aside first and deleted only after the ne
 place, so a kill or an error at any point leaves the previous export readable.
 ``CPDMTPForCausalLM.from_pretrained`` checks the record when a local export carries one
 (:func:`verify_export`) and refuses NaN or inf weights (:func:`check_finite`).
+
+Two kinds of export:
+
+- **merged** (:func:`save_export`): the whole model, trunk and head, as Hugging Face
+  ``save_pretrained`` writes it. Self-contained.
+- **drafter-only** (:func:`save_drafter`): what a retrofit trained, and nothing else: the head's
+  gate, experts and draft ids (``drafter.safetensors``), the model config with the full head
+  config, the tokenizer, and the identity of the base model the head drafts for
+  (``drafter.json``: where it came from, and :func:`drafter_fingerprint` of its weights).
+  ``CPDMTPForCausalLM.from_pretrained`` loads that base again (or takes ``base_model=``),
+  checks its fingerprint and attaches the head in base mode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import os
 import shutil
@@ -24,12 +37,27 @@ from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file
 
 EXPORT_RECORD = "cpd_mtp_export.json"
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# A drafter-only export: the base model's identity, and the head's own tensors.
+DRAFTER_RECORD = "drafter.json"
+DRAFTER_WEIGHTS = "drafter.safetensors"
+DRAFTER_FORMAT = "cpd_mtp drafter-only export"
+DRAFTER_VERSION = 1
+FINGERPRINT_SCHEME = (
+    "sha256-bf16-v1: SHA-256 over W_U (the output embedding) then the input embedding, each as "
+    "its shape then its values cast to bfloat16 (row-major, little-endian)"
+)
 
 __all__ = [
+    "DRAFTER_RECORD",
+    "DRAFTER_WEIGHTS",
     "EXPORT_RECORD",
     "ExportError",
     "atomic_export",
     "check_finite",
+    "drafter_fingerprint",
+    "is_drafter_export",
+    "load_drafter",
+    "save_drafter",
     "save_export",
     "set_special_tokens",
     "verify_export",
@@ -112,7 +140,11 @@ def check_finite(model: torch.nn.Module, source: str | os.PathLike[str] | None =
 
     Partitioned (ZeRO-3, zero local elements) and meta tensors are skipped.
     """
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    _check_finite_tensors([*model.named_parameters(), *model.named_buffers()], source)
+
+
+def _check_finite_tensors(tensors: Any, source: str | os.PathLike[str] | None = None) -> None:
+    """:func:`check_finite` over ``(name, tensor)`` pairs."""
     for name, tensor in tensors:
         if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.is_meta:
             continue
@@ -161,6 +193,8 @@ def save_export(
 ) -> Path:
     """Write ``model`` (safetensors) and ``tokenizer`` to ``target`` through :func:`atomic_export`.
 
+    The merged export: the whole model, trunk included, loadable without anything else. For a
+    retrofit (a base-mode head on a frozen model) :func:`save_drafter` writes only the head.
     The tokenizer's bos/eos/pad ids are written into the model's configs first
     (:func:`set_special_tokens`). ``extra_files`` maps file names to text written alongside.
     """
@@ -171,3 +205,333 @@ def save_export(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(target)
+
+
+# ---------------------------------------------------------------------- drafter-only exports
+_FINGERPRINT_CHUNK = 1 << 24  # elements cast to bfloat16 at a time
+
+
+def _embedding_weight(module: Any, what: str) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"the model's {what} has no weight tensor to fingerprint")
+    if weight.is_meta or (weight.numel() == 0 and hasattr(weight, "ds_shape")):
+        raise ValueError(
+            f"the model's {what} is not materialised (meta device, or partitioned by ZeRO-3): "
+            "gather it before fingerprinting or exporting"
+        )
+    return weight.detach()
+
+
+def drafter_fingerprint(causal_lm: Any) -> str:
+    """The identity of the base weights a drafter reads: a hex SHA-256 of W_U and the embedding.
+
+    Hashed: the output embedding W_U (``get_output_embeddings().weight``, which the head's
+    experts unembed with) then the input embedding (``get_input_embeddings().weight``), each as
+    its shape then its values cast to bfloat16, row-major, little-endian
+    (:data:`FINGERPRINT_SCHEME`). The cast makes it the same for a float32 and a bfloat16 load of
+    the same weights (bfloat16 keeps float32's exponent: casting either load gives the same
+    bits), on any device; a float16 load rounds twice and can differ. A tied model hashes the
+    one matrix twice, so a tied and an untied copy holding the same values agree. The rest of
+    the trunk is not hashed: the fingerprint tells a model apart from other models (another
+    checkpoint, a fine-tune of the embeddings, another vocabulary), it does not prove the
+    decoder layers unchanged.
+
+    Args:
+        causal_lm: a Hugging Face causal LM, or a ``CPDMTPForCausalLM`` (whose output embedding
+            is its head, with W_U as ``weight``), with materialised weights.
+
+    Returns:
+        64 hex digits.
+
+    Raises:
+        ValueError: the model has no such embeddings, or they are on the meta device or
+            partitioned by ZeRO-3 (gather them first).
+    """
+    modules = (
+        ("output embedding", causal_lm.get_output_embeddings()),
+        ("input embedding", causal_lm.get_input_embeddings()),
+    )
+    digest = hashlib.sha256(b"cpd_mtp drafter base fingerprint v1\n")
+    for role, module in modules:
+        weight = _embedding_weight(module, role)
+        digest.update(f"{role} {list(weight.shape)}\n".encode())
+        flat = weight.reshape(-1)
+        for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
+            chunk = flat[start : start + _FINGERPRINT_CHUNK].to("cpu", torch.bfloat16)
+            digest.update(chunk.contiguous().view(torch.int16).numpy().astype("<i2", copy=False))
+    return digest.hexdigest()
+
+
+def is_drafter_export(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` is a drafter-only export (it holds a ``DRAFTER_RECORD``)."""
+    return (Path(directory) / DRAFTER_RECORD).is_file()
+
+
+def save_drafter(
+    model: Any,
+    tokenizer: Any,
+    path: str | os.PathLike[str],
+    *,
+    base_source: str | os.PathLike[str],
+    extra_files: dict[str, str] | None = None,
+    progress: bool = True,
+) -> None:
+    """Write the drafter-only export of a retrofit: the head, not the base model it drafts for.
+
+    Written through :func:`atomic_export` (so crash-safe and checked by :func:`verify_export`):
+
+    - ``drafter.safetensors`` (:data:`DRAFTER_WEIGHTS`): the head's own tensors, every entry
+      of ``model.head.state_dict()`` but the shared unembedding ``weight`` (W_U, the base's),
+      under ``head.`` (``head.gate.weight``, ``head.experts.*``, ``head.draft_ids``). No tensor
+      of the trunk.
+    - ``config.json``: the model config (``CPDMTPModelConfig``) with the head's full
+      ``CPDMTPConfig`` as ``head_config`` and ``freeze_trunk`` true; ``generation_config.json``;
+      the tokenizer. The tokenizer's bos/eos/pad ids are first written into the model's configs
+      (:func:`set_special_tokens`), as :func:`save_export` does.
+    - ``drafter.json`` (:data:`DRAFTER_RECORD`): ``base_source`` as given, its absolute path
+      (``base_source_absolute``, when it names an existing path) and ``base_fingerprint``, the
+      :func:`drafter_fingerprint` of ``model``'s W_U and input embedding.
+
+    ``CPDMTPForCausalLM.from_pretrained(path)`` loads ``base_source`` again and attaches the
+    head; ``from_pretrained(path, base_model=...)`` attaches it to another copy of the base.
+
+    Args:
+        model: a base-mode ``CPDMTPForCausalLM`` (``next_token="base"``) whose trunk and W_U are
+            the base model's unchanged weights (a retrofit: ``from_causal_lm(base, ...,
+            next_token="base", freeze_trunk=True)``).
+        tokenizer: the base model's tokenizer.
+        path: the export folder (replaced atomically when it exists).
+        base_source: the path (an HF folder or a ``.gguf`` file) or hub id the base was loaded
+            from, recorded as given. A relative path is resolved against the working directory
+            when the export is loaded, then against the absolute path recorded here.
+        extra_files: file names mapped to text written alongside (e.g. a training config).
+        progress: transformers' progress bars while writing.
+
+    Raises:
+        ValueError: ``model`` is not a ``CPDMTPForCausalLM`` in base mode, ``base_source`` is
+            empty, an extra file would replace a file of the export, or a weight is still
+            partitioned by ZeRO-3 (gather first).
+    """
+    from safetensors.torch import save
+
+    from cpd_mtp.hf.loading import transformers_progress
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
+
+    if not isinstance(model, CPDMTPForCausalLM):
+        raise ValueError(f"save_drafter needs a CPDMTPForCausalLM, got {type(model).__name__}")
+    head_config = model.head.config
+    if head_config.next_token != "base":
+        raise ValueError(
+            f"save_drafter exports a base-mode drafter, but this head has next_token="
+            f"{head_config.next_token!r} (its own next-token distribution): use save_export"
+        )
+    source = os.fspath(base_source)
+    if not source.strip():
+        raise ValueError("base_source must name the base model (a path or a hub id), got ''")
+    reserved = {DRAFTER_RECORD, DRAFTER_WEIGHTS, EXPORT_RECORD, "config.json"}
+    clashes = sorted(reserved & set(extra_files or {}))
+    if clashes:
+        raise ValueError(f"extra_files would replace files of the export: {clashes}")
+
+    fingerprint = drafter_fingerprint(model)
+    state = {}
+    for name, tensor in model.head.state_dict().items():
+        if name == "weight":  # W_U: the base model's, identified by the fingerprint
+            continue
+        if tensor.is_meta or (tensor.numel() == 0 and hasattr(tensor, "ds_shape")):
+            raise ValueError(f"head.{name} is not materialised (meta, or ZeRO-3): gather it first")
+        state[f"head.{name}"] = tensor.detach().to("cpu").contiguous().clone()
+
+    set_special_tokens(model, tokenizer)
+    config = copy.deepcopy(model.config)
+    config.head_config = head_config.to_dict()  # every field, from the head itself
+    config.freeze_trunk = True
+    config.architectures = [type(model).__name__]
+    local = Path(source).expanduser()
+    record = {
+        "format": DRAFTER_FORMAT,
+        "version": DRAFTER_VERSION,
+        "weights": DRAFTER_WEIGHTS,
+        "base_source": source,
+        "base_source_absolute": str(local.absolute()) if local.exists() else None,
+        "base_fingerprint": fingerprint,
+        "fingerprint_scheme": FINGERPRINT_SCHEME,
+        "base_model_type": getattr(model.config.text_config, "model_type", None),
+        "head_tensors": sorted(state),
+    }
+    with transformers_progress(progress), atomic_export(path) as tmp:
+        # Bytes written here, not save_file: the file gets the umask's permissions as the rest.
+        (tmp / DRAFTER_WEIGHTS).write_bytes(save(state, metadata={"format": "pt"}))
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / DRAFTER_RECORD).write_text(json.dumps(record, indent=1))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+
+def _read_drafter_record(directory: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((directory / DRAFTER_RECORD).read_text())
+        if record.get("format") != DRAFTER_FORMAT:
+            raise ValueError(f"format is {record.get('format')!r}")
+        if not isinstance(record.get("version"), int) or record["version"] > DRAFTER_VERSION:
+            raise ValueError(f"version {record.get('version')!r} is newer than this cpd_mtp's")
+        for key in ("base_source", "base_fingerprint"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"{key} is {record.get(key)!r:.80}")
+        if record.get("weights") != DRAFTER_WEIGHTS:
+            raise ValueError(f"weights is {record.get('weights')!r:.80}, not {DRAFTER_WEIGHTS}")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ExportError(
+            f"drafter export {directory} has an unreadable {DRAFTER_RECORD}: {err}"
+        ) from err
+    return record
+
+
+def _resolve_base_source(record: dict[str, Any], directory: Path) -> Path:
+    """The recorded base: ``base_source`` against the working directory, then its absolute path."""
+    given = record["base_source"]
+    candidates = [Path(given).expanduser()]
+    absolute = record.get("base_source_absolute")
+    if isinstance(absolute, str) and not candidates[0].is_absolute():
+        candidates.append(Path(absolute))
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    tried = " nor ".join(str(c.absolute()) for c in candidates)
+    tried = f"neither {tried} exists" if len(candidates) > 1 else f"{tried} does not exist"
+    raise FileNotFoundError(
+        f"the drafter export {directory} was trained on base {given!r}, which is not here "
+        f"({tried}): pass base_model= a path to that base or the loaded model"
+    )
+
+
+def load_drafter(
+    directory: str | os.PathLike[str],
+    base_model: Any = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    head_config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Any:
+    """A drafter-only export attached to its base model: a base-mode ``CPDMTPForCausalLM``.
+
+    What ``CPDMTPForCausalLM.from_pretrained(directory, base_model=...)`` runs for a drafter-only
+    export (after :func:`verify_export`).
+
+    Args:
+        directory: the export folder written by :func:`save_drafter`.
+        base_model: None loads the recorded ``base_source`` with
+            ``cpd_mtp.hf.loading.load_causal_lm`` (an HF folder or a ``.gguf`` file; a relative
+            path is resolved against the working directory, then against the absolute path
+            recorded at export); a path loads that base instead; a ``PreTrainedModel`` (the
+            plain causal LM) is used as is, its modules taken over.
+        dtype: the dtype a base loaded from a path gets (None or ``"auto"``: as stored, float32
+            for a GGUF file); a given model keeps its own. The head takes W_U's dtype.
+        head_config: the head's ``CPDMTPConfig`` fields; None reads them from the export's
+            ``config.json``.
+        progress: transformers' progress bars while loading the base.
+
+    Raises:
+        ValueError: the base's :func:`drafter_fingerprint` is not the recorded one (one line,
+            both fingerprints shortened, and what to pass), or the export has a draft vocabulary
+            but no ``head.draft_ids``.
+        FileNotFoundError: the recorded base is not here and no ``base_model`` was given.
+        ExportError: the export's files do not fit together (a tensor that is not the head's,
+            an unreadable record), or a head tensor holds NaN or inf (named). The base's own
+            weights are not scanned: they are the base model's, not the export's.
+    """
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig, PreTrainedModel
+
+    from cpd_mtp.hf.loading import load_causal_lm
+    from cpd_mtp.hf.modeling import CPDMTPForCausalLM, check_draft_vocab
+
+    directory = Path(directory)
+    record = _read_drafter_record(directory)
+    stored = json.loads((directory / "config.json").read_text())
+    values = dict(head_config if head_config is not None else stored["head_config"])
+    if values.get("next_token") != "base":
+        raise ExportError(
+            f"drafter export {directory} holds a head with next_token="
+            f"{values.get('next_token')!r}; a drafter drafts for its base (next_token='base')"
+        )
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = None
+
+    if base_model is None or isinstance(base_model, (str, os.PathLike)):
+        source = _resolve_base_source(record, directory) if base_model is None else base_model
+        base, _ = load_causal_lm(source, dtype, progress=progress, tokenizer=False)
+        described = f"loaded from {os.fspath(source)}"
+    elif isinstance(base_model, CPDMTPForCausalLM):
+        raise ValueError(
+            "base_model must be the plain base causal LM the drafter was trained on, not a "
+            "CPDMTPForCausalLM"
+        )
+    elif isinstance(base_model, PreTrainedModel):
+        base, described = base_model, f"{type(base_model).__name__} passed as base_model"
+    else:
+        raise TypeError(
+            f"base_model must be a path or a transformers PreTrainedModel, got "
+            f"{type(base_model).__name__}"
+        )
+
+    got, want = drafter_fingerprint(base), record["base_fingerprint"]
+    if got != want:
+        raise ValueError(
+            f"the base model {described} is not the one the drafter in {directory} was trained "
+            f"on: its W_U/embedding fingerprint is {got[:12]}..., the drafter's base "
+            f"{record['base_source']!r} has {want[:12]}...; pass base_model= (a path or a "
+            "loaded model) holding that base's weights"
+        )
+
+    hidden, vocab = values.pop("hidden_size"), values.pop("vocab_size")
+    n_future, rank = values.pop("n_future"), values.pop("rank")
+    if (hidden, vocab) != (int(base.config.hidden_size), int(base.config.vocab_size)):
+        raise ExportError(
+            f"drafter export {directory}: its head has (hidden_size, vocab_size) = "
+            f"{(hidden, vocab)}, its base {(base.config.hidden_size, base.config.vocab_size)}"
+        )
+    with torch.random.fork_rng(devices=[]):  # the head's fresh init is overwritten below
+        model = CPDMTPForCausalLM.from_causal_lm(
+            base, n_future=n_future, rank=rank, freeze_trunk=True, **values
+        )
+
+    weights = directory / DRAFTER_WEIGHTS
+    state = load_file(str(weights))
+    outside = sorted(k for k in state if not k.startswith("head.") or k == "head.weight")
+    if outside:
+        raise ExportError(
+            f"drafter export {directory}: {weights.name} holds tensors that are not the head's "
+            f"own: {outside[:3]}"
+        )
+    # The export's own weights; the base's are the base's (a merged export checks them all).
+    _check_finite_tensors(sorted(state.items()), directory)
+    state = {key.removeprefix("head."): tensor for key, tensor in state.items()}
+    try:
+        missing, unexpected = model.head.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape that does not fit the head config
+        first = str(err).strip().splitlines()
+        raise ExportError(
+            f"drafter export {directory}: {weights.name} does not fit its head config: "
+            f"{first[-1].strip() if first else err!r}"
+        ) from err
+    missing = {f"head.{key}" for key in missing} - {"head.weight"}
+    check_draft_vocab(model.head, missing, directory)
+    if missing or unexpected:
+        raise ExportError(
+            f"drafter export {directory}: {weights.name} lacks {sorted(missing)} and has "
+            f"unexpected {sorted(unexpected)}"
+        )
+
+    for config in (model.config, model.config.text_config):
+        for name in SPECIAL_TOKENS:
+            if name in stored:
+                setattr(config, name, stored[name])
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.config._name_or_path = str(directory)
+    return model.eval()

@@ -114,6 +114,7 @@ def load_causal_lm(
     dtype: torch.dtype | str | None = None,
     *,
     progress: bool = True,
+    tokenizer: bool = True,
 ) -> tuple[Any, Any]:
     """A pretrained causal LM and its tokenizer, from a local folder or a ``.gguf`` file.
 
@@ -123,6 +124,8 @@ def load_causal_lm(
         dtype: the weights' dtype (``torch.float32``, ``"bfloat16"``, ...); None keeps the
             folder's dtype, and float32 for a GGUF file (dequantised weights).
         progress: transformers' progress bars while loading.
+        tokenizer: False skips the tokenizer (None is returned in its place, and a folder
+            need not hold one): for a caller that has its own, such as a drafter-only export.
 
     Returns:
         ``(model, tokenizer)``: a plain ``transformers`` causal LM in eval mode, on the CPU,
@@ -141,6 +144,7 @@ def load_causal_lm(
 
     path = Path(source).expanduser()
     torch_dtype = _resolve_dtype(dtype)
+    load_tokenizer, tokenizer = tokenizer, None
     if not path.exists():
         raise FileNotFoundError(f"model source does not exist: {path}")
     if path.is_file() and path.suffix.lower() == ".gguf":
@@ -151,7 +155,10 @@ def load_causal_lm(
                 loaded = transformers.AutoModelForCausalLM.from_pretrained(
                     str(path.parent), **kwargs
                 )
-                tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+                if load_tokenizer:
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(
+                        str(path.parent), **kwargs
+                    )
         except (struct.error, ValueError, OSError, EOFError, IndexError, KeyError) as err:
             raise ValueError(
                 f"cannot read the GGUF file {path} ({path.stat().st_size:,} bytes; cut short or "
@@ -161,16 +168,17 @@ def load_causal_lm(
         if torch_dtype is not None:
             model = model.to(torch_dtype)
     elif path.is_dir() and (path / "config.json").is_file():
-        check_model_folder(path)
+        check_model_folder(path, tokenizer=load_tokenizer)
         kwargs = {"local_files_only": True}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         try:
             with transformers_progress(progress):
                 model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-                tokenizer = transformers.AutoTokenizer.from_pretrained(
-                    str(path), local_files_only=True
-                )
+                if load_tokenizer:
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(
+                        str(path), local_files_only=True
+                    )
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
             raise ValueError(f"cannot load the model in {path}: {_first_line(err)}") from err
         model = model.eval()
@@ -178,6 +186,8 @@ def load_causal_lm(
         raise ValueError(
             f"model source {path} is neither a model folder (with config.json) nor a .gguf file"
         )
+    if tokenizer is None:
+        return model, None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batched prompts need a pad id
     return model, tokenizer

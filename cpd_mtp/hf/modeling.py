@@ -261,21 +261,37 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> CPDMTPForCausalLM:
-        """``PreTrainedModel.from_pretrained``, then re-applies ``config.freeze_trunk``.
+        """``PreTrainedModel.from_pretrained``, then re-applies ``config.freeze_trunk``; also
+        loads drafter-only exports.
 
         Loading creates fresh parameters (``requires_grad=True``); a frozen trunk stays frozen.
         A local directory holding a ``cpd_mtp_export.json`` record (every export the trainer
         writes) has each file checked against its size and SHA-256 before loading, and the loaded
         weights are scanned for NaN and inf.
 
+        A drafter-only export (``cpd_mtp.hf.export.save_drafter``: the head, and the identity of
+        its base model) is attached to its base by ``cpd_mtp.hf.export.load_drafter``: the
+        recorded base is loaded with ``cpd_mtp.hf.loading.load_causal_lm`` (an HF folder or a
+        ``.gguf`` file; a relative path is resolved against the working directory, then against
+        the absolute path recorded at export), or ``base_model=`` names another copy (a path, or
+        a loaded ``PreTrainedModel`` used as is). Its W_U and input embedding must have the
+        recorded fingerprint. ``dtype`` / ``torch_dtype`` apply to a base loaded from a path;
+        the hub options (``local_files_only``, ``revision``, ...) are accepted and unused; other
+        loading options (``device_map``, ``quantization_config``, ...) are refused: load the base
+        with them yourself and pass it as ``base_model``.
+
         Raises:
             cpd_mtp.hf.export.ExportError: a file differs from the record (the file is named), or a
                 loaded weight is not finite (the weight is named).
+            ValueError: the head has a draft vocabulary but the checkpoint holds no
+                ``head.draft_ids`` (or ids outside [0, V), or repeated ones); a drafter-only
+                export's base has another fingerprint; ``base_model`` given for a merged export.
         """
         import os
 
-        from cpd_mtp.hf.export import check_finite, verify_export
+        from cpd_mtp.hf.export import check_finite, is_drafter_export, verify_export
 
+        base_model = kwargs.pop("base_model", None)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         local = None
         if isinstance(source, (str, os.PathLike)):
@@ -284,12 +300,70 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
                 verify_export(local)  # before any byte of it is deserialised
             else:
                 local = None
-        model = super().from_pretrained(*args, **kwargs)
-        inner = model[0] if isinstance(model, tuple) else model  # output_loading_info=True
-        if isinstance(inner, CPDMTPForCausalLM):
-            check_finite(inner, local if local is not None else source)
-            if inner.config.freeze_trunk:
-                inner._set_trunk_requires_grad(False)
+        if local is not None and is_drafter_export(local):
+            return cls._from_drafter_export(local, args[1:], base_model, kwargs)
+        if base_model is not None:
+            raise ValueError(
+                f"base_model= is for a drafter-only export; {source} is not one (a merged export "
+                "holds its own base model): drop base_model"
+            )
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if isinstance(model, CPDMTPForCausalLM):
+            check_draft_vocab(model.head, info.get("missing_keys", ()), local or source)
+            check_finite(model, local if local is not None else source)
+            if model.config.freeze_trunk:
+                model._set_trunk_requires_grad(False)
+        return (model, info) if want_info else model
+
+    # Options of PreTrainedModel.from_pretrained that mean nothing for a local drafter export.
+    _DRAFTER_IGNORED_KWARGS = frozenset(
+        {
+            "_from_auto",
+            "_from_pipeline",
+            "adapter_kwargs",
+            "cache_dir",
+            "force_download",
+            "local_files_only",
+            "low_cpu_mem_usage",
+            "proxies",
+            "revision",
+            "subfolder",
+            "token",
+            "trust_remote_code",
+            "use_safetensors",
+        }
+    )
+
+    @classmethod
+    def _from_drafter_export(
+        cls, directory: str, model_args: tuple, base_model: Any, kwargs: dict[str, Any]
+    ) -> Any:
+        from cpd_mtp.hf.export import load_drafter
+
+        kwargs = dict(kwargs)
+        kwargs.pop("pretrained_model_name_or_path", None)
+        dtype = kwargs.pop("dtype", None)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        if dtype is None:
+            dtype = torch_dtype
+        want_info = kwargs.pop("output_loading_info", False)
+        config = kwargs.pop("config", None)
+        unsupported = sorted(set(kwargs) - cls._DRAFTER_IGNORED_KWARGS)
+        if model_args or unsupported:
+            raise ValueError(
+                f"{directory} is a drafter-only export; its from_pretrained takes base_model, "
+                f"dtype, output_loading_info and the hub options, not "
+                f"{unsupported or 'positional model arguments'}: load the base model with them "
+                "and pass it as base_model"
+            )
+        head_config = config.head_config if isinstance(config, CPDMTPModelConfig) else None
+        model = load_drafter(directory, base_model, dtype, head_config=head_config)
+        if not isinstance(model, cls):
+            raise ValueError(f"{directory} loads a {type(model).__name__}, not a {cls.__name__}")
+        if want_info:
+            empty: dict[str, Any] = {"missing_keys": set(), "unexpected_keys": set()}
+            return model, {**empty, "mismatched_keys": set(), "error_msgs": []}
         return model
 
     @torch.no_grad()
@@ -493,6 +567,41 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
             cp_output=cp_output,
+        )
+
+
+def check_draft_vocab(head: CPDMTPHead, missing_keys: Any, source: Any = None) -> None:
+    """Refuse a loaded head with a draft vocabulary but no (or broken) ``draft_ids``.
+
+    A checkpoint whose head config has ``draft_vocab_size`` < V but which lacks the
+    ``head.draft_ids`` buffer would otherwise leave the ids uninitialised, and drafting would
+    fail far from the cause (an ``IndexError`` on a garbage index).
+
+    Args:
+        head: the loaded head.
+        missing_keys: the keys the load did not find (``head.draft_ids`` among them is refused).
+        source: where it was loaded from, for the message.
+
+    Raises:
+        ValueError: in one line, naming ``source`` and ``draft_vocab_size``.
+    """
+    ids = head.draft_ids
+    if ids is None:
+        return
+    where = f"{source}" if source is not None else "the checkpoint"
+    k, vocab = head.config.draft_vocab, head.config.vocab_size
+    if "head.draft_ids" in set(missing_keys):
+        raise ValueError(
+            f"{where} has draft_vocab_size={k} in its head config but no head.draft_ids tensor, "
+            "so its draft vocabulary is unknown: export the head again with its draft ids "
+            "(set by set_draft_vocab)"
+        )
+    if ids.is_meta or ids.numel() == 0:  # not materialised (meta, ZeRO-3): nothing to check
+        return
+    if ids.numel() != k or bool(((ids < 0) | (ids >= vocab)).any()) or ids.unique().numel() != k:
+        raise ValueError(
+            f"{where} holds head.draft_ids that are not {k} distinct ids in [0, {vocab}): "
+            "the draft vocabulary is corrupt"
         )
 
 

@@ -90,7 +90,7 @@ def distill_kl_reference(
     return _row_kl(u, weight, log_pi, teacher_hidden.detach())
 
 
-def chunk_rows_for_budget(vocab_size: int, rank: int, chunk_bytes: int) -> int:
+def kl_chunk_rows(vocab_size: int, rank: int, chunk_bytes: int) -> int:
     """Rows per chunk so that a chunk's fp32 buffers (about 3·(r + 1)·V numbers a row) fit."""
     return max(1, chunk_bytes // (vocab_size * 4 * 3 * (rank + 1)))
 
@@ -177,7 +177,7 @@ def distill_kl(
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if impl == "reference":
         return _row_kl(u, weight, log_pi, teacher_hidden.detach())
-    chunk = chunk_rows_for_budget(weight.shape[0], u.shape[1], chunk_bytes)
+    chunk = kl_chunk_rows(weight.shape[0], u.shape[1], chunk_bytes)
     return _ChunkedDistillKL.apply(u, weight, log_pi, teacher_hidden.detach(), chunk)
 
 

@@ -22,9 +22,9 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cpd_mtp.config import CPDMTPConfig
@@ -56,21 +56,27 @@ class TrunkSettings:
 MODEL_SIZED_FIELDS = ("hidden_size", "vocab_size")
 
 
-def _head_settings_class() -> type:
-    """A dataclass with every ``CPDMTPConfig`` field but the model-sized ones, same defaults."""
+def _head_settings_class(name: str = "HeadSettings", **defaults: Any) -> type:
+    """A dataclass with every ``CPDMTPConfig`` field but the model-sized ones, with the
+    library's defaults (or ``defaults``): a new head option reaches every config by itself."""
     hints = typing.get_type_hints(CPDMTPConfig)  # real types (Literal[...]) for OmegaConf
     fields = [
-        (f.name, hints[f.name], field(default=f.default))
+        (f.name, hints[f.name], field(default=defaults.get(f.name, f.default)))
         for f in dataclasses.fields(CPDMTPConfig)
         if f.name not in MODEL_SIZED_FIELDS
     ]
-    settings = dataclasses.make_dataclass("HeadSettings", fields)
+    settings = dataclasses.make_dataclass(name, fields)
     settings.__module__ = __name__  # for pickling and for OmegaConf's messages
     return settings
 
 
 HeadSettings = _head_settings_class()
 HeadSettings.__doc__ = "The CP-MTP head: every ``CPDMTPConfig`` field but hidden and vocab size."
+# A retrofit's head drafts for the frozen model: its next token is the model's own.
+RetrofitHeadSettings = _head_settings_class(
+    "RetrofitHeadSettings", next_token="base", expert_type="linear"
+)
+RetrofitHeadSettings.__doc__ = "The retrofit's head: ``HeadSettings`` in ``next_token=base`` mode."
 
 
 def head_config(settings: Any, hidden_size: int, vocab_size: int) -> CPDMTPConfig:
@@ -143,6 +149,157 @@ class TrainConfig:
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
+
+
+# ---------------------------------------------------------------------- retrofit
+DISTILL_MODES = ("kl", "generated", "none")
+
+
+@dataclass
+class BaseModelSettings:
+    """The frozen pretrained model a retrofit drafts for."""
+
+    path: str = MISSING  # a local HF folder or a .gguf file
+    dtype: str | None = None  # float32, bfloat16, ...; null: the model's own
+
+
+@dataclass
+class RetrofitDataSettings:
+    """The retrofit's training data: corpus blocks, self-distillation and the state cache."""
+
+    source: Any = "stdlib"
+    tokens: int = 200_000
+    distill: Literal["kl", "generated", "none"] = "kl"
+    beta: float = 0.9
+    gamma: float = 0.8
+    temperature: float = 0.0
+    prompt_tokens: int | None = None
+    generate_batch_size: int = 16
+    max_files: int | None = None
+    val_fraction: float = 0.03
+    block_size: int = 256
+    epochs: float = 1.0
+    eval_blocks: int = 32
+    store_dtype: Literal["float32", "float16"] = "float32"
+    cache_dir: str | None = None
+    state_batch_size: int = 8
+
+    @property
+    def prompt_length(self) -> int:
+        """Corpus tokens of each ``generated`` prompt."""
+        return self.prompt_tokens if self.prompt_tokens is not None else self.block_size // 4
+
+
+@dataclass
+class RetrofitOptimSettings(OptimSettings):
+    lr: float = 2e-3
+    warmup_steps: int | None = None  # null: 5 % of the steps
+    weight_decay: float = 0.0
+
+
+@dataclass
+class RetrofitRunSettings(RunSettings):
+    out_dir: str = MISSING
+    steps: int | None = None  # null: data.epochs passes over the training blocks
+    micro_batch_size: int = 8
+    zero_stage: int = 0
+    dtype: str = "fp32"
+    wandb_project: str | None = None
+    merged: bool = False  # export the whole model, not the drafter alone
+
+
+@dataclass
+class RetrofitConfig:
+    """``cpd-mtp retrofit``'s settings; ``head`` is every ``CPDMTPConfig`` field."""
+
+    model: BaseModelSettings = field(default_factory=BaseModelSettings)
+    head: RetrofitHeadSettings = field(default_factory=RetrofitHeadSettings)  # type: ignore[valid-type]
+    data: RetrofitDataSettings = field(default_factory=RetrofitDataSettings)
+    optim: RetrofitOptimSettings = field(default_factory=RetrofitOptimSettings)
+    run: RetrofitRunSettings = field(default_factory=RetrofitRunSettings)
+
+
+def load_retrofit_config(overrides: list[str] | dict[str, Any] | None = None) -> RetrofitConfig:
+    """Defaults, then dotted ``key=value`` overrides (a list of strings or a dict); typed.
+
+    Raises:
+        ValueError: an unknown key or a value of the wrong type, in one line naming the key.
+    """
+    merged = OmegaConf.structured(RetrofitConfig)
+    try:
+        if isinstance(overrides, dict):
+            for key, value in overrides.items():
+                OmegaConf.update(merged, key, value, merge=False, force_add=False)
+        elif overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad retrofit config: {_one_line(err)}") from None
+
+
+def check_retrofit_config(cfg: RetrofitConfig) -> None:
+    """Fail before any work on settings that cannot run or would learn nothing (one line each,
+    naming the key). The head is checked by ``CPDMTPConfig`` itself; the model's sizes are
+    checked again once it is loaded."""
+    from cpd_mtp.training.sources import check_max_files
+
+    data, head = cfg.data, cfg.head
+    _check_run(cfg.run, on_gpu=False)
+    _check_optim(cfg.optim)
+    names = ("tokens", "generate_batch_size", "block_size", "eval_blocks", "state_batch_size")
+    _at_least("data", data, (*names, "prompt_tokens"), 1)
+    if data.distill not in DISTILL_MODES:
+        raise ValueError(f"data.distill must be one of {DISTILL_MODES}, got {data.distill!r}")
+    if not 0.0 <= data.beta <= 1.0:
+        raise ValueError(f"data.beta must lie in [0, 1], got {data.beta}")
+    if not 0.0 < data.gamma <= 1.0:
+        raise ValueError(f"data.gamma must lie in (0, 1], got {data.gamma}")
+    if not (data.temperature >= 0.0 and math.isfinite(data.temperature)):
+        raise ValueError(f"data.temperature must be a finite number >= 0, got {data.temperature}")
+    if data.temperature > 0 and data.distill != "generated":
+        raise ValueError("data.temperature applies to --distill generated (data.distill) only")
+    if not (data.epochs > 0 and math.isfinite(data.epochs)):
+        raise ValueError(f"data.epochs must be a finite number > 0, got {data.epochs}")
+    if not 0.0 < data.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
+    check_max_files(data.max_files)
+    if data.block_size < 2:
+        raise ValueError(
+            f"data.block_size must be >= 2 (offset 1 needs a target), got {data.block_size}"
+        )
+    if head.next_token != "base":
+        raise ValueError(
+            f"head.next_token must be 'base' for a retrofit (the model's own next token), "
+            f"got {head.next_token!r}"
+        )
+    # The model's sizes are not known before it is loaded: any that fit the head's settings.
+    vocab = max(2, (head.draft_vocab_size or 0) + 1)
+    try:
+        head_config(head, hidden_size=max(1024, head.expert_inner_size), vocab_size=vocab)
+    except ValueError as err:
+        raise ValueError(str(err).replace("CPDMTPConfig.", "head.")) from None
+    if head.n_future < 2:
+        raise ValueError(
+            f"head.n_future={head.n_future} can never draft in base mode (offset 1 is the "
+            "model's own next token); use head.n_future >= 2"
+        )
+    if head.draft_vocab_size is not None and head.draft_vocab_size < 2:
+        raise ValueError(
+            f"head.draft_vocab_size={head.draft_vocab_size} leaves nothing to choose (the loss "
+            "is 0 whatever the head does); use >= 2 or null for the whole vocabulary"
+        )
+    if head.n_future >= data.block_size:
+        raise ValueError(
+            f"head.n_future={head.n_future} must be < data.block_size={data.block_size}: "
+            "offsets >= the block size never have a target"
+        )
+    if data.distill == "generated" and not 1 <= data.prompt_length < data.block_size - 1:
+        raise ValueError(
+            f"data.prompt_tokens={data.prompt_length} must lie in [1, data.block_size - 2 = "
+            f"{data.block_size - 2}] so that each block has room for a continuation"
+        )
+    if cfg.model.path is None or not Path(cfg.model.path).expanduser().exists():
+        raise FileNotFoundError(f"--model {cfg.model.path} does not exist")
 
 
 def preset_path(preset: str) -> Path:

@@ -2,7 +2,11 @@
 
     cpd-mtp retrofit --model path/to/hf_folder_or.gguf --out runs/retrofit \\
         --n-future 4 --rank 4 --tokens 200000 --seed 0 --draft-vocab 8192 --distill kl
+    cpd-mtp retrofit --model M.gguf --out runs/r head.expert_type=resblock optim.lr=1e-3
     python -m cpd_mtp.training.retrofit ...          # the same, for launchers (torchrun, deepspeed)
+
+Every setting is a key of ``RetrofitConfig`` (``model``, ``head``, ``data``, ``optim``, ``run``;
+``head`` holds every ``CPDMTPConfig`` field), set by a flag or a dotted override.
 
 The model is loaded (``cpd_mtp.hf.loading.load_causal_lm``) and frozen; only a new head (gate
 and experts; W_U is the model's own, frozen) is trained:
@@ -23,8 +27,10 @@ and experts; W_U is the model's own, frozen) is trained:
    train``'s crash safety: an exclusive lock on the output folder, refusal to mix with an
    earlier run without ``--resume`` / ``--overwrite``, sealed checkpoints, exact resume (the
    data order is a function of seed and step), ``metrics.jsonl``, progress and validation.
-4. **Export.** ``CPDMTPForCausalLM.from_causal_lm(base, ..., next_token="base")`` with the
-   trained head, written with the tokenizer to ``<out>/final``. In base mode the model's
+4. **Export.** The drafter alone (``cpd_mtp.hf.export.save_drafter``: the head, its config,
+   the tokenizer and the base model's identity, a few MB) to ``<out>/final``;
+   ``CPDMTPForCausalLM.from_pretrained`` attaches it to its base. ``--merged`` writes the whole
+   model instead (``CPDMTPForCausalLM.from_causal_lm(base, ..., next_token="base")``). In base mode the model's
    forward gives the original model's logits bit for bit: the head only drafts, and
    self-speculative decoding verifies every draft against the original distribution (greedy
    tokens identical up to the precision contract of ``docs/concepts.md``).
@@ -32,216 +38,71 @@ and experts; W_U is the model's own, frozen) is trained:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from cpd_mtp.config import CPDMTPConfig
-from cpd_mtp.head import CPDMTPHead, shift_targets
+from cpd_mtp.head import CPDMTPHead
 from cpd_mtp.training.checkpoint import CheckpointError
-from cpd_mtp.training.config import OptimSettings, RunSettings, TrainConfig
-from cpd_mtp.training.trainer import (
-    OutDirError,
-    Trainer,
-    deepspeed_config,
-    existing_run,
-    init_distributed,
+from cpd_mtp.training.config import (
+    RetrofitConfig,
+    check_retrofit_config,
+    config_to_dict,
+    load_retrofit_config,
+)
+from cpd_mtp.training.engine import deepspeed_config, init_distributed, quiet_library_bars
+from cpd_mtp.training.loop import (
+    LoopSettings,
+    evaluate,
     micro_batch_indices,
     param_groups,
+    train_loop,
 )
+from cpd_mtp.training.run_dir import (
+    EXPORT_STAMP,
+    OutDirError,
+    ResumeRules,
+    RunDirectory,
+    note,
+    sealed_info,
+)
+from cpd_mtp.training.state_cache import CacheError, sweep_stale_temporaries
 
-DistillMode = Literal["kl", "generated", "none"]
-DISTILL_MODES = ("kl", "generated", "none")
+__all__ = ["RetrofitConfig", "RetrofitTrainer", "load_retrofit_config", "retrofit"]
+
 IGNORE_INDEX = -100
 # Keys of the head's state that the export takes from the wrapped model, not from training.
 _SHARED_KEYS = ("weight",)
-
-
-@dataclass
-class RetrofitConfig:
-    """Everything a retrofit run needs; ``cpd-mtp retrofit`` flags map onto it by name.
-
-    Attributes:
-        model: a local Hugging Face model folder or a ``.gguf`` file.
-        out_dir: the run folder: ``metrics.jsonl``, ``checkpoints/``, ``final/`` (the export).
-        n_future: n, tokens drafted jointly.
-        rank: r, experts of the CP head.
-        tokens: the training token budget: tokens of training blocks (``kl``, ``none``) or
-            generated tokens (``generated``).
-        seed: selects the training blocks, the head's initialisation, the data order and the
-            sampling of ``generated`` continuations.
-        draft_vocab: K, the draft vocabulary size (the K most frequent training targets);
-            None: the whole vocabulary.
-        distill: ``kl``, ``generated`` or ``none`` (see the module docstring).
-        beta: weight of the KL against the NLL in ``kl`` mode, in [0, 1].
-        gamma: decay of the offsets' weights in ``kl`` mode, in (0, 1].
-        temperature: ``generated`` mode: 0 continues greedily, > 0 samples.
-        prompt_tokens: ``generated`` mode: corpus tokens of each prompt; None: block_size // 4.
-        generate_batch_size: prompts per batched ``generate`` call.
-        data: the corpus: ``"stdlib"`` (embedded), or a path / glob / directory, or a list.
-        max_files: keep only the first ``max_files`` documents (quick runs).
-        val_fraction: fraction of documents held out for validation.
-        block_size: tokens per block.
-        batch_size: blocks per micro-batch per process.
-        grad_accum: micro-batches per optimizer step.
-        epochs: passes over the selected training blocks (sets the steps).
-        steps: optimizer steps; None: ``epochs`` passes over the training blocks.
-        lr: peak learning rate (AdamW), reached after ``warmup_steps`` (linear).
-        min_lr_ratio: the cosine's floor, as a fraction of ``lr``.
-        warmup_steps: linear warmup steps (capped at ``steps``); None: 5% of the steps.
-        weight_decay: AdamW weight decay of the head's matrices.
-        grad_clip: gradient norm clipping.
-        zero_stage: DeepSpeed ZeRO stage, 0-3.
-        expert_type: ``linear``, ``resblock`` or ``lowrank`` (``CPDMTPConfig.expert_type``).
-        balance_coef: weight of the gate's load-balancing loss (``CPDMTPConfig.balance_coef``).
-        eval_every: validate every this many steps (and at the end).
-        eval_blocks: validation blocks (at most; the split may hold fewer).
-        save_every: checkpoint every this many steps (and at the end).
-        keep_checkpoints: sealed checkpoints kept.
-        resume: continue the run in ``out_dir`` from its latest sealed checkpoint.
-        overwrite: replace the run in ``out_dir``.
-        dtype: the base model's dtype (``float32``, ``bfloat16``, ...); None keeps its own.
-        store_dtype: dtype of the cached hidden states (``float32`` or ``float16``).
-        cache_dir: cache root for tokens, trunk states and continuations; None:
-            ``$CPD_MTP_CACHE`` or ``~/.cache/cpd_mtp``.
-        state_batch_size: blocks per trunk forward while caching the hidden states.
-        export: write ``out_dir/final`` at the end.
-        progress: progress bars.
-    """
-
-    model: str
-    out_dir: str
-    n_future: int = 4
-    rank: int = 4
-    tokens: int = 200_000
-    seed: int = 0
-    draft_vocab: int | None = None
-    distill: DistillMode = "kl"
-    beta: float = 0.9
-    gamma: float = 0.8
-    temperature: float = 0.0
-    prompt_tokens: int | None = None
-    generate_batch_size: int = 16
-    data: Any = "stdlib"
-    max_files: int | None = None
-    val_fraction: float = 0.03
-    block_size: int = 256
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 1.0
-    steps: int | None = None
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    zero_stage: int = 0
-    expert_type: str = "linear"
-    balance_coef: float = 0.01
-    eval_every: int = 100
-    eval_blocks: int = 32
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    resume: bool = False
-    overwrite: bool = False
-    dtype: str | None = None
-    store_dtype: str = "float32"
-    cache_dir: str | None = None
-    state_batch_size: int = 8
-    export: bool = True
-    progress: bool = True
-
-    @property
-    def prompt_length(self) -> int:
-        """Corpus tokens of each ``generated`` prompt."""
-        return self.prompt_tokens if self.prompt_tokens is not None else self.block_size // 4
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def check_retrofit_config(cfg: RetrofitConfig) -> None:
-    """Fail before any work on settings that cannot run (one-line ``ValueError`` messages)."""
-    from cpd_mtp.config import EXPERT_TYPES
-    from cpd_mtp.training.sources import check_max_files
-
-    def positive(name: str) -> None:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-    for name in (
-        "n_future",
-        "rank",
-        "tokens",
-        "generate_batch_size",
-        "block_size",
-        "batch_size",
-        "grad_accum",
-        "eval_every",
-        "eval_blocks",
-        "save_every",
-        "keep_checkpoints",
-        "state_batch_size",
-    ):
-        positive(name)
-    for name in ("steps", "draft_vocab", "prompt_tokens"):
-        if getattr(cfg, name) is not None:
-            positive(name)
-    if cfg.distill not in DISTILL_MODES:
-        raise ValueError(f"distill must be one of {DISTILL_MODES}, got {cfg.distill!r}")
-    if cfg.expert_type not in EXPERT_TYPES:
-        raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {cfg.expert_type!r}")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
-    if not 0.0 <= cfg.beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {cfg.beta}")
-    if not 0.0 < cfg.gamma <= 1.0:
-        raise ValueError(f"gamma must lie in (0, 1], got {cfg.gamma}")
-    if not 0.0 <= cfg.balance_coef < float("inf"):
-        raise ValueError(f"balance_coef must be a finite number >= 0, got {cfg.balance_coef}")
-    if not (cfg.temperature >= 0.0 and math.isfinite(cfg.temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0, got {cfg.temperature}")
-    if cfg.temperature > 0 and cfg.distill != "generated":
-        raise ValueError("temperature applies to --distill generated only")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr}")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must lie in [0, 1], got {cfg.min_lr_ratio}")
-    if (cfg.warmup_steps or 0) < 0 or cfg.weight_decay < 0 or cfg.grad_clip <= 0:
-        raise ValueError("warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
-    if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
-        raise ValueError(f"epochs must be a finite number > 0, got {cfg.epochs}")
-    check_max_files(cfg.max_files)
-    if cfg.block_size < 2:
-        raise ValueError(f"block_size must be >= 2 (offset 1 needs a target), got {cfg.block_size}")
-    if cfg.n_future >= cfg.block_size:
-        raise ValueError(
-            f"n_future={cfg.n_future} must be < block_size={cfg.block_size}: offsets >= the "
-            "block size never have a target"
-        )
-    if cfg.distill == "generated" and not 1 <= cfg.prompt_length < cfg.block_size - 1:
-        raise ValueError(
-            f"prompt_tokens={cfg.prompt_length} must lie in [1, block_size - 2 = "
-            f"{cfg.block_size - 2}] so that each block has room for a continuation"
-        )
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other; pick one")
-    if cfg.store_dtype not in ("float32", "float16"):
-        raise ValueError(f"store_dtype must be float32 or float16, got {cfg.store_dtype!r}")
-    if not Path(cfg.model).expanduser().exists():
-        raise FileNotFoundError(f"--model {cfg.model} does not exist")
+# What a resume must keep: the model, the head's shape and the data (see ``ResumeRules``).
+RETROFIT_RESUME_RULES = ResumeRules(
+    fixed=("model.", "head.", "data.", "run.seed"),
+    free=(
+        "head.loss_impl",
+        "head.chunk_bytes",
+        "head.grad_filter",
+        "data.epochs",  # sets the steps: a schedule key
+        "data.eval_blocks",
+        "data.generate_batch_size",
+        "data.state_batch_size",
+        "data.cache_dir",
+    ),
+    schedule=("run.steps", "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio"),
+)
+# A generated budget this far below data.tokens is worth a warning (continuations ending early).
+SHORT_BUDGET = 0.5
 
 
 def select_blocks(num_blocks: int, count: int, seed: int) -> np.ndarray:
@@ -253,20 +114,21 @@ def select_blocks(num_blocks: int, count: int, seed: int) -> np.ndarray:
 
 
 def head_config(cfg: RetrofitConfig, hidden_size: int, vocab_size: int) -> CPDMTPConfig:
-    """The head's ``CPDMTPConfig`` in base mode, with the draft vocabulary when K < V."""
-    k = cfg.draft_vocab
+    """The head's ``CPDMTPConfig``: every ``head`` key, with the model's sizes; a draft
+    vocabulary as large as the model's is the whole vocabulary."""
+    settings = dataclasses.asdict(cfg.head)
+    k = settings["draft_vocab_size"]
     if k is not None and k > vocab_size:
-        raise ValueError(f"--draft-vocab {k} exceeds the model's vocabulary of {vocab_size}")
-    return CPDMTPConfig(
-        hidden_size=hidden_size,
-        vocab_size=vocab_size,
-        n_future=cfg.n_future,
-        rank=cfg.rank,
-        expert_type=cfg.expert_type,
-        balance_coef=cfg.balance_coef,
-        next_token="base",
-        draft_vocab_size=k if k is not None and k < vocab_size else None,
-    )
+        raise ValueError(
+            f"head.draft_vocab_size={k} (--draft-vocab) exceeds the model's vocabulary of "
+            f"{vocab_size}"
+        )
+    if k is not None and k == vocab_size:
+        settings["draft_vocab_size"] = None
+    try:
+        return CPDMTPConfig(hidden_size=hidden_size, vocab_size=vocab_size, **settings)
+    except ValueError as err:
+        raise ValueError(str(err).replace("CPDMTPConfig.", "head.")) from None
 
 
 def save_tokenizer(tokenizer: Any, cache_dir: str | None) -> Path:
@@ -304,51 +166,55 @@ class HeadData:
 
 
 # ---------------------------------------------------------------------- the run
-class RetrofitTrainer(Trainer):
-    """One retrofit run: base model, data, cached states, head engine, loop, export.
+class RetrofitTrainer:
+    """One retrofit run: base model, data, cached states, head engine, the shared loop, export.
 
-    It reuses the trainer's run-folder lock, checkpoints (save, sealed; resume with the metrics
-    cut back to the checkpoint) and metrics log; ``self.cfg`` is the ``TrainConfig`` view
-    (``run`` and ``optim``) those helpers read, ``self.retrofit`` the full settings.
+    The run folder (lock, resume, checkpoints, metrics) is a :class:`RunDirectory` and the loop
+    :func:`cpd_mtp.training.loop.train_loop`, as for ``cpd-mtp train``; only the batches (cached
+    trunk states and labels) and the export (the drafter) are the retrofit's own.
     """
 
-    # What a resume must keep: the model, the data and the head's shape (see ``Trainer``).
-    FIXED_KEYS = (
-        "model", "data", "max_files", "val_fraction", "block_size", "tokens", "seed",
-        "distill", "beta", "gamma", "temperature", "prompt_tokens", "n_future", "rank",
-        "draft_vocab", "expert_type", "balance_coef", "dtype", "store_dtype",
-    )  # fmt: skip
-    FREE_KEYS = ()
-
     def __init__(self, cfg: RetrofitConfig, base: tuple[Any, Any] | None = None) -> None:
-        """``base``: the (model, tokenizer) of ``cfg.model`` when the caller already loaded
+        """``base``: the (model, tokenizer) of ``cfg.model.path`` when the caller already loaded
         them (a study training many heads for one model); they are frozen, not copied."""
         check_retrofit_config(cfg)
-        self.retrofit = cfg
+        self.cfg = cfg
         self._preloaded = base
-        self.cfg = _train_view(cfg)
         self.rank, self.world, self.device = init_distributed()
-        self.out_dir = Path(cfg.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
-        self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.wandb = None
-        self._lock: IO[str] | None = None
-        self._claim_out_dir()
+        self.run_dir = RunDirectory(cfg.run.out_dir, self.rank, self.world)
+        self.out_dir = self.run_dir.path
+        self.run_dir.claim(cfg.run.resume, cfg.run.overwrite)
+        if self.rank == 0:  # what killed runs left in the caches (a live run's are kept)
+            from cpd_mtp.training.tokenizer import cache_root
+
+            sweep_stale_temporaries(cache_root(cfg.data.cache_dir))
         try:
             self._start()
         except BaseException:
             self.close()
             raise
 
+    def close(self) -> None:
+        self.run_dir.close()
+
     def _start(self) -> None:
         from cpd_mtp.hf.loading import load_causal_lm
 
-        cfg = self.retrofit
-        show = cfg.progress and self.rank == 0
+        cfg = self.cfg
+        show = cfg.run.progress and self.rank == 0
+        self.step = 0
+        # A resume is checked against the checkpoint before anything is loaded or computed.
+        self.resume_point = None
+        if cfg.run.resume:
+            self.resume_point = self.run_dir.resume_point(
+                self.checkpoint_config(), RETROFIT_RESUME_RULES
+            )
         if self._preloaded is not None:
             self.base, self.tokenizer = self._preloaded
         else:
-            self.base, self.tokenizer = load_causal_lm(cfg.model, cfg.dtype, progress=show)
+            self.base, self.tokenizer = load_causal_lm(
+                cfg.model.path, cfg.model.dtype, progress=show
+            )
         self.base.requires_grad_(False)
         self.base.eval()
         lm_head = self.base.get_output_embeddings()
@@ -370,43 +236,63 @@ class RetrofitTrainer(Trainer):
         if self.rank == 0:
             torch.distributed.barrier()
 
-        torch.manual_seed(cfg.seed)
-        # W_U as a frozen float32 copy: the head trains in float32 whatever the model's dtype.
-        weight = torch.nn.Parameter(lm_head.weight.detach().float(), requires_grad=False)
-        head = CPDMTPHead(self.head_cfg, unembedding=weight)
-        if self.draft_ids is not None:
-            head.set_draft_vocab(self.draft_ids)
-        global_batch = cfg.batch_size * cfg.grad_accum * self.world
-        steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(self.train_data) / global_batch))
-        self.cfg.run.steps = steps
-        if cfg.warmup_steps is None:
-            self.cfg.optim.warmup_steps = max(1, steps // 20)
-        # The checkpoint is checked against the settings before the engine is built.
-        self.resume_point = self._find_resume_point() if cfg.resume else None
+        run, optim = cfg.run, cfg.optim
+        global_batch = run.micro_batch_size * run.grad_accum * self.world
+        steps = run.steps or max(
+            1, math.ceil(cfg.data.epochs * len(self.train_data) / global_batch)
+        )
+        warmup = optim.warmup_steps if optim.warmup_steps is not None else max(1, steps // 20)
+        # The settings the engine and the schedule use, with the derived ones filled in.
+        self.resolved = dataclasses.replace(
+            cfg,
+            run=dataclasses.replace(run, steps=steps),
+            optim=dataclasses.replace(optim, warmup_steps=warmup),
+        )
+        if self.resume_point is not None:
+            schedule = self._checkpoint_info()["schedule"]
+            self.run_dir.warn_reshaped_schedule(
+                self.resume_point, schedule, RETROFIT_RESUME_RULES, steps
+            )
         self.complete = self._run_complete()
         if self.complete:
             return
         import deepspeed
 
-        self.ds_config = deepspeed_config(self.cfg, torch.cuda.is_available())
+        torch.manual_seed(run.seed)
+        # W_U as a frozen float32 copy: the head trains in float32 whatever the model's dtype.
+        weight = torch.nn.Parameter(lm_head.weight.detach().float(), requires_grad=False)
+        head = CPDMTPHead(self.head_cfg, unembedding=weight)
+        if self.draft_ids is not None:
+            head.set_draft_vocab(self.draft_ids)
+        self.ds_config = deepspeed_config(self.resolved, torch.cuda.is_available())
         self.engine, _, _, _ = deepspeed.initialize(
             model=head,
-            model_parameters=param_groups(head, cfg.weight_decay),
+            model_parameters=param_groups(head, optim.weight_decay),
             config=self.ds_config,
         )
-        self.step = 0
-        if cfg.resume:
-            self._resume()
-        elif cfg.overwrite:
-            if self.rank == 0:  # only now, with everything built, is the old run given up
-                for name in existing_run(self.out_dir):
-                    path = self.out_dir / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-            torch.distributed.barrier()
+        if self.resume_point is not None:
+            client = self.run_dir.load(self.engine, self.resume_point)
+            self.step = int(client["step"])
+            torch.set_rng_state(client["torch_rng"])
+            note(f"resumed from step {self.step} of {steps} (checkpoint {self.resume_point.path})")
+            self.run_dir.cut_metrics(self.step)
+        elif run.overwrite:
+            self.run_dir.give_up_earlier_run()  # only now, with everything built
 
+    # ------------------------------------------------------------------ resume
     def checkpoint_config(self) -> dict[str, Any]:
-        """The retrofit settings, stored in every checkpoint and compared on resume."""
-        return self.retrofit.to_dict()
+        """The settings stored in every checkpoint and compared on resume."""
+        return config_to_dict(self.cfg)
+
+    def _checkpoint_info(self) -> dict[str, Any]:
+        resolved = config_to_dict(self.resolved)
+        return sealed_info(self.checkpoint_config(), resolved, RETROFIT_RESUME_RULES)
+
+    def _run_complete(self) -> bool:
+        more = "Raise --steps or --epochs to train further."
+        return self.run_dir.is_complete(
+            self.resume_point, self.resolved.run.steps, self.cfg.run.export, more
+        )
 
     # ------------------------------------------------------------------ data
     def _build_data(self, show: bool) -> tuple[HeadData, HeadData, torch.Tensor | None]:
@@ -416,49 +302,57 @@ class RetrofitTrainer(Trainer):
         from cpd_mtp.training.state_cache import cached_trunk_states
         from cpd_mtp.training.tokenizer import cache_root
 
-        cfg = self.retrofit
+        data = self.cfg.data
         corpus = build_corpus(
             DataConfig(
-                source=cfg.data,
-                tokenizer=save_tokenizer(self.tokenizer, cfg.cache_dir),
-                block_size=cfg.block_size,
-                val_fraction=cfg.val_fraction,
-                cache_dir=cfg.cache_dir,
-                max_files=cfg.max_files,
+                source=data.source,
+                tokenizer=save_tokenizer(self.tokenizer, data.cache_dir),
+                block_size=data.block_size,
+                val_fraction=data.val_fraction,
+                cache_dir=data.cache_dir,
+                max_files=data.max_files,
                 progress=show,
             )
         )
         blocks = corpus.train.blocks
-        if cfg.distill == "generated":
-            new_tokens = cfg.block_size - cfg.prompt_length
-            wanted = math.ceil(cfg.tokens / new_tokens)
-        else:
-            wanted = math.ceil(cfg.tokens / cfg.block_size)
+        generated = data.distill == "generated"
+        per_block = data.block_size - data.prompt_length if generated else data.block_size
+        wanted = math.ceil(data.tokens / per_block)
         if wanted > len(blocks):
             raise ValueError(
-                f"--tokens {cfg.tokens} needs {wanted} training blocks of {cfg.block_size} "
-                f"tokens but the training split has {len(blocks)}; lower --tokens or "
-                "--block-size, or add data"
+                f"data.tokens={data.tokens} (--tokens) needs {wanted} training blocks of "
+                f"{data.block_size} tokens but the training split has {len(blocks)}; lower "
+                "--tokens or --block-size, or add data"
             )
-        chosen = np.asarray(blocks[select_blocks(len(blocks), wanted, cfg.seed)], dtype=np.int64)
-        cache = cache_root(cfg.cache_dir)
-        if cfg.distill == "generated":
-            prompts = [row[: cfg.prompt_length].tolist() for row in chosen]
+        chosen = np.asarray(
+            blocks[select_blocks(len(blocks), wanted, self.cfg.run.seed)], dtype=np.int64
+        )
+        cache = cache_root(data.cache_dir)
+        if generated:
+            prompts = [row[: data.prompt_length].tolist() for row in chosen]
             continuations = generate_continuations(
                 self.base,
                 prompts,
-                cfg.block_size - cfg.prompt_length,
+                data.block_size - data.prompt_length,
                 cache,
-                temperature=cfg.temperature,
-                batch_size=cfg.generate_batch_size,
-                seed=cfg.seed,
+                temperature=data.temperature,
+                batch_size=data.generate_batch_size,
+                seed=self.cfg.run.seed,
                 pad_token_id=self.tokenizer.pad_token_id,
                 progress=show,
             )
             pad = self.tokenizer.pad_token_id
             ids, labels = distillation_blocks(
-                continuations, cfg.block_size, 0 if pad is None else pad
+                continuations, data.block_size, 0 if pad is None else pad
             )
+            made = continuations.generated_tokens
+            if made < SHORT_BUDGET * data.tokens and self.rank == 0:
+                warnings.warn(
+                    f"the model generated {made:,} tokens, far below data.tokens={data.tokens:,} "
+                    "(--tokens): its continuations end early (EOS); raise --tokens or use "
+                    "--distill kl",
+                    stacklevel=2,
+                )
         else:
             ids, labels = chosen, chosen.copy()
         if self.head_cfg.draft_vocab_size is not None:
@@ -468,187 +362,102 @@ class RetrofitTrainer(Trainer):
         else:
             draft_ids = None
         val_blocks = corpus.validation.blocks
-        val = np.asarray(val_blocks[: min(cfg.eval_blocks, len(val_blocks))], dtype=np.int64)
+        val = np.asarray(val_blocks[: min(data.eval_blocks, len(val_blocks))], dtype=np.int64)
 
         def states(array: np.ndarray) -> Any:
             return cached_trunk_states(
                 self.base,
                 array,
                 cache,
-                batch_size=cfg.state_batch_size,
-                store_dtype=cfg.store_dtype,
+                batch_size=data.state_batch_size,
+                store_dtype=data.store_dtype,
                 progress=show,
             )
 
         return HeadData(states(ids), labels), HeadData(states(val), val.copy()), draft_ids
 
-    def _indices(self, step: int, micro: int) -> np.ndarray:
-        cfg = self.retrofit
-        return micro_batch_indices(
-            step,
-            micro,
-            self.rank,
-            self.world,
-            cfg.batch_size,
-            cfg.grad_accum,
-            len(self.train_data),
-            cfg.seed,
-        )
-
     # ------------------------------------------------------------------ validation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:
-        """Validation joint NLL (per position and per target), per-head NLL, expert usage.
+        """``val/`` + the head's named metrics on the validation blocks, split across processes;
+        with a draft vocabulary every NLL counts the targets inside it (``val/draft_coverage``
+        is their fraction)."""
+        data, per_rank = self.val_data, self.cfg.run.micro_batch_size
 
-        Over the validation blocks, split across processes; with a draft vocabulary every
-        NLL counts the targets inside it (``val/draft_coverage`` is their fraction). A metric
-        with no data is None.
-        """
-        n_future, rank = self.head_cfg.n_future, self.head_cfg.rank
-        head = self.engine.module
-        data = self.val_data
-        sums = np.zeros(6 + 2 * n_future + rank)
-        self.engine.eval()
-        per_rank = self.retrofit.batch_size
-        # Every process runs the same number of forwards (ZeRO-3 gathers are collective); one
-        # past the end runs a block of its own and drops it (weight 0).
-        for batch in range(math.ceil(len(data) / (per_rank * self.world))):
+        def forward(batch: int):
             start = (batch * self.world + self.rank) * per_rank
             index = np.arange(start, min(start + per_rank, len(data)))
-            used = float(len(index) > 0)
+            # One past the end runs a block of its own and drops it (weight 0).
             hidden, labels = data.batch(index if len(index) else np.arange(1), self.device)
             out = self.engine(hidden, labels, return_logits=False)
-            targets = shift_targets(labels, n_future, IGNORE_INDEX)
-            present = targets != IGNORE_INDEX
-            inside = present
-            if head.draft_ids is not None:
-                inside = present & (head.draft_position(targets.clamp(min=0)) >= 0)
-            counts = inside.sum(dim=(0, 1)).cpu().numpy() * used
-            pos, n_targets = float(out.num_positions) * used, float(out.num_targets) * used
-            sums[:6] += [
-                float(out.joint_nll) * pos,
-                pos,
-                float(out.joint_nll_per_target) * n_targets,
-                n_targets,
-                float(out.gate_entropy) * pos,
-                float(present.sum()) * used,
-            ]
-            sums[6 : 6 + n_future] += out.per_head_nll.cpu().numpy() * counts
-            sums[6 + n_future : 6 + 2 * n_future] += counts
-            sums[6 + 2 * n_future :] += out.expert_weight.cpu().numpy() * pos
-        self.engine.train()
-        s = np.array(self._all_reduce(sums.tolist()))
+            return out, labels, float(len(index) > 0)
 
-        def ratio(num: float, den: float) -> float | None:
-            return float(num / den) if den > 0 else None
-
-        per_head = [ratio(s[6 + k], s[6 + n_future + k]) for k in range(n_future)]
-        result: dict[str, float | None] = {
-            "val/joint_nll": ratio(s[0], s[1]),
-            "val/joint_nll_per_target": ratio(s[2], s[3]),
-            "val/gate_entropy": ratio(s[4], s[1]),
-            "val/draft_coverage": ratio(s[3], s[5]),
-        }
-        result.update({f"val/head{k + 1}_nll": v for k, v in enumerate(per_head)})
-        usage = s[6 + 2 * n_future :]
-        result.update({f"val/expert{a}_weight": ratio(v, s[1]) for a, v in enumerate(usage)})
-        return result
+        batches = math.ceil(len(data) / (per_rank * self.world))
+        return evaluate(self.engine, self.engine.module, batches, forward, self.device)
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None) -> dict[str, float | None]:
         """Run to the last step (or ``stop_after`` more steps); returns the last validation."""
-        from cpd_mtp.utils.progress import progress
-
         if getattr(self, "complete", False):
             return {}  # said so at start-up
-        cfg, steps = self.retrofit, self.cfg.run.steps
-        distill = (cfg.beta, cfg.gamma) if cfg.distill == "kl" else None
-        if self.step == 0 and not cfg.resume:  # the untrained head, as the baseline
-            record: dict[str, Any] = {"step": 0, **self.evaluate()}
-            self._log(record)
-        # A bar on a terminal; in a log, a plain line every 5 % (no carriage returns).
-        bar = progress(
-            total=steps,
-            initial=self.step,
+        cfg, run = self.cfg, self.resolved.run
+        distill = (cfg.data.beta, cfg.data.gamma) if cfg.data.distill == "kl" else None
+        if self.step == 0 and self.resume_point is None:  # the untrained head, as the baseline
+            self.run_dir.log({"step": 0, **self.evaluate()})
+
+        def loss_fn(step: int, micro: int):
+            index = micro_batch_indices(
+                step, micro, self.rank, self.world, run.micro_batch_size, run.grad_accum,
+                len(self.train_data), run.seed,
+            )  # fmt: skip
+            hidden, labels = self.train_data.batch(index, self.device)
+            out = self.engine(hidden, labels, return_logits=False, distill=distill)
+            return out.loss, out, labels
+
+        settings = LoopSettings(
+            steps=run.steps,
+            grad_accum=run.grad_accum,
+            eval_every=run.eval_every,
+            save_every=run.save_every,
+            keep_checkpoints=run.keep_checkpoints,
+            tokens_per_step=run.micro_batch_size * run.grad_accum * self.world
+            * cfg.data.block_size,
+            collapse_entropy=run.collapse_entropy,
+            progress=run.progress,
             desc="retrofit",
-            unit="step",
-            disable=self.rank != 0 or not cfg.progress,
-        )
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.block_size
-        tokens, train_time = 0, 0.0
-        last_eval: dict[str, float | None] = {}
-        done = 0
-        while self.step < steps and (stop_after is None or done < stop_after):
-            step_start = time.perf_counter()
-            sums = np.zeros(4)
-            for micro in range(cfg.grad_accum):
-                hidden, labels = self.train_data.batch(self._indices(self.step, micro), self.device)
-                out = self.engine(hidden, labels, return_logits=False, distill=distill)
-                self.engine.backward(out.loss)
-                self.engine.step()
-                sums += [
-                    x.item() for x in (out.loss, out.joint_nll, out.per_head_nll[0], out.aux_loss)
-                ]
-            self.step += 1
-            done += 1
-            tokens += tokens_per_step
-            step_time = time.perf_counter() - step_start
-            train_time += step_time
-            loss, joint, next_nll, aux = np.array(self._all_reduce(sums.tolist())) / (
-                cfg.grad_accum * self.world
-            )
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / train_time:,.0f}")
-            bar.update(1)
-            record = {
-                "step": self.step,
-                "loss": loss,
-                "joint_nll": joint,
-                "head1_nll": next_nll,
-                "aux_loss": aux,
-                "lr": self.engine.get_lr()[0],
-                "tokens_per_s": tokens / train_time,
-                "step_time_s": step_time,
-            }
-            if self.step % cfg.eval_every == 0 or self.step == steps:
-                last_eval = self.evaluate()
-                self._check_usage(last_eval)
-                record.update(last_eval)
-                if self.rank == 0:
-                    value = last_eval["val/joint_nll_per_target"]
-                    shown = "n/a" if value is None else f"{value:.3f}"
-                    bar.write(f"step {self.step}: val joint NLL {shown} nats per target")
-            self._log(record)
-            if self.step % cfg.save_every == 0 or self.step == steps:
-                self.save()
-        bar.close()
-        self.tokens_per_s = tokens / train_time if train_time > 0 else None
+        )  # fmt: skip
+        result = train_loop(
+            self.engine, self.engine.module, self.run_dir, settings, self.step, loss_fn,
+            self.evaluate, self._checkpoint_info, self.device, stop_after=stop_after,
+        )  # fmt: skip
+        self.step = result.step
+        self.tokens_per_s = result.tokens_per_s
         if self.rank == 0 and self.tokens_per_s is not None:
             print(
-                f"trained the head on {tokens:,} tokens in {train_time:.1f} s: "
+                f"trained the head on {result.tokens:,} tokens in {result.train_seconds:.1f} s: "
                 f"{self.tokens_per_s:,.0f} tokens/s (states cached in {self.cache_time_s:.1f} s)",
                 flush=True,
             )
-        if self.step >= steps and cfg.export:
-            self.export(self.out_dir / "final")
-        return last_eval
+        if self.step >= run.steps and run.export:
+            self.export(self.run_dir.final)
+        return result.last_eval
 
     # ------------------------------------------------------------------ export
     def export(self, path: Path) -> None:
-        """The base model with the trained head, in base mode, and its tokenizer, at ``path``.
+        """The drafter (default) or the whole model (``run.merged``) at ``path``.
 
-        ``CPDMTPForCausalLM.from_pretrained(path)`` loads it; its next-token logits are the
-        base model's own. Gathers ZeRO-3 partitions first.
+        ``CPDMTPForCausalLM.from_pretrained(path)`` loads either; in base mode its next-token
+        logits are the base model's own. Gathers ZeRO-3 partitions first.
         """
         import deepspeed
 
-        from cpd_mtp.hf.export import save_export
+        from cpd_mtp.hf.export import save_drafter, save_export
         from cpd_mtp.hf.loading import transformers_progress
         from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
         module = self.engine.module
         gather = (
             deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-            if self.retrofit.zero_stage == 3
+            if self.cfg.run.zero_stage == 3
             else nullcontext()
         )
         with gather:
@@ -659,64 +468,41 @@ class RetrofitTrainer(Trainer):
                     if k not in _SHARED_KEYS
                 }
         if self.rank == 0:
-            cfg = self.head_cfg
-            model = CPDMTPForCausalLM.from_causal_lm(
-                self.base,
-                n_future=cfg.n_future,
-                rank=cfg.rank,
-                freeze_trunk=True,
-                expert_type=cfg.expert_type,
-                balance_coef=cfg.balance_coef,
-                next_token="base",
-                draft_vocab_size=cfg.draft_vocab_size,
-            )
+            settings = self.head_cfg.to_dict()
+            for name in ("hidden_size", "vocab_size"):  # from_causal_lm reads the model's
+                settings.pop(name)
+            model = CPDMTPForCausalLM.from_causal_lm(self.base, freeze_trunk=True, **settings)
             missing, unexpected = model.head.load_state_dict(state, strict=False)
             if set(missing) != set(_SHARED_KEYS) or unexpected:
                 raise RuntimeError(
                     f"the trained head does not fit the export: missing {missing}, "
                     f"unexpected {unexpected}"
                 )
-            extra = {"retrofit_config.json": json.dumps(self.retrofit.to_dict(), indent=1)}
-            with transformers_progress(self.retrofit.progress):
-                save_export(model, self.tokenizer, path, extra_files=extra)
+            extra = {
+                "retrofit_config.json": json.dumps(config_to_dict(self.resolved), indent=1),
+                EXPORT_STAMP: self.run_dir.export_stamp(self.step),
+            }
+            with transformers_progress(self.cfg.run.progress):
+                if self.cfg.run.merged:
+                    save_export(model, self.tokenizer, path, extra_files=extra)
+                else:
+                    save_drafter(
+                        model,
+                        self.tokenizer,
+                        path,
+                        base_source=self.cfg.model.path,
+                        extra_files=extra,
+                        progress=self.cfg.run.progress,
+                    )
             print(f"exported {path}", flush=True)
         torch.distributed.barrier()
-
-
-def _train_view(cfg: RetrofitConfig) -> TrainConfig:
-    """The ``run`` and ``optim`` sections the trainer's helpers read (steps set later)."""
-    run = RunSettings(
-        out_dir=cfg.out_dir,
-        steps=cfg.steps or 1,
-        micro_batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        zero_stage=cfg.zero_stage,
-        dtype="fp32",
-        eval_every=cfg.eval_every,
-        save_every=cfg.save_every,
-        keep_checkpoints=cfg.keep_checkpoints,
-        resume=cfg.resume,
-        overwrite=cfg.overwrite,
-        seed=cfg.seed,
-        wandb_project=None,
-        progress=cfg.progress,
-        export=cfg.export,
-    )
-    optim = OptimSettings(
-        lr=cfg.lr,
-        min_lr_ratio=cfg.min_lr_ratio,
-        warmup_steps=cfg.warmup_steps or 1,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-    )
-    return TrainConfig(run=run, optim=optim)
 
 
 def retrofit(
     cfg: RetrofitConfig, stop_after: int | None = None, base: tuple[Any, Any] | None = None
 ) -> dict[str, float | None]:
     """Run a retrofit per ``cfg``; returns the last validation metrics. ``base``: the
-    already-loaded (model, tokenizer) of ``cfg.model``, see ``RetrofitTrainer``."""
+    already-loaded (model, tokenizer) of ``cfg.model.path``, see ``RetrofitTrainer``."""
     trainer = RetrofitTrainer(cfg, base=base)
     try:
         return trainer.train(stop_after=stop_after)
@@ -724,22 +510,30 @@ def retrofit(
         trainer.close()
 
 
-def run_command(cfg: RetrofitConfig) -> None:
+def run_command(overrides: dict[str, Any]) -> None:
     """``cpd-mtp retrofit``: a bad setting or a taken out_dir is a one-line ``error:`` exit."""
+    for key, flag in (("model.path", "--model"), ("run.out_dir", "--out")):
+        if overrides.get(key) is None:
+            sys.exit(f"error: {flag} ({key}) is required")
     try:
+        cfg = load_retrofit_config(overrides)
         check_retrofit_config(cfg)
+        quiet_library_bars()
         metrics = retrofit(cfg)
-    except (ValueError, FileNotFoundError, OutDirError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    except (ValueError, FileNotFoundError, OutDirError, CheckpointError, CacheError) as err:
+        sys.exit(f"error: {' '.join(str(err).split())}")
     if int(os.environ.get("RANK", 0)) == 0 and metrics:
         print(json.dumps(metrics, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m cpd_mtp.training.retrofit ...`` is ``cpd-mtp retrofit ...``."""
-    from cpd_mtp.cli import main as cli_main
+    from cpd_mtp.training.arguments import add_retrofit_arguments, retrofit_overrides
+    from cpd_mtp.utils.args import parse_with_overrides
 
-    cli_main(["retrofit", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="cpd-mtp retrofit")
+    add_retrofit_arguments(parser)
+    run_command(retrofit_overrides(parse_with_overrides(parser, argv)))
 
 
 if __name__ == "__main__":

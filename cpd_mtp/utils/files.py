@@ -10,8 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +86,167 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- owned temporaries
+# A temporary named by its writer, ``.<name>.tmp<pid>@<host>.<random>``, can be told apart
+# from a live one after a kill: on the same host (and PID namespace) a dead PID means a dead
+# writer. ``temporary_sibling`` (``.<name>.tmp<pid>``) and ``atomic_directory`` (``.<name>.``
+# plus random characters) names carry no host, so only their age can tell.
+
+# Unattributable temporaries (another host, or no PID in the name) untouched this long are stale.
+STALE_TEMPORARY_AGE_S = 6 * 3600.0
+_OWNED_TEMPORARY_RE = re.compile(
+    r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?(?:\.[A-Za-z0-9_]+)?$"
+)
+
+
+def host_tag() -> str:
+    """This machine and PID namespace as a file-name-safe word: ``<hostname>-<pidns inode>``.
+
+    Two containers may share a host name (``--network host``) but not a PID namespace, so a PID
+    is compared only between writers with the same tag.
+    """
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+    try:
+        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        namespace = ""
+    return f"{host}-{namespace}" if namespace else host
+
+
+def owned_temporary(path: str | os.PathLike[str]) -> Path:
+    """A fresh temporary name beside ``path`` naming its writer: ``.<name>.tmp<pid>@<host>.<hex>``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}@{host_tag()}.{secrets.token_hex(4)}")
+
+
+def temporary_owner(name: str) -> tuple[int, str | None] | None:
+    """(pid, host tag or None) of a temporary's file name; None if it is not one with a PID."""
+    match = _OWNED_TEMPORARY_RE.match(name)
+    if match is None:
+        return None
+    return int(match["pid"]), match["host"]
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether a process with this PID exists here (another user's counts: it may be writing)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True  # cannot tell: keep what it may own
+    return True
+
+
+def fsync_tree(path: str | os.PathLike[str]) -> None:
+    """fsync every file and folder under ``path`` (files first, each folder after its entries)."""
+    path = Path(path)
+    if not path.is_dir():
+        fsync_path(path)
+        return
+    for folder, _, names in os.walk(path, topdown=False):
+        for name in names:
+            fsync_path(Path(folder) / name)
+        fsync_path(folder)
+
+
+def durable_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """``atomic_write_bytes`` through an ``owned_temporary`` (a sweep can tell a dead writer's
+    leftover), with the folder fsynced after the rename so the new name is durable too."""
+    path = Path(path)
+    tmp = owned_temporary(path)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def durable_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """``atomic_directory`` made durable, in an ``owned_temporary`` folder.
+
+    Every file and folder written in the block is fsynced before the rename that publishes
+    ``target``, and the parent after it: a power cut leaves ``target`` absent or whole. If
+    ``target`` already exists at the end (another process won a race), it is kept and the
+    temporary folder discarded.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = owned_temporary(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+        else:
+            fsync_path(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification time of ``path`` and, for a folder, of its direct entries."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            with contextlib.suppress(OSError):
+                newest = max(newest, child.lstat().st_mtime)
+    return newest
+
+
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str],
+    *,
+    max_age_s: float = STALE_TEMPORARY_AGE_S,
+    unattributed: re.Pattern[str] | None = None,
+) -> list[Path]:
+    """Remove the temporaries in ``folder`` (not below) whose writer is dead; return them.
+
+    A temporary named ``.<name>.tmp<pid>@<host>...`` (``owned_temporary``) with this machine's
+    ``host_tag`` is stale when no process has that PID. One of another host, or named
+    ``.<name>.tmp<pid>`` (``temporary_sibling``), or matching ``unattributed`` (say the names
+    of ``atomic_directory``), is stale when nothing in it changed for ``max_age_s`` seconds.
+    A live writer's temporary is never removed. Errors (a vanished file, a permission) skip
+    the temporary.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    here = host_tag()
+    now = time.time()
+    removed = []
+    for path in sorted(folder.iterdir()):
+        owner = temporary_owner(path.name)
+        try:
+            if owner is not None and owner[1] == here:
+                stale = not process_is_alive(owner[0])
+            elif owner is not None or (unattributed is not None and unattributed.match(path.name)):
+                stale = now - _newest_mtime(path) > max_age_s
+            else:
+                continue
+            if not stale:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed

@@ -11,8 +11,8 @@ from cpd_mtp.apps import rank_study
 
 
 def fake_run(name, seed, joint, tpf, rank, n_future=4):
-    weights = {f"expert{a}_weight": 1.0 / rank for a in range(rank)}
-    heads = {f"head{s}_nll": joint + s for s in range(1, n_future + 1)}
+    weights = {f"expert_usage/{a}": 1.0 / rank for a in range(rank)}
+    heads = {f"head_nll/{s}": joint + s for s in range(1, n_future + 1)}
     acceptance = [0.5] * (n_future - 1)
     decode = {"tokens_per_forward": tpf, "acceptance": acceptance, "speedup": 1.5}
     return {

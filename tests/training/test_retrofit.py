@@ -25,7 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpd_mtp.training.retrofit import RetrofitConfig, retrofit, select_blocks
+from cpd_mtp.training.config import RetrofitConfig, load_retrofit_config
+from cpd_mtp.training.retrofit import retrofit, select_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -39,27 +40,29 @@ def tiny_model(tiny_pretrained_folder) -> Path:
 
 
 def config(model: Path, out: Path, **overrides) -> RetrofitConfig:
-    settings = dict(
-        model=str(model),
-        out_dir=str(out),
-        n_future=N_FUTURE,
-        rank=RANK,
-        tokens=2048,
-        seed=0,
-        distill="none",
-        max_files=12,
-        block_size=BLOCK,
-        batch_size=8,
-        steps=12,
-        lr=1e-2,
-        warmup_steps=2,
-        eval_every=6,
-        save_every=6,
-        eval_blocks=8,
-        progress=False,
-    )
-    settings.update(overrides)
-    return RetrofitConfig(**settings)
+    """The test's settings, by dotted key (``head.rank``, ``data.tokens``, ...)."""
+    settings = {
+        "model.path": str(model),
+        "run.out_dir": str(out),
+        "head.n_future": N_FUTURE,
+        "head.rank": RANK,
+        "data.tokens": 2048,
+        "run.seed": 0,
+        "data.distill": "none",
+        "data.max_files": 12,
+        "data.block_size": BLOCK,
+        "run.micro_batch_size": 8,
+        "run.steps": 12,
+        "optim.lr": 1e-2,
+        "optim.warmup_steps": 2,
+        "run.eval_every": 6,
+        "run.save_every": 6,
+        "data.eval_blocks": 8,
+        "run.progress": False,
+        "run.merged": True,
+    }
+    settings.update({key.replace("__", "."): value for key, value in overrides.items()})
+    return load_retrofit_config(settings)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -72,10 +75,14 @@ def validation_blocks(model: Path, cfg: RetrofitConfig) -> torch.Tensor:
 
     corpus = build_corpus(
         DataConfig(
-            tokenizer=model, block_size=cfg.block_size, max_files=cfg.max_files, progress=False
+            tokenizer=model,
+            block_size=cfg.data.block_size,
+            max_files=cfg.data.max_files,
+            progress=False,
         )
     )
-    return torch.from_numpy(np.asarray(corpus.validation.blocks[: cfg.eval_blocks], dtype=np.int64))
+    blocks = corpus.validation.blocks[: cfg.data.eval_blocks]
+    return torch.from_numpy(np.asarray(blocks, dtype=np.int64))
 
 
 def head_nll_per_target(model, ids: torch.Tensor) -> float:
@@ -89,7 +96,7 @@ def head_nll_per_target(model, ids: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def none_run(tiny_model, tmp_path_factory) -> tuple[RetrofitConfig, dict]:
     out = tmp_path_factory.mktemp("retrofit_none")
-    cfg = config(tiny_model, out, draft_vocab=200, zero_stage=2)
+    cfg = config(tiny_model, out, head__draft_vocab_size=200, run__zero_stage=2)
     return cfg, retrofit(cfg)
 
 
@@ -99,7 +106,7 @@ def test_none_mode_lowers_validation_nll_against_an_untrained_head(tiny_model, n
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     cfg, last = none_run
-    final = Path(cfg.out_dir) / "final"
+    final = Path(cfg.run.out_dir) / "final"
     trained = CPDMTPForCausalLM.from_pretrained(final).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     torch.manual_seed(123)
@@ -112,11 +119,11 @@ def test_none_mode_lowers_validation_nll_against_an_untrained_head(tiny_model, n
     assert after < before - 0.01, (before, after)
     # The run's own validation measured the same thing on the same blocks.
     assert last["val/joint_nll_per_target"] == pytest.approx(after, rel=1e-4)
-    records = metrics(Path(cfg.out_dir))
-    assert records[0]["step"] == 0 and records[-1]["step"] == cfg.steps
+    records = metrics(Path(cfg.run.out_dir))
+    assert records[0]["step"] == 0 and records[-1]["step"] == cfg.run.steps
     for k in range(1, N_FUTURE + 1):  # every offset's head improved over the step-0 head
-        assert records[-1][f"val/head{k}_nll"] < records[0][f"val/head{k}_nll"]
-    usage = [records[-1][f"val/expert{a}_weight"] for a in range(RANK)]
+        assert records[-1][f"val/head_nll/{k}"] < records[0][f"val/head_nll/{k}"]
+    usage = [records[-1][f"val/expert_usage/{a}"] for a in range(RANK)]
     assert sum(usage) == pytest.approx(1.0, abs=1e-5)
     assert all(r["tokens_per_s"] > 0 for r in records[1:])
 
@@ -128,7 +135,7 @@ def test_the_export_is_base_mode_and_its_logits_are_the_original_models(tiny_mod
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     cfg, _ = none_run
-    final = Path(cfg.out_dir) / "final"
+    final = Path(cfg.run.out_dir) / "final"
     model = CPDMTPForCausalLM.from_pretrained(final).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     assert model.config.head_config["next_token"] == "base"
@@ -153,14 +160,14 @@ def test_the_draft_vocabulary_is_the_most_frequent_training_targets(tiny_model, 
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     cfg, _ = none_run
-    draft = CPDMTPForCausalLM.from_pretrained(Path(cfg.out_dir) / "final").head.draft_ids
+    draft = CPDMTPForCausalLM.from_pretrained(Path(cfg.run.out_dir) / "final").head.draft_ids
     # The training blocks, as the states cache stored them: ceil(tokens / block) of them.
     entries = [
         np.load(p)
         for p in (Path(os.environ["CPD_MTP_CACHE"]) / "trunk_states").glob("*/tokens.npy")
     ]
-    wanted = -(-cfg.tokens // cfg.block_size)
-    train = [t for t in entries if t.shape == (wanted, cfg.block_size)]
+    wanted = -(-cfg.data.tokens // cfg.data.block_size)
+    train = [t for t in entries if t.shape == (wanted, cfg.data.block_size)]
     assert train, "the training blocks' states were not cached"
     counts = np.bincount(train[-1].reshape(-1), minlength=320)
     inside = np.zeros(320, dtype=bool)
@@ -180,7 +187,7 @@ def test_a_second_run_in_the_same_folder_is_refused(tiny_model, none_run, capsys
 
     cfg, _ = none_run
     with pytest.raises(SystemExit) as exit_info:
-        run_command(config(tiny_model, Path(cfg.out_dir)))
+        run_command({"model.path": str(tiny_model), "run.out_dir": cfg.run.out_dir})
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message
     assert "already holds a run" in message and "--resume" in message
@@ -190,7 +197,7 @@ def test_a_second_run_in_the_same_folder_is_refused(tiny_model, none_run, capsys
 def test_kl_mode_trains_and_exports(tiny_model, tmp_path):
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
-    cfg = config(tiny_model, tmp_path / "kl", distill="kl", zero_stage=3)
+    cfg = config(tiny_model, tmp_path / "kl", data__distill="kl", run__zero_stage=3)
     last = retrofit(cfg)
     records = metrics(tmp_path / "kl")
     assert all(np.isfinite(r["loss"]) for r in records[1:])
@@ -204,11 +211,16 @@ def test_generated_mode_trains_on_the_models_own_continuations(tiny_model, tmp_p
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
     cfg = config(
-        tiny_model, tmp_path / "gen", distill="generated", tokens=512, prompt_tokens=8, steps=4
+        tiny_model,
+        tmp_path / "gen",
+        data__distill="generated",
+        data__tokens=512,
+        data__prompt_tokens=8,
+        run__steps=4,
     )
     retrofit(cfg)
     records = metrics(tmp_path / "gen")
-    assert [r["step"] for r in records] == list(range(cfg.steps + 1))
+    assert [r["step"] for r in records] == list(range(cfg.run.steps + 1))
     assert all(np.isfinite(r["loss"]) for r in records[1:])
     # 512 generated tokens at 24 per prompt: 22 prompts were continued by the model.
     cache = Path(os.environ["CPD_MTP_CACHE"]) / "self_distill"
@@ -228,11 +240,17 @@ def test_generated_mode_trains_on_the_models_own_continuations(tiny_model, tmp_p
     [
         (["--resume", "--overwrite"], "exclude each other"),
         (["--distill", "kl", "--temperature", "0.5"], "temperature applies to --distill generated"),
-        (["--n-future", "40"], "must be < block_size"),
-        (["--beta", "1.5"], "beta must lie in [0, 1]"),
-        (["--balance-coef", "-0.1"], "balance_coef must be a finite number >= 0"),
+        (["--n-future", "40"], "must be < data.block_size"),
+        (["--beta", "1.5"], "data.beta must lie in [0, 1]"),
+        (["--balance-coef", "-0.1"], "head.balance_coef"),
         (["--tokens", "10000000"], "lower --tokens"),
         (["--draft-vocab", "100000"], "exceeds the model's vocabulary"),
+        (["--n-future", "1"], "can never draft in base mode"),
+        (["--draft-vocab", "1"], "leaves nothing to choose"),
+        (["head.next_token=marginal"], "head.next_token must be 'base'"),
+        (["--distill", "magic"], "data.distill: Invalid value 'magic'"),
+        (["head.no_such_key=1"], "head.no_such_key"),
+        (["--resume"], "holds no run to continue"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tiny_model, tmp_path, flags, message):
@@ -246,17 +264,31 @@ def test_bad_settings_are_one_line_errors(tiny_model, tmp_path, flags, message):
     assert text.startswith("error: ") and "\n" not in text and message in text, text
 
 
-def test_a_missing_model_and_a_bad_choice_are_one_line_errors(tmp_path, capsys):
+def test_a_missing_model_is_a_one_line_error(tmp_path):
     from cpd_mtp.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["retrofit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert str(exit_info.value.code) == f"error: --model {tmp_path / 'nope'} does not exist"
     with pytest.raises(SystemExit) as exit_info:
-        main(["retrofit", "--model", "m", "--out", "o", "--distill", "magic"])
-    assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cpd-mtp")]
-    assert len(errors) == 1 and "invalid choice: 'magic'" in errors[0]
+        main(["retrofit", "--out", str(tmp_path / "o")])
+    assert str(exit_info.value.code) == "error: --model (model.path) is required"
+
+
+def test_every_head_option_reaches_the_retrofit_config_by_its_dotted_key():
+    """The ``head`` section is ``CPDMTPConfig``'s fields: a head option needs no retrofit code."""
+    import dataclasses
+
+    from cpd_mtp.config import CPDMTPConfig
+
+    names = {f.name for f in dataclasses.fields(CPDMTPConfig)} - {"hidden_size", "vocab_size"}
+    cfg = load_retrofit_config({"model.path": "m", "run.out_dir": "o"})
+    assert {f.name for f in dataclasses.fields(cfg.head)} == names
+    assert cfg.head.next_token == "base" and cfg.head.expert_type == "linear"
+    cfg = load_retrofit_config(
+        ["model.path=m", "run.out_dir=o", "head.router_z_coef=0.25", "head.expert_init_noise=0.5"]
+    )
+    assert (cfg.head.router_z_coef, cfg.head.expert_init_noise) == (0.25, 0.5)
 
 
 # ---------------------------------------------------------------------- resume
@@ -301,8 +333,94 @@ def test_resume_after_a_kill_equals_a_straight_run(tiny_model, tmp_path):
         for key in ("loss", "lr", "val/joint_nll_per_target"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (key, ra, rb)
-    wa = load_file(straight / "final" / "model.safetensors")
-    wb = load_file(killed / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-6, atol=1e-7, msg=name)
+    files = sorted(p.name for p in (straight / "final").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (killed / "final").glob("*.safetensors")) and files
+    for file in files:
+        wa, wb = load_file(straight / "final" / file), load_file(killed / "final" / file)
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            torch.testing.assert_close(wb[name], wa[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------- the run folder
+def test_a_resume_is_checked_before_the_model_is_loaded(tiny_model, none_run, monkeypatch):
+    """A changed fixed setting is refused at once, not after tokenising and caching."""
+    import cpd_mtp.hf.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the resume was checked")
+
+    monkeypatch.setattr(cpd_mtp.hf.loading, "load_causal_lm", no_loading)
+    cfg, _ = none_run
+    changed = config(
+        tiny_model, Path(cfg.run.out_dir), run__resume=True, head__rank=RANK + 1,
+        head__draft_vocab_size=200,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"head\.rank 2 -> 3"):
+        retrofit(changed)
+
+
+def test_a_failed_re_export_is_written_again_on_the_next_resume(tiny_model, tmp_path, monkeypatch):
+    """Completion is the export's stamp matching the last checkpoint, not final/ existing."""
+    import cpd_mtp.hf.export
+
+    out = tmp_path / "run"
+    retrofit(config(tiny_model, out, run__steps=4))
+    stamp = json.loads((out / "final" / "cpd_mtp_run.json").read_text())
+    assert stamp["step"] == 4
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cpd_mtp.hf.export, "save_export", full_disk)
+    with pytest.raises(OSError):  # more steps, then the export dies
+        retrofit(config(tiny_model, out, run__steps=6, run__resume=True))
+    assert json.loads((out / "final" / "cpd_mtp_run.json").read_text())["step"] == 4
+    monkeypatch.undo()
+    retrofit(config(tiny_model, out, run__steps=6, run__resume=True))
+    assert json.loads((out / "final" / "cpd_mtp_run.json").read_text())["step"] == 6
+    saved = json.loads((out / "final" / "retrofit_config.json").read_text())
+    assert saved["run"]["steps"] == 6
+    assert [r["step"] for r in metrics(out)] == list(range(7))
+
+
+def test_temporaries_of_killed_runs_are_swept_and_a_moved_export_is_put_back(tmp_path):
+    from cpd_mtp.training.run_dir import RunDirectory
+
+    out = tmp_path / "run"
+    (out / ".final.tmp4242").mkdir(parents=True)
+    (out / ".final.tmp4242" / "model.safetensors").write_bytes(b"x" * 100)
+    (out / ".metrics.jsonl.tmp4243").write_text("torn")
+    (out / ".final.old4244").mkdir()
+    (out / ".final.old4244" / "config.json").write_text("{}")
+    run_dir = RunDirectory(out)
+    run_dir.claim(resume=True, overwrite=False)  # the moved-aside export is a run to continue
+    try:
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "final"]
+        assert (out / "final" / "config.json").read_text() == "{}"
+    finally:
+        run_dir.close()
+
+
+def test_a_generated_budget_far_below_the_tokens_asked_for_is_warned_about(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Continuations that end early (EOS) leave far fewer tokens than --tokens: say so."""
+    import dataclasses
+
+    from cpd_mtp.training import self_distill
+
+    real = self_distill.generate_continuations
+
+    def ending_early(*args, **kwargs):
+        out = real(*args, **kwargs)
+        ids = [row[: length + 2] for row, length in zip(out.ids, out.prompt_lengths)]
+        return dataclasses.replace(out, ids=ids)
+
+    monkeypatch.setattr(self_distill, "generate_continuations", ending_early)
+    cfg = config(
+        tiny_model, tmp_path / "short", data__distill="generated", data__tokens=512,
+        data__prompt_tokens=8, run__steps=1, run__export=False,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"generated 44 tokens, far below data.tokens=512"):
+        retrofit(cfg)

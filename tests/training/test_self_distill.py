@@ -90,3 +90,158 @@ def test_the_progress_switch_is_obeyed(tmp_path, capfd, shown):
     # `progress=False` used to be shadowed by the import of the progress bar: always shown.
     generate_continuations(tiny_model(), [[1, 2, 3]], 4, tmp_path, progress=shown)
     assert ("self-distillation" in capfd.readouterr().err) is shown
+
+
+# ---------------------------------------------------------------------- resumable, checked
+import errno  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cpd_mtp.training import self_distill  # noqa: E402
+from cpd_mtp.training.state_cache import CacheError  # noqa: E402
+
+
+class Killed(Exception):
+    pass
+
+
+def count_generate(model, monkeypatch, kill_at=None):
+    """Count ``model.generate`` calls; raise ``Killed`` on call ``kill_at`` (1-based)."""
+    real, calls = model.generate, []
+
+    def generate(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        if kill_at is not None and len(calls) == kill_at:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    return calls
+
+
+def as_lists(data):
+    return [x.tolist() for x in data.ids], list(data.prompt_lengths)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=st.integers(1, 6),
+    batch=st.integers(1, 3),
+    kill=st.floats(0.0, 0.999),
+    temperature=st.sampled_from([0.0, 0.9]),
+)
+def test_a_killed_generation_resumes_where_it_stopped(monkeypatch, n, batch, kill, temperature):
+    model = tiny_model()
+    rng = np.random.default_rng(n * 10 + batch)
+    prompts = [rng.integers(1, 40, size=int(rng.integers(1, 6))).tolist() for _ in range(n)]
+    chunks = -(-n // batch)
+    finished = int(kill * chunks)  # chunks done before the kill
+    args = {"temperature": temperature, "batch_size": batch, "seed": 5}
+    with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as root:
+        expected = generate_continuations(model, prompts, 4, whole, **args)
+        with monkeypatch.context() as patch:
+            count_generate(model, patch, kill_at=finished + 1)
+            with pytest.raises(Killed):
+                generate_continuations(model, prompts, 4, root, **args)
+        entry = Path(root) / "self_distill" / expected.path.name
+        assert not entry.exists()  # an entry is whole or absent
+        with monkeypatch.context() as patch:
+            calls = count_generate(model, patch)
+            resumed = generate_continuations(model, prompts, 4, root, **args)
+        assert len(calls) == chunks - finished  # only the missing chunks ran
+        assert as_lists(resumed) == as_lists(expected)
+        assert [p.name for p in (Path(root) / "self_distill").iterdir()] == [entry.name]
+
+
+def test_progress_counts_resumed_chunks_as_done(tmp_path, monkeypatch, capfd):
+    model = tiny_model()
+    prompts = [[i + 1, i + 2] for i in range(10)]
+    with monkeypatch.context() as patch:
+        count_generate(model, patch, kill_at=7)
+        with pytest.raises(Killed):
+            generate_continuations(model, prompts, 2, tmp_path, batch_size=1)
+    capfd.readouterr()
+    generate_continuations(model, prompts, 2, tmp_path, batch_size=1, progress=True)
+    lines = capfd.readouterr().err.splitlines()
+    assert "6 of 10 chunks (6 of 10 prompts) already done" in lines[0]
+    counts = [line.split(": ")[1].split()[0] for line in lines[1:]]
+    assert counts == ["7/10", "8/10", "9/10", "10/10"]
+
+
+def test_a_damaged_chunk_is_generated_again(tmp_path, monkeypatch):
+    model = tiny_model()
+    prompts = [[1, 2], [3, 4], [5, 6]]
+    expected = generate_continuations(model, prompts, 3, tmp_path / "whole", batch_size=1)
+    with monkeypatch.context() as patch:
+        count_generate(model, patch, kill_at=3)
+        with pytest.raises(Killed):
+            generate_continuations(model, prompts, 3, tmp_path, batch_size=1)
+    chunk = next((tmp_path / "self_distill").glob("*.partial-b1/chunk-000001.npz"))
+    chunk.write_bytes(chunk.read_bytes()[:-10])
+    calls = count_generate(model, monkeypatch)
+    with pytest.warns(UserWarning, match=f"{chunk} is unreadable"):
+        again = generate_continuations(model, prompts, 3, tmp_path, batch_size=1)
+    assert len(calls) == 2 and as_lists(again) == as_lists(expected)
+
+
+@pytest.mark.parametrize("damage", ["truncate ids", "flip ids", "drop bounds", "garble meta"])
+def test_a_damaged_entry_is_generated_again_with_a_warning(tmp_path, monkeypatch, damage):
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    first = generate_continuations(model, prompts, 4, tmp_path)
+    ids, meta = first.path / "ids.npy", first.path / "meta.json"
+    if damage == "truncate ids":
+        ids.write_bytes(ids.read_bytes()[:-3])
+        named = ids
+    elif damage == "flip ids":
+        data = bytearray(ids.read_bytes())
+        data[-1] ^= 1
+        ids.write_bytes(bytes(data))
+        named = ids
+    elif damage == "drop bounds":
+        named = first.path / "bounds.npy"
+        named.unlink()
+    else:
+        meta.write_text(meta.read_text()[:-5])
+        named = meta
+    calls = count_generate(model, monkeypatch)
+    with pytest.warns(UserWarning, match=f"entry {first.path} is damaged .*{named}"):
+        again = generate_continuations(model, prompts, 4, tmp_path)
+    assert len(calls) == 1 and as_lists(again) == as_lists(first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_continuations(model, prompts, 4, tmp_path)  # whole again: no warning
+
+
+def test_an_entry_of_an_older_version_is_kept(tmp_path, monkeypatch):
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    first = generate_continuations(model, prompts, 4, tmp_path)
+    (first.path / "meta.json").write_text(json.dumps({"examples": 2}))
+    count_generate(model, monkeypatch, kill_at=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = generate_continuations(model, prompts, 4, tmp_path)
+    assert as_lists(again) == as_lists(first)
+
+
+def test_a_full_disk_is_one_line_naming_the_chunk(tmp_path, monkeypatch):
+    model = tiny_model()
+
+    def no_space(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(self_distill, "durable_write_bytes", no_space)
+    with pytest.raises(CacheError) as error:
+        generate_continuations(model, [[1, 2]], 2, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("No space left on device while writing ")
+    assert ".partial-b16/chunk-000000.npz" in message
