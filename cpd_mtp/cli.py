@@ -4,6 +4,7 @@
     cpd-mtp train --preset tiny --print-config    # the merged config; `train --help`: every key
     cpd-mtp generate --model runs/demo/final --prompt "def parse(" [--sample ...]
     cpd-mtp retrofit --model M --out DIR          # a drafting head for a pretrained model
+    cpd-mtp measure --model DIR/final             # its speed against the original model
     cpd-mtp demo                                  # the main job, as `make demo` runs it
     cpd-mtp demo-scratch                          # pretraining with the CP loss, from scratch
     cpd-mtp bench ranks [--size default]          # the rank study (cpd_mtp.apps.rank_study)
@@ -68,6 +69,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-context-drafts", action="store_true", help="no prompt-lookup branches"
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user message, put through the tokenizer's chat template",
+    )
 
 
 def _draft_tree(text: str) -> str | int:
@@ -111,14 +117,30 @@ def run_generate(args: argparse.Namespace) -> None:
         eos_token_id = tokenizer.eos_token_id
     if pad_token_id is None:
         pad_token_id = tokenizer.pad_token_id
-    batch = tokenizer(args.prompt, return_tensors="pt", padding=len(args.prompt) > 1)
+    prompts = list(args.prompt)
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            sys.exit(f"error: --chat: the tokenizer of {args.model} has no chat template")
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    # A chat template already holds the special tokens; plain text gets the tokenizer's own.
+    batch = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=len(prompts) > 1,
+        add_special_tokens=not args.chat,
+    )
     generator = torch.Generator().manual_seed(args.seed)
     streaming = len(args.prompt) == 1
     # TextStreamer decodes everything generated so far and prints only the settled text, so a
     # character whose bytes span several tokens (or forwards) prints whole, never as "\ufffd".
     streamer = TextStreamer(tokenizer, skip_prompt=True) if streaming else None
     if streaming:
-        print(args.prompt[0], end="", flush=True)
+        print(prompts[0], end="", flush=True)
     out = generate(
         model,
         batch.input_ids,
@@ -192,6 +214,19 @@ def run_retrofit(args: argparse.Namespace) -> None:
     from cpd_mtp.training.retrofit import run_command
 
     run_command(retrofit_overrides(args))
+
+
+# ---------------------------------------------------------------------- measure
+def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    from cpd_mtp.apps.measure import add_arguments  # argument definitions only
+
+    add_arguments(parser)
+
+
+def run_measure(args: argparse.Namespace) -> None:
+    from cpd_mtp.apps.measure import run
+
+    run(args)
 
 
 # ---------------------------------------------------------------------- demo
@@ -320,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_retrofit_arguments,
         run_retrofit,
         "cpd-mtp retrofit",
+    )
+    _command(
+        commands,
+        "measure",
+        "Measure how much faster an export decodes than its original model.",
+        add_measure_arguments,
+        run_measure,
+        "cpd-mtp measure",
     )
     _command(
         commands,

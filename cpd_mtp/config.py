@@ -51,6 +51,12 @@ class CPDMTPConfig:
             training tokens), so drafting and head training cost O(K) per expert row; the
             drafts have probability 0 outside them. None (or V) means all V ids. K < V needs
             ``next_token="base"`` (the marginal must cover the whole vocabulary).
+        token_conditioned: whether the gate and experts also see the next token x_{t+1}
+            (``next_token="base"``, n_future >= 2): they read z = h_t + C e(x_{t+1}) instead of
+            h_t, with e the model's own frozen input embedding and C a learned (d, d) map that
+            starts at zero (so a new head is the unconditioned one). Offset 1 is then the head's
+            input, not a target: it drafts x_{t+2..t+n} given (h_t, x_{t+1}), trained with
+            x_{t+1} teacher-forced from the labels and drafting from the verifier's token.
     """
 
     hidden_size: int
@@ -69,6 +75,7 @@ class CPDMTPConfig:
     grad_filter: bool = False
     next_token: NextToken = "marginal"
     draft_vocab_size: int | None = None
+    token_conditioned: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "n_future", "rank"):
@@ -116,6 +123,22 @@ class CPDMTPConfig:
                     "CPDMTPConfig.draft_vocab_size < vocab_size needs next_token='base': the "
                     "marginal of a head restricted to a draft vocabulary is 0 outside it"
                 )
+        if not isinstance(self.token_conditioned, bool):
+            raise ValueError(
+                "CPDMTPConfig.token_conditioned must be True or False, got "
+                f"{self.token_conditioned!r}"
+            )
+        if self.token_conditioned and self.next_token != "base":
+            raise ValueError(
+                "CPDMTPConfig.token_conditioned needs next_token='base': a head that reads "
+                "x_{t+1} cannot also be the distribution x_{t+1} is drawn from (the base "
+                f"model's lm_head gives it), got next_token={self.next_token!r}"
+            )
+        if self.token_conditioned and self.n_future < 2:
+            raise ValueError(
+                "CPDMTPConfig.token_conditioned needs n_future >= 2: offset 1 is the head's "
+                f"input, so it drafts offsets 2..n, got n_future={self.n_future}"
+            )
 
     @property
     def draft_vocab(self) -> int:

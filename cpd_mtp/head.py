@@ -7,6 +7,10 @@
 
 ``forward(hidden)`` returns the next-token marginal log P(x_{t+1}), a drop-in for
 ``lm_head(hidden)`` logits. ``forward(hidden, labels=labels)`` also returns the exact CP loss.
+
+A token-conditioned head (``token_conditioned``, base mode) reads z_t = h_t + C e(x_{t+1}) in
+place of h_t in the gate and the experts, with e the model's frozen input embedding and C a
+learned (d, d) map: it models x_{t+2..t+n} given (h_t, x_{t+1}), and offset 1 is its input.
 """
 
 from __future__ import annotations
@@ -119,6 +123,13 @@ def check_bias_free(module: nn.Module, what: str = "lm_head") -> None:
         raise ValueError(f"{what} has a bias; a CP-MTP head shares only a bias-free W_U")
 
 
+def next_tokens(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """x_{t+1} of every position: (..., T) labels -> (..., T) ``labels[..., t + 1]``, and
+    ``ignore_index`` at the last position (what a token-conditioned head is teacher-forced with).
+    """
+    return shift_targets(labels, 1, ignore_index)[..., 0]
+
+
 def shift_targets(labels: torch.Tensor, n_future: int, ignore_index: int) -> torch.Tensor:
     """Future targets per position: out[..., t, s-1] = labels[..., t+s], past the end ignored.
 
@@ -135,6 +146,11 @@ def shift_targets(labels: torch.Tensor, n_future: int, ignore_index: int) -> tor
     return torch.stack([padded[..., s : s + seq_len] for s in range(1, n_future + 1)], dim=-1)
 
 
+# The head's parameters that belong to the model it sits on, not to the head: W_U and, for a
+# token-conditioned head, the input embedding. Exports of the head alone leave them out.
+SHARED_KEYS = ("weight", "token_embedding")
+
+
 class CPDMTPHead(nn.Module):
     """Rank-r CP multi-token prediction head over a shared unembedding W_U.
 
@@ -142,6 +158,12 @@ class CPDMTPHead(nn.Module):
         config: the head's hyper-parameters.
         unembedding: an existing (V, d) parameter to use as W_U (shared, not copied);
             a new one is created when None.
+        token_embedding: for a ``token_conditioned`` head, the model's (V, d) input embedding
+            (shared, not copied; None: W_U itself, the input embedding of a model with tied
+            embeddings). It is read, never trained (no gradient reaches it through the head),
+            and never part of the head's ``state_dict``: it is the model's, like W_U, and
+            whoever builds the head attaches it again (``CPDMTPForCausalLM`` does, also after
+            loading). Ignored by a head that is not token-conditioned.
 
     Label convention: ``labels`` has the shape of ``hidden`` without its last dimension and is
     aligned with the input ids (``labels = input_ids`` as in Hugging Face); the target of
@@ -149,7 +171,12 @@ class CPDMTPHead(nn.Module):
     those equal to ``ignore_index`` are marginalised out, not counted.
     """
 
-    def __init__(self, config: CPDMTPConfig, unembedding: nn.Parameter | None = None) -> None:
+    def __init__(
+        self,
+        config: CPDMTPConfig,
+        unembedding: nn.Parameter | None = None,
+        token_embedding: nn.Parameter | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         d, vocab = config.hidden_size, config.vocab_size
@@ -165,6 +192,15 @@ class CPDMTPHead(nn.Module):
                 f"got {_full_shape(unembedding)}"
             )
         self.weight = unembedding
+        if config.token_conditioned:
+            # C: the next token's embedding enters as z = h + C e(x_{t+1}). It starts at zero,
+            # so a new conditioned head computes exactly what the unconditioned head does.
+            self.token_proj = nn.Linear(d, d, bias=False)
+            nn.init.zeros_(self.token_proj.weight)
+            self.attach_token_embedding(unembedding if token_embedding is None else token_embedding)
+        else:
+            self.token_proj = None
+            self.token_embedding = None
         if config.has_draft_vocab:
             # Placeholder ids until ``set_draft_vocab``; saved and restored with the model.
             self.register_buffer("draft_ids", torch.arange(config.draft_vocab))
@@ -173,7 +209,13 @@ class CPDMTPHead(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, lm_head: nn.Linear, n_future: int, rank: int, **config_kwargs
+        cls,
+        lm_head: nn.Linear,
+        n_future: int,
+        rank: int,
+        *,
+        token_embedding: nn.Parameter | None = None,
+        **config_kwargs,
     ) -> CPDMTPHead:
         """A head whose W_U *is* ``lm_head.weight`` (shared, so tying is preserved).
 
@@ -181,6 +223,8 @@ class CPDMTPHead(nn.Module):
             lm_head: a bias-free ``nn.Linear(d, V)``.
             n_future: n, the number of future tokens predicted jointly.
             rank: r, the number of experts.
+            token_embedding: the model's (V, d) input embedding weight, read by a
+                ``token_conditioned`` head (see the class); None: ``lm_head.weight``.
             **config_kwargs: the rest of ``CPDMTPConfig`` (``expert_type``, ``balance``, ...).
         """
         if not isinstance(lm_head, nn.Linear):
@@ -190,10 +234,81 @@ class CPDMTPHead(nn.Module):
         config = CPDMTPConfig(
             hidden_size=d, vocab_size=vocab, n_future=n_future, rank=rank, **config_kwargs
         )
-        head = cls(config, unembedding=lm_head.weight)
+        head = cls(config, unembedding=lm_head.weight, token_embedding=token_embedding)
         head.gate.to(lm_head.weight.device, lm_head.weight.dtype)
         head.experts.to(lm_head.weight.device, lm_head.weight.dtype)
+        if head.token_proj is not None:
+            head.token_proj.to(lm_head.weight.device, lm_head.weight.dtype)
         return head
+
+    # ------------------------------------------------------------------ the next token's input
+    def attach_token_embedding(self, embedding: nn.Parameter) -> None:
+        """Read x_{t+1} through this (V, d) input embedding (shared, not copied).
+
+        For a ``token_conditioned`` head only; the embedding is the model's, so the head's
+        ``state_dict`` leaves it out and a loaded head needs it attached again.
+        """
+        if not self.config.token_conditioned:
+            raise ValueError("attach_token_embedding: this head is not token_conditioned")
+        want = (self.config.vocab_size, self.config.hidden_size)
+        if not isinstance(embedding, torch.Tensor) or _full_shape(embedding) != want:
+            shape = _full_shape(embedding) if isinstance(embedding, torch.Tensor) else None
+            raise ValueError(
+                f"token_embedding must be a tensor of shape (vocab_size, hidden_size) = {want}, "
+                f"got {shape if shape is not None else type(embedding).__name__}"
+            )
+        if not isinstance(embedding, nn.Parameter):
+            embedding = nn.Parameter(embedding, requires_grad=False)
+        self.token_embedding = embedding
+
+    def conditioned_state(
+        self, hidden: torch.Tensor, next_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the gate and the experts read: h, or z = h + C e(x_{t+1}) when conditioned.
+
+        Args:
+            hidden: (..., d) hidden states h_t.
+            next_token: (...) ids of x_{t+1}; a negative id means no token (its embedding is
+                taken as 0). Required by a ``token_conditioned`` head, ignored by the others.
+
+        Returns:
+            (..., d) in ``hidden``'s dtype. The embedding is read detached: no gradient
+            reaches it, only C.
+        """
+        if self.token_proj is None:
+            return hidden
+        if next_token is None:
+            raise ValueError(
+                "this head is token_conditioned: it drafts given x_{t+1}, pass next_token"
+            )
+        next_token = next_token.to(hidden.device)
+        if tuple(next_token.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"next_token must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                f"got {tuple(next_token.shape)}"
+            )
+        present = next_token >= 0
+        ids = torch.where(present, next_token, 0).to(torch.int64)
+        table = self.token_embedding.detach()
+        embedded = nn.functional.embedding(ids.to(table.device), table).to(hidden.device)
+        embedded = torch.where(present[..., None], embedded, 0.0)
+        shift = self.token_proj(embedded.to(self.token_proj.weight.dtype))
+        return hidden + shift.to(hidden.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # The input embedding is the model's, like W_U in an export of the head alone; unlike
+        # W_U it is never the head's to save (see the class docstring).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "token_embedding", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Neither expected nor loaded: a state dict holding it is reported as unexpected.
+        embedding = self._parameters.pop("token_embedding", None)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            if embedding is not None:
+                self._parameters["token_embedding"] = embedding
 
     # ------------------------------------------------------------------ pieces
     def _check_hidden(self, hidden: torch.Tensor) -> None:
@@ -326,6 +441,30 @@ class CPDMTPHead(nn.Module):
             return self.base_logits(hidden)
         return self.marginal_log_probs(hidden)
 
+    # ------------------------------------------------------------------ targets
+    def loss_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The targets the loss scores: (..., T) labels -> (..., T, n) ids, ``ignore_index``
+        where a target is not scored.
+
+        Entry [..., t, s-1] is ``labels[..., t + s]`` (past the end: ignored). With a draft
+        vocabulary, targets outside it are ignored. For a ``token_conditioned`` head, offset 1
+        is the head's input, not a target, and a position whose x_{t+1} is ignored or past the
+        end has no conditional to score: both are ignored.
+        """
+        cfg = self.config
+        labels = labels.to(torch.int64)
+        targets = shift_targets(labels, cfg.n_future, cfg.ignore_index)  # (..., T, n)
+        if self.draft_ids is not None:
+            outside = self.draft_position(targets.clamp(min=0)).to(targets.device) < 0
+            targets = targets.masked_fill(outside, cfg.ignore_index)
+        if cfg.token_conditioned:
+            # x_{t+1} is read through the full vocabulary's embedding, inside the draft
+            # vocabulary or not.
+            missing = next_tokens(labels, cfg.ignore_index)[..., None] == cfg.ignore_index
+            targets = targets.masked_fill(missing, cfg.ignore_index)
+            targets[..., 0] = cfg.ignore_index
+        return targets
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -358,6 +497,12 @@ class CPDMTPHead(nn.Module):
         With a draft vocabulary the experts' softmax runs over its K ids, and targets outside
         them are ignored (marginalised out), since the drafts give them probability 0.
 
+        A ``token_conditioned`` head reads z_t = h_t + C e(x_{t+1}) with x_{t+1} =
+        ``labels[..., t + 1]`` (teacher forcing), and scores offsets 2..n only
+        (``loss_targets``): the loss of position t is -log sum_a w_a(z_t) prod_{s>=2}
+        p_{s,a}(x_{t+s} | z_t), a position whose x_{t+1} is ignored or past the end has no
+        target, ``per_head_nll[0]`` is 0 and the distillation window starts at offset 2.
+
         Returns:
             Without labels: (..., T, V) ``next_token_logits``. With labels: a
             ``CPDMTPHeadOutput``.
@@ -377,17 +522,23 @@ class CPDMTPHead(nn.Module):
         labels = labels.to(torch.int64)
 
         h = hidden.reshape(-1, cfg.hidden_size)  # (N, d)
-        targets = shift_targets(labels, cfg.n_future, cfg.ignore_index).reshape(-1, cfg.n_future)
-        if self.draft_ids is not None:  # ids -> positions in the draft vocabulary
-            inside = self.draft_position(targets.clamp(min=0))
-            targets = torch.where((targets != cfg.ignore_index) & (inside >= 0), inside, -100)
-            targets = targets.masked_fill(targets == -100, cfg.ignore_index)
+        targets = self.loss_targets(labels).reshape(-1, cfg.n_future)
         valid = targets != cfg.ignore_index  # (N, n)
         has_target = valid.any(dim=-1)  # (N,)
+        if self.draft_ids is not None:  # ids -> positions in the draft vocabulary
+            inside = self.draft_position(targets.clamp(min=0)).to(targets.device)
+            targets = torch.where(valid, inside, cfg.ignore_index)
+        # A token-conditioned head reads z = h + C e(x_{t+1}), x_{t+1} teacher-forced from the
+        # labels, and scores offsets 2..n only: its experts of offset 1 are not computed.
+        first, has_input = 0, None
+        if cfg.token_conditioned:
+            first, x_next = 1, next_tokens(labels, cfg.ignore_index).reshape(-1)  # (N,)
+            has_input = x_next != cfg.ignore_index
+            h = self.conditioned_state(h, torch.where(has_input, x_next, -1))
 
         gate_logits = self.gate_logits(h)  # (N, r)
         log_w = torch.log_softmax(gate_logits.to(accumulation_dtype(h.dtype)), dim=-1)
-        u = self.experts(h)  # (N, n, r, d)
+        u = self.experts(h, slice(first, cfg.n_future))  # (N, n - first, r, d)
         if torch.is_autocast_enabled(u.device.type):
             u = u.to(torch.get_autocast_dtype(u.device.type))
         weight = self._expert_unembedding()
@@ -395,12 +546,14 @@ class CPDMTPHead(nn.Module):
         row_lp = row_logprobs_unchecked(
             u,
             weight,
-            targets,
+            targets[:, first:],
             ignore_index=cfg.ignore_index,
             impl=cfg.loss_impl,
             chunk_bytes=cfg.chunk_bytes,
             grad_filter=cfg.grad_filter,
-        )  # (N, n, r)
+        )  # (N, n - first, r)
+        if first:  # offset 1 observes nothing: log-probability 0 for every expert
+            row_lp = torch.cat([row_lp.new_zeros(row_lp.shape[0], first, cfg.rank), row_lp], 1)
         nll, gamma = mixture_logsumexp(row_lp, log_w)  # (N,), (N, r)
         # A position without targets has -l_t = -logsumexp(log w) = 0 only up to rounding.
         nll = nll.masked_fill(~has_target, 0.0)
@@ -412,7 +565,7 @@ class CPDMTPHead(nn.Module):
         objective, distill_kl = joint_nll, None
         if distill is not None:
             objective, distill_kl = self._distill_objective(
-                hidden, u, weight, log_w, row_lp, valid, distill
+                hidden, u, weight, log_w, row_lp, valid, distill, has_input
             )
 
         pos_log_w, pos_gamma = log_w[has_target], gamma[has_target]
@@ -451,9 +604,17 @@ class CPDMTPHead(nn.Module):
         row_lp: torch.Tensor,
         observed: torch.Tensor,
         distill: tuple[float, float],
+        has_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean teacher-forced window loss over positions, and the mean KL per offset (n,)."""
+        """Mean teacher-forced window loss over positions, and the mean KL per offset (n,).
+
+        ``has_input`` (N,): for a token-conditioned head (whose ``u`` holds offsets 2..n only),
+        whether the position has its input x_{t+1}. The window then starts at offset 2, since
+        x_{t+1} is the input: offset 1 has no KL term (0 in the per-offset means), and a
+        position without x_{t+1} has none at all.
+        """
         beta, gamma = distill
+        first = 0 if has_input is None else 1
         n_future, seq_len = self.config.n_future, hidden.shape[-2]
         # The teacher of offset k at position t is h_{t+k-1} of the same sequence.
         pad = hidden.new_zeros((*hidden.shape[:-2], n_future, hidden.shape[-1]))
@@ -461,36 +622,53 @@ class CPDMTPHead(nn.Module):
         teacher = torch.stack([padded[..., k : k + seq_len, :] for k in range(n_future)], dim=-2)
         position = torch.arange(seq_len, device=hidden.device)
         teacher_ok = (position[:, None] + torch.arange(n_future, device=hidden.device)) < seq_len
-        teacher_ok = teacher_ok.expand(*hidden.shape[:-2], seq_len, n_future)
+        teacher_ok = teacher_ok.expand(*hidden.shape[:-2], seq_len, n_future).reshape(-1, n_future)
+        teacher = teacher.reshape(-1, n_future, hidden.shape[-1])
+        if first:
+            # Offset 1 is the input: no KL, and none at a position without x_{t+1} (where
+            # every target is ignored, so ``observed`` is all False).
+            teacher_ok = teacher_ok & has_input[:, None]
+            teacher_ok[:, :first] = False
         loss, kl, _ = window_distill_loss(
             u,
             weight,
             log_w,
-            row_lp,
-            observed,
-            teacher.reshape(-1, n_future, hidden.shape[-1]).to(u.dtype).detach(),
-            teacher_ok.reshape(-1, n_future),
+            row_lp[:, first:],
+            observed[:, first:],
+            teacher[:, first:].to(u.dtype).detach(),
+            teacher_ok[:, first:],
             beta=beta,
             gamma=gamma,
             chunk_bytes=self.config.chunk_bytes,
         )
-        counted = teacher_ok.reshape(-1, n_future).sum(0).clamp(min=1)
+        if first:
+            kl = torch.cat([kl.new_zeros(kl.shape[0], first), kl], dim=1)
+        counted = teacher_ok.sum(0).clamp(min=1)
         return loss.sum() / max(loss.shape[0], 1), kl.sum(0) / counted
 
     # ------------------------------------------------------------------ drafting
     @torch.no_grad()
-    def draft_state(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def draft_state(
+        self, hidden: torch.Tensor, next_token: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything the conditionals need at one position per row.
 
         Args:
             hidden: (B, d) hidden state at the last accepted position.
+            next_token: (B,) x_{t+1}, the verifier's token: required by a ``token_conditioned``
+                head (its gate and experts read it), ignored by the others.
 
         Returns:
             log_w: (B, r) log gate weights; log_p: (B, n, r, V) per-expert log-probabilities.
+            For a token-conditioned head ``log_p[:, 0]`` is 0: offset 1 is its input, not a
+            draft, so x_{t+1} among ``conditional``'s chosen tokens adds no evidence.
         """
         self._check_hidden(hidden)
-        log_w = self.log_gate(hidden)
-        return log_w, self.expert_log_probs(hidden)
+        if self.token_proj is None:
+            return self.log_gate(hidden), self.expert_log_probs(hidden)
+        z = self.conditioned_state(hidden, next_token)
+        rest = self.expert_log_probs(z, slice(1, self.config.n_future))  # (B, n - 1, r, K)
+        return self.log_gate(z), torch.cat([torch.zeros_like(rest[:, :1]), rest], dim=1)
 
     @staticmethod
     def conditional(

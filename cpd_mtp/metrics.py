@@ -66,15 +66,14 @@ def usage_collapse(usage: Sequence[float], threshold: float) -> str | None:
 def targets_per_offset(head: CPDMTPHead, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n,) targets per offset the head scores, and (n,) observed targets per offset.
 
-    The first counts exactly what the head averages ``per_head_nll`` over: with a draft
-    vocabulary, targets outside it are ignored. The second counts every observed target.
+    The first counts exactly what the head averages ``per_head_nll`` over
+    (``CPDMTPHead.loss_targets``): with a draft vocabulary, targets outside it are ignored; a
+    token-conditioned head scores no offset-1 target. The second counts every observed target.
     """
     cfg = head.config
     targets = shift_targets(labels.to(torch.int64), cfg.n_future, cfg.ignore_index)
     present = targets != cfg.ignore_index  # (..., T, n)
-    scored = present
-    if head.draft_ids is not None:
-        scored = present & (head.draft_position(targets.clamp(min=0)) >= 0).to(present.device)
+    scored = head.loss_targets(labels).to(present.device) != cfg.ignore_index
     return scored.reshape(-1, cfg.n_future).sum(0), present.reshape(-1, cfg.n_future).sum(0)
 
 

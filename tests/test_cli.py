@@ -388,3 +388,34 @@ def test_generate_takes_the_draft_tree(saved_model, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*argv, "--draft-tree", "wide"])
     assert exit_info.value.code == 2 and "'auto', 'chain' or an int" in capsys.readouterr().err
+
+
+def test_generate_chat_puts_the_prompt_through_the_chat_template(saved_model, tmp_path, capsys):
+    """--chat: the user message in the tokenizer's template, continued as HF generate would."""
+    import shutil
+
+    path, model, tokenizer = saved_model
+    with pytest.raises(SystemExit) as exit_info:  # this tokenizer has no template
+        cli.main(["generate", "--model", str(path), "--prompt", "hi", "--chat"])
+    assert "has no chat template" in str(exit_info.value.code)
+    chat = tmp_path / "chat"
+    shutil.copytree(path, chat)
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(chat)
+    cli.main(
+        ["generate", "--model", str(chat), "--prompt", "def add", "--chat", "--max-new-tokens", "8"]
+    )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "def add"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<user>def add<assistant>"
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        want = model.generate(
+            ids, speculative=False, max_new_tokens=8, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith(text + tokenizer.decode(want[0, ids.shape[1] :]))
+    tokenizer.chat_template = None

@@ -71,6 +71,7 @@ def _config(args: argparse.Namespace):
             "data.epochs": args.epochs,
             "run.eval_every": 10**9,  # validation at the start and the end
             "run.overwrite": True,  # `make demo` replaces its own earlier run
+            "run.measure_prompts": 0,  # the demo measures more prompts itself, below
         }
     )
 
@@ -92,54 +93,14 @@ def _retrofit(cfg: Any, base: tuple[Any, Any]) -> None:
         trainer.close()
 
 
-def _report(measured: dict[str, Any], prompts: int, new_tokens: int, repeats: int) -> None:
-    greedy = measured["greedy"]
-    speed = greedy["speedup"]
-    from cpd_mtp.decoding.output import format_rates
-
-    rates = format_rates(greedy["acceptance_per_position"], sep="  ")
-    print("\n== speculative decoding vs the original model's HF generate (greedy, batch 1) ==")
-    print(f"{prompts} held-out prompts x {new_tokens} new tokens, {repeats} interleaved passes")
-    print(f"tokens per forward            {greedy['tokens_per_forward']:.2f}")
-    print(f"acceptance per draft depth    {rates}")
-    print(
-        f"time per token                speculative {greedy['spec_s_per_token'] * 1e3:.1f} ms, "
-        f"HF generate {greedy['hf_s_per_token'] * 1e3:.1f} ms"
-    )
-    print(
-        f"speedup over HF generate      {speed['median']:.2f}x median over prompts "
-        f"(p20 {speed['p20']:.2f}x, p80 {speed['p80']:.2f}x, n={speed['n']}); "
-        f"total time {greedy['total_speedup']:.2f}x"
-    )
-    if not speed["trusted"]:
-        print(
-            "                              a wide spread (p20-p80 beyond 25 % of the median): "
-            "the prompts differ, or the machine is busy"
-        )
-    best = greedy.get("speedup_over_best_baseline")
-    if best is not None:
-        print(
-            f"speedup over the best zero-training alternative {best['median']:.2f}x "
-            f"(p20 {best['p20']:.2f}x, p80 {best['p80']:.2f}x): per prompt the faster of HF "
-            "greedy and HF prompt lookup, both in the packed oneDNN layout this decoder uses"
-        )
-    print(f"identical tokens to HF        {'yes' if greedy['identical'] else 'NO'}")
-    if "sampled" in measured:
-        sampled = measured["sampled"]
-        print(
-            f"sampled at T={sampled['temperature']:g}: {sampled['tokens_per_forward']:.2f} tokens "
-            "per forward (distributed exactly as the original model's sampling)"
-        )
-
-
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from cpd_mtp.apps.retrofit_eval import measure_retrofit
-    from cpd_mtp.apps.retrofit_study import held_out_prompts
     from cpd_mtp.decoding import generate
+    from cpd_mtp.decoding.measure import format_report, measure_retrofit
     from cpd_mtp.hf.loading import load_causal_lm
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
+    from cpd_mtp.training.retrofit import held_out_prompt_ids
 
     if not args.model.exists():
         sys.exit(f"error: no model at {args.model} (run `make smollm2`)")
@@ -153,7 +114,10 @@ def run(args: argparse.Namespace) -> None:
         _retrofit(cfg, base)
     model = CPDMTPForCausalLM.from_pretrained(final).eval()
     tokenizer = base[1]
-    prompts = held_out_prompts(cfg, tokenizer, args.prompts, prompt_tokens=48)
+    try:
+        prompts = held_out_prompt_ids(cfg, tokenizer, args.prompts, prompt_tokens=48)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
 
     with torch.no_grad():
         out = generate(model, prompts[0][None], args.max_new_tokens)
@@ -169,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     measured = measure_retrofit(
         model, base[0], prompts, args.max_new_tokens, repeats=args.repeats, temperature=0.7
     )
-    _report(measured, len(prompts), args.max_new_tokens, args.repeats)
+    print(format_report(measured, len(prompts), args.max_new_tokens, args.repeats))
     print(f"\nThe retrofitted model is in {final} (loads with CPDMTPForCausalLM.from_pretrained).")
     print("Next:")
     print(f"  cpd-mtp generate --model {final} --prompt 'def parse(' --max-new-tokens 64")

@@ -10,7 +10,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +59,6 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return {"device": device_name(device), "platform": platform.platform(), "versions": versions}
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    """p20, p50 and p80 (linear interpolation) of a list of numbers, and their count."""
-    if len(values) == 1:
-        return {"p20": values[0], "p50": values[0], "p80": values[0], "n": 1}
-    q = statistics.quantiles(values, n=10, method="inclusive")
-    return {"p20": q[1], "p50": statistics.median(values), "p80": q[7], "n": len(values)}
 
 
 def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ For one model (SmolLM2-135M-Instruct by default), heads-only retrofits in base m
 (``cpd_mtp.training.retrofit``) at n = 4 for every rank in ``--ranks``, every distillation in
 ``--distill`` and every seed in ``--seeds``, all at the same token budget. Each trained head is
 measured on held-out code prompts (standard-library files outside the training split) by
-``cpd_mtp.apps.retrofit_eval.measure_retrofit``: tokens per forward and acceptance per draft
+``cpd_mtp.decoding.measure.measure_retrofit``: tokens per forward and acceptance per draft
 position, greedy and sampled, and the greedy wall clock against the original model's Hugging
 Face ``generate`` in the same run.
 
@@ -102,6 +102,7 @@ def retrofit_config(args: argparse.Namespace, seed: int, distill: str, rank: int
             "run.eval_every": 10**9,  # validation at the end only
             "run.save_every": 10**9,
             "run.overwrite": True,  # the study's own scratch folders
+            "run.measure_prompts": 0,  # the study measures every head itself
             "run.progress": args.progress,
         }
     )
@@ -116,7 +117,7 @@ def train_and_measure(
     rank: int,
 ) -> dict[str, Any]:
     """Retrofit one head, load its export, measure it; one record of ``results.json``."""
-    from cpd_mtp.apps.retrofit_eval import measure_retrofit
+    from cpd_mtp.decoding.measure import measure_retrofit
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
     from cpd_mtp.training.retrofit import RetrofitTrainer
 
@@ -324,29 +325,13 @@ def write_results(out: Path, payload: dict[str, Any], with_plots: bool) -> None:
 
 # ---------------------------------------------------------------------- the study
 def held_out_prompts(cfg: Any, tokenizer: Any, n: int, prompt_tokens: int) -> list[torch.Tensor]:
-    """``n`` prompts of ``prompt_tokens`` tokens from the validation documents of the corpus
-    split the retrofit ``cfg`` (a ``RetrofitConfig``) trains on: code its head never saw."""
-    from cpd_mtp.training.data import DataConfig, build_corpus
-    from cpd_mtp.training.retrofit import save_tokenizer
+    """``held_out_prompt_ids`` with its error as this program's one-line exit."""
+    from cpd_mtp.training.retrofit import held_out_prompt_ids
 
-    corpus = build_corpus(
-        DataConfig(
-            source=cfg.data.source,
-            tokenizer=save_tokenizer(tokenizer, cfg.data.cache_dir),
-            block_size=cfg.data.block_size,
-            val_fraction=cfg.data.val_fraction,
-            cache_dir=cfg.data.cache_dir,
-            max_files=cfg.data.max_files,
-            progress=False,
-        )
-    )
-    texts = corpus.held_out_prompts(n, prompt_tokens=prompt_tokens)
-    if not texts:
-        raise SystemExit(
-            f"error: the validation split of {len(corpus.validation_files)} document(s) gives no "
-            "prompt to measure on; raise --max-files"
-        )
-    return [tokenizer(text, return_tensors="pt").input_ids[0] for text in texts]
+    try:
+        return held_out_prompt_ids(cfg, tokenizer, n, prompt_tokens)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:

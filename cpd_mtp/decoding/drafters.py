@@ -9,9 +9,11 @@ so a drafter can learn how far to trust itself.
 
 - ``CPDrafter``: the CP head's conditionals. Each node's children are scored by the posterior
   over experts updated with the node's path (no trunk call): pi_a ∝ w_a prod_s p_{s,a}(x_{t+s}),
-  q = sum_a pi_a p_{s+1,a}. Greedy trees keep the top children of each node, scored by the
-  calibrated product of q along the path (EAGLE-2's dynamic tree); sampled trees take the same
-  shape, chosen before any draw, and fill it with draws without replacement from the warped q.
+  q = sum_a pi_a p_{s+1,a}. A token-conditioned head computes w and p from the anchor and the
+  root x_{t+1} (its input), and the root adds no evidence. Greedy trees keep the top children
+  of each node, scored by the calibrated product of q along the path (EAGLE-2's dynamic tree);
+  sampled trees take the same shape, chosen before any draw, and fill it with draws without
+  replacement from the warped q.
 - ``ContextDrafter``: prompt lookup: the tokens that followed the latest earlier occurrence of
   the last tokens, in the prompt or the text generated so far, as one more branch.
 - ``TreeDrafter``: the two together, and the size of the tree: the number of nodes that
@@ -180,14 +182,34 @@ class CPDrafter:
 
     @torch.no_grad()
     def pieces(
-        self, anchor: torch.Tensor, depth: int, first: HeadPieces | None
+        self,
+        anchor: torch.Tensor,
+        depth: int,
+        first: HeadPieces | None,
+        root: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, d) anchor -> log w (b, r) and log p (b, depth + 1, r, K) for offsets 1..depth+1.
 
         ``first``: (log_w, log p_1) already computed at the anchor (marginal mode); then only
         offsets 2.. are computed. Without it (base mode) every offset comes from one product of
         the expert rows with W_U's (draft) rows: W_U is read once.
+
+        ``root``: (b,) x_{t+1}, the verifier's token. A token-conditioned head reads it (its
+        gate and experts see z = h + C e(x_{t+1})), and its offset 1 is that input, not a
+        draft: log p of offset 1 is 0 for every expert, so the root adds no evidence to the
+        posterior (the head never learned an offset-1 factor).
         """
+        head = self.head
+        if head.config.token_conditioned:
+            if root is None:
+                raise ValueError("a token-conditioned head drafts given the root x_{t+1}")
+            z = head.conditioned_state(anchor, root)
+            log_w = head.log_gate(z)
+            if depth == 0:
+                shape = (anchor.shape[0], 1, head.config.rank, head.config.draft_vocab)
+                return log_w, log_w.new_zeros(shape)
+            rest = head.expert_log_probs(z, slice(1, depth + 1), self.unembedding)
+            return log_w, torch.cat([torch.zeros_like(rest[:, :1]), rest], dim=1)
         if first is None:
             return self.head.log_gate(anchor), self.head.expert_log_probs(
                 anchor, slice(0, depth + 1), self.unembedding
@@ -232,7 +254,7 @@ class CPDrafter:
         head pieces (``log_p`` (b, depth + 1, r, K), ``post`` (b, 1 + M, r): each node's log
         posterior over experts given its path), root first, nodes in level order.
         """
-        log_w, log_p = self.pieces(context.anchor, depth, context.first)
+        log_w, log_p = self.pieces(context.anchor, depth, context.first, context.root)
         log_p = log_p.float()
         b = context.root.shape[0]
         device = context.root.device

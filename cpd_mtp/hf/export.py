@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from cpd_mtp.head import SHARED_KEYS
 from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file
 
 EXPORT_RECORD = "cpd_mtp_export.json"
@@ -54,6 +55,7 @@ __all__ = [
     "ExportError",
     "atomic_export",
     "check_finite",
+    "drafter_base",
     "drafter_fingerprint",
     "is_drafter_export",
     "load_drafter",
@@ -282,9 +284,11 @@ def save_drafter(
     Written through :func:`atomic_export` (so crash-safe and checked by :func:`verify_export`):
 
     - ``drafter.safetensors`` (:data:`DRAFTER_WEIGHTS`): the head's own tensors, every entry
-      of ``model.head.state_dict()`` but the shared unembedding ``weight`` (W_U, the base's),
-      under ``head.`` (``head.gate.weight``, ``head.experts.*``, ``head.draft_ids``). No tensor
-      of the trunk.
+      of ``model.head.state_dict()`` but the shared unembedding ``weight`` (W_U, the base's)
+      and the shared input embedding ``token_embedding`` of a token-conditioned head (the
+      base's too, never in the head's state dict), under ``head.`` (``head.gate.weight``,
+      ``head.experts.*``, ``head.draft_ids``, ``head.token_proj.weight``). No tensor of the
+      trunk.
     - ``config.json``: the model config (``CPDMTPModelConfig``) with the head's full
       ``CPDMTPConfig`` as ``head_config`` and ``freeze_trunk`` true; ``generation_config.json``;
       the tokenizer. The tokenizer's bos/eos/pad ids are first written into the model's configs
@@ -337,7 +341,7 @@ def save_drafter(
     fingerprint = drafter_fingerprint(model)
     state = {}
     for name, tensor in model.head.state_dict().items():
-        if name == "weight":  # W_U: the base model's, identified by the fingerprint
+        if name in SHARED_KEYS:  # W_U and the embedding: the base's, known by the fingerprint
             continue
         if tensor.is_meta or (tensor.numel() == 0 and hasattr(tensor, "ds_shape")):
             raise ValueError(f"head.{name} is not materialised (meta, or ZeRO-3): gather it first")
@@ -407,6 +411,17 @@ def _resolve_base_source(record: dict[str, Any], directory: Path) -> Path:
         f"the drafter export {directory} was trained on base {given!r}, which is not here "
         f"({tried}): pass base_model= a path to that base or the loaded model"
     )
+
+
+def drafter_base(directory: str | os.PathLike[str]) -> Path:
+    """The base model a drafter-only export records, resolved as ``from_pretrained`` does.
+
+    Raises:
+        FileNotFoundError: the recorded base is not here.
+        ExportError: the export's record is unreadable.
+    """
+    directory = Path(directory)
+    return _resolve_base_source(_read_drafter_record(directory), directory)
 
 
 def load_drafter(
@@ -502,7 +517,9 @@ def load_drafter(
 
     weights = directory / DRAFTER_WEIGHTS
     state = load_file(str(weights))
-    outside = sorted(k for k in state if not k.startswith("head.") or k == "head.weight")
+    outside = sorted(
+        k for k in state if not k.startswith("head.") or k.removeprefix("head.") in SHARED_KEYS
+    )
     if outside:
         raise ExportError(
             f"drafter export {directory}: {weights.name} holds tensors that are not the head's "
@@ -519,7 +536,8 @@ def load_drafter(
             f"drafter export {directory}: {weights.name} does not fit its head config: "
             f"{first[-1].strip() if first else err!r}"
         ) from err
-    missing = {f"head.{key}" for key in missing} - {"head.weight"}
+    # The shared W_U (and the input embedding, re-attached from the base by from_causal_lm).
+    missing = {f"head.{key}" for key in missing} - {f"head.{key}" for key in SHARED_KEYS}
     check_draft_vocab(model.head, missing, directory)
     if missing or unexpected:
         raise ExportError(

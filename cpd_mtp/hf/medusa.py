@@ -100,6 +100,12 @@ def _check_config(cfg: CPDMTPConfig) -> None:
             "n_future=1 head: offset 1 is the base model's own token, so there are no "
             "offsets 2..n to draft as Medusa heads"
         )
+    if cfg.token_conditioned:
+        raise ValueError(
+            "token_conditioned head: its experts read the next token's embedding as well as "
+            "h, and a Medusa head reads h alone; only heads that are not token_conditioned "
+            "convert"
+        )
 
 
 def _check_maps(head: CPDMTPHead) -> None:

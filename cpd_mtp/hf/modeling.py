@@ -20,7 +20,10 @@ with ``AutoModelForCausalLM``.
 Weights, saving and loading: W_U is saved once. When the wrapped LM ties its embeddings, the
 model declares ``_tied_weights_keys = {"head.weight": "trunk.<embedding>.weight"}`` (the
 transformers 5 ``{target: source}`` form), so ``save_pretrained`` drops the alias and
-``from_pretrained`` re-ties it. The wrapped LM's config is stored as ``config.text_config``
+``from_pretrained`` re-ties it. A token-conditioned head also reads the trunk's input
+embedding (``head.token_embedding``, the same ``nn.Parameter``); the head never saves it, and
+``tie_weights`` (which ``from_pretrained`` calls after loading) hands the loaded trunk's
+embedding to the head. The wrapped LM's config is stored as ``config.text_config``
 (rebuilt through ``AutoConfig`` from its ``model_type``) and the head's as
 ``config.head_config`` (``CPDMTPConfig.to_dict()``).
 """
@@ -176,9 +179,14 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
                 f"(vocab_size, hidden_size) = {(vocab, hidden)}"
             )
         n_future, rank = head_values.pop("n_future"), head_values.pop("rank")
-        head = CPDMTPHead.from_linear(lm_head, n_future, rank, **head_values)
-
         embedding = trunk.get_input_embeddings()
+        token_embedding = None
+        if head_values.get("token_conditioned"):
+            token_embedding = _input_embedding_weight(embedding, type(causal_lm).__name__)
+        head = CPDMTPHead.from_linear(
+            lm_head, n_future, rank, token_embedding=token_embedding, **head_values
+        )
+
         if built_here:
             # From the config; under from_pretrained the tie is only made after loading.
             tied = bool(getattr(causal_lm.config, "tie_word_embeddings", False))
@@ -379,6 +387,8 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
                 module.gate.weight, mean=0.0, std=0.02 / math.sqrt(module.config.hidden_size)
             )
             hf_init.zeros_(module.gate.bias)
+            if module.token_proj is not None:  # C starts at zero (the unconditioned head)
+                hf_init.zeros_(module.token_proj.weight)
             if not self.config.tie_word_embeddings:
                 std = getattr(self.config.text_config, "initializer_range", 0.02) or 0.02
                 hf_init.normal_(module.weight, mean=0.0, std=std)
@@ -403,8 +413,30 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         return self.trunk.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        """Replace the trunk's token embedding (a tie with W_U is re-made by ``tie_weights``)."""
+        """Replace the trunk's token embedding (a tie with W_U is re-made by ``tie_weights``;
+        a token-conditioned head reads the new one at once)."""
         self.trunk.set_input_embeddings(value)
+        self._attach_token_embedding()
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """Hugging Face's tying (W_U to the input embedding when tied), then the head of a
+        ``token_conditioned`` model is given the trunk's input embedding again.
+
+        The head reads that embedding but never saves it (it is the trunk's): loading puts
+        the loaded embedding in the trunk, and this call, which ``from_pretrained`` makes after
+        loading, hands it to the head.
+        """
+        super().tie_weights(*args, **kwargs)
+        self._attach_token_embedding()
+
+    def _attach_token_embedding(self) -> None:
+        head = getattr(self, "head", None)
+        trunk = getattr(self, "trunk", None)
+        if head is None or trunk is None or not head.config.token_conditioned:
+            return
+        weight = _input_embedding_weight(trunk.get_input_embeddings(), type(trunk).__name__)
+        if head.token_embedding is not weight:
+            head.attach_token_embedding(weight)
 
     def get_output_embeddings(self) -> CPDMTPHead:
         """The CP head: ``.weight`` is W_U (V, d) and calling it on (…, d) gives (…, V) log-probs."""
@@ -603,6 +635,17 @@ def check_draft_vocab(head: CPDMTPHead, missing_keys: Any, source: Any = None) -
             f"{where} holds head.draft_ids that are not {k} distinct ids in [0, {vocab}): "
             "the draft vocabulary is corrupt"
         )
+
+
+def _input_embedding_weight(embedding: Any, owner: str) -> nn.Parameter:
+    """The weight of a model's input embedding module, for a token-conditioned head."""
+    weight = getattr(embedding, "weight", None) if isinstance(embedding, nn.Module) else None
+    if not isinstance(weight, nn.Parameter):
+        raise ValueError(
+            f"a token-conditioned head reads the input embedding's weight, but the input "
+            f"embedding of {owner} is {type(embedding).__name__} without a weight Parameter"
+        )
+    return weight
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:

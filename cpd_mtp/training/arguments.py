@@ -44,6 +44,7 @@ RETROFIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--lr", "optim.lr", "peak learning rate (AdamW)"),
     ("--warmup-steps", "optim.warmup_steps", "linear warmup; default: 5%% of the steps"),
     ("--weight-decay", "optim.weight_decay", "AdamW weight decay"),
+    ("--measure-prompts", "run.measure_prompts", "held-out prompts decoded at the end; 0: skip"),
 )
 # (flag, config key, value it sets, help)
 RETROFIT_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
@@ -80,10 +81,13 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
 
 def add_retrofit_arguments(parser: argparse.ArgumentParser) -> None:
     """``cpd-mtp retrofit``: the flags of :data:`RETROFIT_FLAGS` and dotted overrides."""
+    defaults = _retrofit_defaults()
     for flag, key, text in RETROFIT_FLAGS:
-        if flag == "--data":
-            continue
-        parser.add_argument(flag, dest=key, default=None, metavar="VALUE", help=f"{key}: {text}")
+        shown = defaults.get(key)
+        default = "" if shown in (None, "???") else f" (default: {shown})"
+        parser.add_argument(
+            flag, dest=key, default=None, metavar="VALUE", help=f"{key}: {text}{default}"
+        )
     parser.add_argument(
         "--data",
         dest="data.source",
@@ -100,6 +104,15 @@ def add_retrofit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides of any key, e.g. head.rank=2 optim.lr=1e-3"
     )
+
+
+def _retrofit_defaults() -> dict[str, Any]:
+    """Every retrofit key's default, by dotted name (for ``--help``: the config states them)."""
+    import dataclasses
+
+    from cpd_mtp.training.config import RetrofitConfig, flatten
+
+    return flatten(dataclasses.asdict(RetrofitConfig()))
 
 
 def _yaml_scalar(text: str) -> Any:

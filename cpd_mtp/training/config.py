@@ -206,6 +206,10 @@ class RetrofitRunSettings(RunSettings):
     dtype: str = "fp32"
     wandb_project: str | None = None
     merged: bool = False  # export the whole model, not the drafter alone
+    # At the end, decode this many held-out prompts with the export against the original
+    # model's own generate and report (and warn when decoding got slower); 0: skip.
+    measure_prompts: int = 4
+    measure_tokens: int = 48
 
 
 @dataclass
@@ -246,6 +250,8 @@ def check_retrofit_config(cfg: RetrofitConfig) -> None:
     data, head = cfg.data, cfg.head
     _check_run(cfg.run, on_gpu=False)
     _check_optim(cfg.optim)
+    _at_least("run", cfg.run, ("measure_prompts",), 0)
+    _at_least("run", cfg.run, ("measure_tokens",), 1)
     names = ("tokens", "generate_batch_size", "block_size", "eval_blocks", "state_batch_size")
     _at_least("data", data, (*names, "prompt_tokens"), 1)
     if data.distill not in DISTILL_MODES:

@@ -165,6 +165,38 @@ class HeadData:
         )
 
 
+def held_out_prompt_ids(
+    cfg: RetrofitConfig, tokenizer: Any, n: int, prompt_tokens: int
+) -> list[torch.Tensor]:
+    """``n`` prompts of ``prompt_tokens`` tokens from the validation documents of the corpus
+    split ``cfg`` trains on (code its head never saw), as 1-D token-id tensors.
+
+    Raises:
+        ValueError: the validation split gives no prompt.
+    """
+    from cpd_mtp.training.data import DataConfig, build_corpus
+
+    data = cfg.data
+    corpus = build_corpus(
+        DataConfig(
+            source=data.source,
+            tokenizer=save_tokenizer(tokenizer, data.cache_dir),
+            block_size=data.block_size,
+            val_fraction=data.val_fraction,
+            cache_dir=data.cache_dir,
+            max_files=data.max_files,
+            progress=False,
+        )
+    )
+    texts = corpus.held_out_prompts(n, prompt_tokens=prompt_tokens)
+    if not texts:
+        raise ValueError(
+            f"the validation split of {len(corpus.validation_files)} document(s) gives no "
+            "prompt to measure on; raise --max-files"
+        )
+    return [tokenizer(text, return_tensors="pt").input_ids[0] for text in texts]
+
+
 # ---------------------------------------------------------------------- the run
 class RetrofitTrainer:
     """One retrofit run: base model, data, cached states, head engine, the shared loop, export.
@@ -261,7 +293,15 @@ class RetrofitTrainer:
         torch.manual_seed(run.seed)
         # W_U as a frozen float32 copy: the head trains in float32 whatever the model's dtype.
         weight = torch.nn.Parameter(lm_head.weight.detach().float(), requires_grad=False)
-        head = CPDMTPHead(self.head_cfg, unembedding=weight)
+        embedding = None
+        if self.head_cfg.token_conditioned:
+            # The input embedding a token-conditioned head reads x_{t+1} through, frozen and
+            # float32 too: W_U's copy itself when the model ties them. Not saved with the head.
+            source = self.base.get_input_embeddings().weight
+            embedding = weight
+            if source is not lm_head.weight:
+                embedding = torch.nn.Parameter(source.detach().float(), requires_grad=False)
+        head = CPDMTPHead(self.head_cfg, unembedding=weight, token_embedding=embedding)
         if self.draft_ids is not None:
             head.set_draft_vocab(self.draft_ids)
         self.ds_config = deepspeed_config(self.resolved, torch.cuda.is_available())
@@ -314,6 +354,7 @@ class RetrofitTrainer:
                 progress=show,
             )
         )
+        self.corpus = corpus  # its held-out documents give the measurement's prompts
         blocks = corpus.train.blocks
         generated = data.distill == "generated"
         per_block = data.block_size - data.prompt_length if generated else data.block_size
@@ -355,6 +396,7 @@ class RetrofitTrainer:
                 )
         else:
             ids, labels = chosen, chosen.copy()
+        self.training_tokens = int((labels != IGNORE_INDEX).sum())
         if self.head_cfg.draft_vocab_size is not None:
             targets = labels[labels != IGNORE_INDEX]
             counts = token_counts([targets], self.head_cfg.vocab_size)
@@ -432,14 +474,59 @@ class RetrofitTrainer:
         self.step = result.step
         self.tokens_per_s = result.tokens_per_s
         if self.rank == 0 and self.tokens_per_s is not None:
+            blocks, block = len(self.train_data), cfg.data.block_size
+            steps_done = result.tokens // settings.tokens_per_step
             print(
-                f"trained the head on {result.tokens:,} tokens in {result.train_seconds:.1f} s: "
-                f"{self.tokens_per_s:,.0f} tokens/s (states cached in {self.cache_time_s:.1f} s)",
+                f"trained the head: {steps_done} steps x {settings.tokens_per_step // block} "
+                f"blocks of {block} positions = {result.tokens:,} positions in "
+                f"{result.train_seconds:.1f} s ({self.tokens_per_s:,.0f} positions/s), over a "
+                f"training set of {blocks} blocks holding {self.training_tokens:,} target "
+                f"tokens (data.tokens={cfg.data.tokens:,}); states cached in "
+                f"{self.cache_time_s:.1f} s",
                 flush=True,
             )
         if self.step >= run.steps and run.export:
             self.export(self.run_dir.final)
+            if run.measure_prompts > 0:
+                self.measurement = self.measure()
         return result.last_eval
+
+    # ------------------------------------------------------------------ what it gives
+    def measure(self) -> dict[str, Any] | None:
+        """Decode held-out prompts with the export against the original model's own
+        ``generate`` (greedy, interleaved), print the report and warn when decoding got
+        slower; written to ``OUT/measurement.json``. Rank 0 only."""
+        from cpd_mtp.decoding.measure import format_report, measure_retrofit, slower_warning
+        from cpd_mtp.hf.modeling import CPDMTPForCausalLM
+        from cpd_mtp.utils.files import atomic_write_text
+
+        measured = None
+        run = self.cfg.run
+        if self.rank == 0:
+            texts = self.corpus.held_out_prompts(run.measure_prompts, prompt_tokens=48)
+            if not texts:
+                note("no held-out document gives a prompt to measure on; skipping the measurement")
+            else:
+                prompts = [self.tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
+                model = CPDMTPForCausalLM.from_pretrained(
+                    self.run_dir.final, base_model=self.base
+                ).eval()
+                measured = measure_retrofit(
+                    model, self.base, prompts, run.measure_tokens, temperature=None
+                )
+                print(format_report(measured, len(prompts), run.measure_tokens, 1), flush=True)
+                warning = slower_warning(measured)
+                if warning is not None:
+                    note(warning)
+                path = self.run_dir.path / "measurement.json"
+                atomic_write_text(path, json.dumps(measured, indent=1) + "\n")
+                print(
+                    f"measured on {len(prompts)} held-out prompts (more: cpd-mtp measure "
+                    f"--model {self.run_dir.final}); written to {path}",
+                    flush=True,
+                )
+        self.run_dir.barrier()
+        return measured
 
     # ------------------------------------------------------------------ export
     def export(self, path: Path) -> None:

@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cpd_mtp.apps import retrofit_study
-from cpd_mtp.apps.retrofit_eval import measure_retrofit, summarise_speedup
 from cpd_mtp.apps.retrofit_study import aggregate, plan, verdict
+from cpd_mtp.decoding.measure import measure_retrofit, summarise_speedup
 
 
 @given(

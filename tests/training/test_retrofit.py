@@ -60,6 +60,7 @@ def config(model: Path, out: Path, **overrides) -> RetrofitConfig:
         "data.eval_blocks": 8,
         "run.progress": False,
         "run.merged": True,
+        "run.measure_prompts": 0,
     }
     settings.update({key.replace("__", "."): value for key, value in overrides.items()})
     return load_retrofit_config(settings)
@@ -424,3 +425,56 @@ def test_a_generated_budget_far_below_the_tokens_asked_for_is_warned_about(
     )  # fmt: skip
     with pytest.warns(UserWarning, match=r"generated 44 tokens, far below data.tokens=512"):
         retrofit(cfg)
+
+
+# ---------------------------------------------------------------------- what the run gives
+def test_a_run_ends_by_measuring_its_drafter_export_against_the_original(
+    tiny_model, tmp_path, capsys
+):
+    """The default export is the drafter alone; the run decodes held-out prompts with it against
+    the original model's own generate and reports tokens per forward and the speedup."""
+    from cpd_mtp.hf.export import is_drafter_export
+
+    out = tmp_path / "measured"
+    cfg = config(
+        tiny_model, out, run__merged=False, run__measure_prompts=2, run__measure_tokens=8,
+        run__steps=4, data__val_fraction=0.25,  # held-out documents with prompts in them
+    )  # fmt: skip
+    retrofit(cfg)
+    assert is_drafter_export(out / "final")
+    assert not any((out / "final").glob("model*.safetensors"))  # no trunk copied
+    measured = json.loads((out / "measurement.json").read_text())
+    greedy = measured["greedy"]
+    assert greedy["identical"] is True and greedy["speedup"]["n"] == 2
+    assert greedy["tokens_per_forward"] >= 1.0
+    printed = capsys.readouterr()
+    assert "tokens per forward" in printed.out and "cpd-mtp measure --model" in printed.out
+    slower = greedy["speedup"]["median"] < 1.0
+    assert ("makes decoding SLOWER" in printed.err) == slower
+
+
+def test_the_training_message_says_what_its_token_counts_count(tiny_model, tmp_path, capsys):
+    """--tokens is the training set's size; the positions trained on are steps x batch x block."""
+    retrofit(config(tiny_model, tmp_path / "counts", run__steps=2, run__export=False))
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("trained the head")]
+    assert len(line) == 1
+    assert f"2 steps x 8 blocks of {BLOCK} positions = {2 * 8 * BLOCK:,} positions" in line[0]
+    assert "holding 2,048 target tokens (data.tokens=2,048)" in line[0]
+
+
+def test_help_shows_every_flags_key_and_its_default(capsys):
+    """--help names each flag's config key and the config's own default."""
+    import dataclasses
+
+    from cpd_mtp.cli import main
+    from cpd_mtp.training.arguments import RETROFIT_FLAGS
+    from cpd_mtp.training.config import RetrofitConfig, flatten
+
+    with pytest.raises(SystemExit):
+        main(["retrofit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = flatten(dataclasses.asdict(RetrofitConfig()))
+    for _, key, _ in RETROFIT_FLAGS:
+        assert f"{key}:" in text
+        if defaults[key] not in (None, "???"):
+            assert f"(default: {defaults[key]})" in text.split(f"{key}:")[1].split(" --")[0], key

@@ -13,7 +13,8 @@ alternating which goes first, and reports:
 - sampled (temperature T, no top-k / top-p): tokens per forward and acceptance per position
   (their distribution is the original model's; the wall clock of the draws is not compared).
 
-Used by the demo and the retrofit study.
+Used by ``cpd-mtp retrofit`` (at the end of a run), ``cpd-mtp measure``, the demo and the
+retrofit study.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Any
 
 import torch
 
-from cpd_mtp.apps.results import percentiles
 from cpd_mtp.decoding import DecodingStats, generate
+from cpd_mtp.utils.stats import percentiles
 
-__all__ = ["measure_retrofit", "summarise_speedup"]
+__all__ = ["format_report", "measure_retrofit", "slower_warning", "summarise_speedup"]
 
 # A speedup whose 20th-80th percentile range is wider than this fraction of its median is
 # reported as too noisy to trust.
@@ -173,3 +174,61 @@ def _rates(stats: DecodingStats) -> dict[str, Any]:
         "expected_tokens_per_step": stats.expected_tokens_per_step,
         "new_tokens": stats.new_tokens,
     }
+
+
+def format_report(measured: dict[str, Any], prompts: int, new_tokens: int, repeats: int) -> str:
+    """``measure_retrofit``'s result as the lines a person reads (what the demo prints)."""
+    from cpd_mtp.decoding.output import format_rates
+
+    greedy = measured["greedy"]
+    speed = greedy["speedup"]
+    rates = format_rates(greedy["acceptance_per_position"], sep="  ")
+    lines = [
+        "",
+        "== speculative decoding vs the original model's HF generate (greedy, batch 1) ==",
+        f"{prompts} held-out prompts x {new_tokens} new tokens, {repeats} interleaved passes",
+        f"tokens per forward            {greedy['tokens_per_forward']:.2f}",
+        f"acceptance per draft depth    {rates}",
+        f"time per token                speculative {greedy['spec_s_per_token'] * 1e3:.1f} ms, "
+        f"HF generate {greedy['hf_s_per_token'] * 1e3:.1f} ms",
+        f"speedup over HF generate      {speed['median']:.2f}x median over prompts "
+        f"(p20 {speed['p20']:.2f}x, p80 {speed['p80']:.2f}x, n={speed['n']}); "
+        f"total time {greedy['total_speedup']:.2f}x",
+    ]
+    if not speed["trusted"]:
+        lines.append(
+            "                              a wide spread (p20-p80 beyond 25 % of the median): "
+            "the prompts differ, or the machine is busy"
+        )
+    best = greedy.get("speedup_over_best_baseline")
+    if best is not None:
+        lines.append(
+            f"speedup over the best zero-training alternative {best['median']:.2f}x "
+            f"(p20 {best['p20']:.2f}x, p80 {best['p80']:.2f}x): per prompt the faster of HF "
+            "greedy and HF prompt lookup, both in the packed oneDNN layout this decoder uses"
+        )
+    lines.append(f"identical tokens to HF        {'yes' if greedy['identical'] else 'NO'}")
+    if "sampled" in measured:
+        sampled = measured["sampled"]
+        lines.append(
+            f"sampled at T={sampled['temperature']:g}: {sampled['tokens_per_forward']:.2f} tokens "
+            "per forward (distributed exactly as the original model's sampling)"
+        )
+    return "\n".join(lines)
+
+
+def slower_warning(measured: dict[str, Any]) -> str | None:
+    """A plain-words warning when the head makes greedy decoding slower than the original
+    model's own ``generate`` (median over prompts below 1x), with what to change; else None."""
+    greedy = measured["greedy"]
+    speed = greedy["speedup"]
+    if speed["median"] >= 1.0:
+        return None
+    return (
+        f"warning: this head makes decoding SLOWER: {greedy['tokens_per_forward']:.2f} tokens "
+        f"per forward, {speed['median']:.2f}x the original model's speed (p20 "
+        f"{speed['p20']:.2f}x, p80 {speed['p80']:.2f}x). A draft is worth its cost only when "
+        "it is accepted often: train on more tokens (--tokens), on the model's own "
+        "continuations (--distill generated), over a draft vocabulary (--draft-vocab 4096); "
+        "until then decode without the head (model.generate(..., speculative=False))."
+    )
