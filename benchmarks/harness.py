@@ -23,11 +23,11 @@ import torch
 from cpd_mtp.apps.results import (  # noqa: F401 (the benchmarks use them as harness.*)
     device_name,
     environment,
-    percentiles,
     portable_path,
-    positive_int,
     write_json,
 )
+from cpd_mtp.utils.args import positive_int  # noqa: F401
+from cpd_mtp.utils.stats import percentiles  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where exploratory runs (``--quick``, custom cases) write unless given ``--out``: git-ignored,
