@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from cpd_mtp.head import SHARED_KEYS
-from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file
+from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file, swap_in_directory
 
 EXPORT_RECORD = "cpd_mtp_export.json"
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -172,17 +172,7 @@ def atomic_export(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         write_record(tmp)
-        if target.exists():
-            os.replace(target, backup)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(backup, target)  # put the old export back
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_path(target.parent)
+        swap_in_directory(tmp, target, backup)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 

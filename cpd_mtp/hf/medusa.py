@@ -48,7 +48,7 @@ import torch
 
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.head import CPDMTPHead
-from cpd_mtp.utils.files import fsync_path
+from cpd_mtp.utils.files import fsync_path, swap_in_directory
 
 __all__ = [
     "MEDUSA_CONFIG",
@@ -235,17 +235,7 @@ def to_medusa(
         for name in (MEDUSA_WEIGHTS, MEDUSA_CONFIG):
             fsync_path(tmp / name)
         fsync_path(tmp)
-        if target.exists():
-            os.replace(target, backup)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(backup, target)  # put the old folder back
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_path(target.parent)
+        swap_in_directory(tmp, target, backup)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return target

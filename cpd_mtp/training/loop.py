@@ -43,6 +43,21 @@ class LoopSettings:
     progress: bool = True
     desc: str = "train"
 
+    @classmethod
+    def from_run(cls, run: Any, world: int, block_size: int, desc: str) -> LoopSettings:
+        """From a config's ``run`` section (``RunSettings``, resolved steps) and the world."""
+        return cls(
+            steps=run.steps,
+            grad_accum=run.grad_accum,
+            eval_every=run.eval_every,
+            save_every=run.save_every,
+            keep_checkpoints=run.keep_checkpoints,
+            tokens_per_step=run.micro_batch_size * run.grad_accum * world * block_size,
+            collapse_entropy=run.collapse_entropy,
+            progress=run.progress,
+            desc=desc,
+        )
+
 
 @dataclass
 class LoopResult:

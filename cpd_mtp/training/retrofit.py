@@ -455,18 +455,7 @@ class RetrofitTrainer:
             out = self.engine(hidden, labels, return_logits=False, distill=distill)
             return out.loss, out, labels
 
-        settings = LoopSettings(
-            steps=run.steps,
-            grad_accum=run.grad_accum,
-            eval_every=run.eval_every,
-            save_every=run.save_every,
-            keep_checkpoints=run.keep_checkpoints,
-            tokens_per_step=run.micro_batch_size * run.grad_accum * self.world
-            * cfg.data.block_size,
-            collapse_entropy=run.collapse_entropy,
-            progress=run.progress,
-            desc="retrofit",
-        )  # fmt: skip
+        settings = LoopSettings.from_run(run, self.world, cfg.data.block_size, "retrofit")
         result = train_loop(
             self.engine, self.engine.module, self.run_dir, settings, self.step, loss_fn,
             self.evaluate, self._checkpoint_info, self.device, stop_after=stop_after,

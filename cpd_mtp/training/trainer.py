@@ -319,18 +319,7 @@ class Trainer:
             out = self.engine(input_ids=ids, labels=ids, return_logits=False)
             return out.loss, out.cp_output, ids
 
-        settings = LoopSettings(
-            steps=run.steps,
-            grad_accum=run.grad_accum,
-            eval_every=run.eval_every,
-            save_every=run.save_every,
-            keep_checkpoints=run.keep_checkpoints,
-            tokens_per_step=run.micro_batch_size * run.grad_accum * self.world
-            * self.cfg.data.block_size,
-            collapse_entropy=run.collapse_entropy,
-            progress=run.progress,
-            desc="train",
-        )  # fmt: skip
+        settings = LoopSettings.from_run(run, self.world, self.cfg.data.block_size, "train")
         result = train_loop(
             self.engine, self.head, self.run_dir, settings, self.step, loss_fn, self.evaluate,
             self._checkpoint_info, self.device, stop_after=stop_after, on_record=self._log_wandb,

@@ -101,6 +101,23 @@ _OWNED_TEMPORARY_RE = re.compile(
 )
 
 
+def swap_in_directory(tmp: Path, target: Path, backup: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``: an existing ``target`` is moved to
+    ``backup`` first (put back if the rename fails) and deleted only once the new one is in
+    place; then the parent folder is fsynced. A kill leaves ``target`` or ``backup`` whole."""
+    if target.exists():
+        os.replace(target, backup)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(backup, target)  # put the old folder back
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_path(target.parent)
+
+
 def host_tag() -> str:
     """This machine and PID namespace as a file-name-safe word: ``<hostname>-<pidns inode>``.
 
