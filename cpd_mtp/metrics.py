@@ -34,7 +34,7 @@ import torch
 
 from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput, shift_targets
 
-__all__ = ["HeadMetrics", "usage_collapse", "usage_entropy"]
+__all__ = ["HeadMetrics", "first_draft_hits", "usage_collapse", "usage_entropy"]
 
 
 def usage_entropy(usage: Sequence[float]) -> float | None:
@@ -215,3 +215,42 @@ def expert_usage(metrics: dict[str, float | None], prefix: str = "") -> list[flo
         usage.append(metrics[f"{prefix}expert_usage/{a}"])
         a += 1
     return usage
+
+
+@torch.no_grad()
+def first_draft_hits(
+    head: CPDMTPHead, hidden: torch.Tensor, ids: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> tuple[dict[int, int], int]:
+    """How often x_{t+2} is among the head's top-k first drafts, given x_{t+1}.
+
+    The first draft is what a decoder proposes after the verifier's token: the conditional
+    q_2(v | x_{t+1}) = sum_a pi_a p_{2,a}(v), with pi the expert posterior given x_{t+1}
+    (``CPDMTPHead.conditional``; a token-conditioned head reads x_{t+1} itself). With a draft
+    vocabulary, a target outside it is a miss.
+
+    Args:
+        hidden: (N, T, d) trunk states of N blocks.
+        ids: (N, T) the blocks' token ids (x_{t+1} = ids[:, t + 1]); negative ids are ignored.
+        ks: the k of each top-k count.
+
+    Returns:
+        ({k: hits}, positions): hits per k over the positions t with x_{t+1} and x_{t+2} given.
+    """
+    if head.config.n_future < 2:
+        raise ValueError("a head with n_future < 2 drafts nothing after x_{t+1}")
+    h = hidden[:, :-2].reshape(-1, hidden.shape[-1])
+    nxt, target = ids[:, 1:-1].reshape(-1), ids[:, 2:].reshape(-1)
+    keep = (nxt >= 0) & (target >= 0)
+    h, nxt, target = h[keep], nxt[keep].to(h.device), target[keep].to(h.device)
+    hits = dict.fromkeys(ks, 0)
+    if len(h) == 0:
+        return hits, 0
+    log_w, log_p = head.draft_state(h, next_token=nxt)
+    position = head.draft_position(nxt)
+    _, log_q = CPDMTPHead.conditional(log_w, log_p, position[:, None], (position >= 0)[:, None])
+    ranked = log_q.topk(min(max(ks), log_q.shape[-1]), dim=-1).indices  # (M, k) positions
+    if head.draft_ids is not None:
+        ranked = head.draft_ids[ranked]
+    for k in ks:
+        hits[k] = int((ranked[:, :k] == target[:, None]).any(dim=-1).sum())
+    return hits, len(h)

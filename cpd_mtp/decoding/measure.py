@@ -61,6 +61,7 @@ def measure_retrofit(
     repeats: int = 1,
     seed: int = 0,
     baselines: bool = True,
+    draft_tree: str | int = "auto",
 ) -> dict[str, Any]:
     """Speculative decoding of ``model`` against ``original.generate``, prompt by prompt.
 
@@ -75,6 +76,7 @@ def measure_retrofit(
         repeats: greedy passes over the prompts (each prompt's speedup is one sample per pass).
         seed: sampling seed of prompt i is ``seed + i``.
         baselines: also time the zero-training alternatives (module docstring).
+        draft_tree: the decoder's ``draft_tree`` (``"auto"``, ``"chain"`` or a node count).
 
     Returns:
         ``{"greedy": {...}, "sampled": {...}}`` (``sampled`` absent without a temperature):
@@ -87,7 +89,7 @@ def measure_retrofit(
     from cpd_mtp.ops.few_rows import few_row_linears
 
     # Untimed first calls: one-time set-up costs (allocations, lazy imports) favour neither.
-    generate(model, prompts[0][None], 2)
+    generate(model, prompts[0][None], 2, draft_tree=draft_tree)
     original.generate(prompts[0][None], max_new_tokens=2, do_sample=False)
     greedy_stats: list[DecodingStats] = []
     ratios: list[float] = []
@@ -99,7 +101,7 @@ def measure_retrofit(
             ids = prompt[None]
 
             def spec(ids=ids):
-                return generate(model, ids, max_new_tokens)
+                return generate(model, ids, max_new_tokens, draft_tree=draft_tree)
 
             def hf(ids=ids, **extra):
                 return original.generate(
@@ -157,6 +159,7 @@ def measure_retrofit(
                 do_sample=True,
                 temperature=temperature,
                 generator=generator,
+                draft_tree=draft_tree,
             )
             sampled.append(out.stats)
         result["sampled"] = {"temperature": temperature, **_rates(DecodingStats.combine(sampled))}

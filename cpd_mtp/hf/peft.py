@@ -15,6 +15,7 @@ experts keeps W_U where it is (frozen, shared, not in the adapter file):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,9 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The head's trainable parts, without W_U. PEFT matches a name by suffix, so the "head." part
 # keeps the trunk's own `gate` / `experts` modules (Mixtral, Qwen2-MoE routers) out.
 HEAD_MODULES_TO_SAVE = ("head.gate", "head.experts")
+# A token-conditioned head's projection C of the next token's embedding (``get_peft_model``
+# adds it when the head has one).
+TOKEN_PROJ = "head.token_proj"
 
 
 def lora_config(
@@ -125,7 +129,8 @@ def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> 
 
     Args:
         model: a ``CPDMTPForCausalLM``; PEFT modifies it in place.
-        config: e.g. ``lora_config()``.
+        config: e.g. ``lora_config()``; for a token-conditioned head, ``head.token_proj`` is
+            added to its ``modules_to_save`` (in a copy) unless the whole head is saved.
         **kwargs: passed to ``peft.get_peft_model``.
 
     Returns:
@@ -138,6 +143,11 @@ def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> 
     """
     check_peft_config(model, config)
     head = _cp_head(model)
+    saved = list(getattr(config, "modules_to_save", None) or [])
+    if head.token_proj is not None and TOKEN_PROJ not in saved and "head" not in saved:
+        # A token-conditioned head's C is trained with the gate and the experts.
+        config = copy.deepcopy(config)
+        config.modules_to_save = [*saved, TOKEN_PROJ]
     weight, tied = head.weight, _tied_users(model, head)
     wrapped = peft.get_peft_model(model, config, **kwargs)
     after = _cp_head(wrapped)

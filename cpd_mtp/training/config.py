@@ -73,8 +73,17 @@ def _head_settings_class(name: str = "HeadSettings", **defaults: Any) -> type:
 HeadSettings = _head_settings_class()
 HeadSettings.__doc__ = "The CP-MTP head: every ``CPDMTPConfig`` field but hidden and vocab size."
 # A retrofit's head drafts for the frozen model: its next token is the model's own.
+# The recipe's defaults (the retrofit study v2, equal minutes on SmolLM2): a small draft
+# vocabulary (the head's cost scales with it; the whole vocabulary when the model's is
+# smaller), rank 2, and a head that reads the verifier's next token.
+DEFAULT_DRAFT_VOCAB = 4096
 RetrofitHeadSettings = _head_settings_class(
-    "RetrofitHeadSettings", next_token="base", expert_type="linear"
+    "RetrofitHeadSettings",
+    next_token="base",
+    expert_type="linear",
+    rank=2,
+    draft_vocab_size=DEFAULT_DRAFT_VOCAB,
+    token_conditioned=True,
 )
 RetrofitHeadSettings.__doc__ = "The retrofit's head: ``HeadSettings`` in ``next_token=base`` mode."
 
@@ -152,7 +161,10 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------- retrofit
-DISTILL_MODES = ("kl", "generated", "none")
+DISTILL_MODES = ("kl", "generated", "generated_kl", "none")
+# The modes that train on the model's own continuations, and those with the KL term.
+GENERATED_MODES = ("generated", "generated_kl")
+KL_MODES = ("kl", "generated_kl")
 
 
 @dataclass
@@ -168,8 +180,8 @@ class RetrofitDataSettings:
     """The retrofit's training data: corpus blocks, self-distillation and the state cache."""
 
     source: Any = "stdlib"
-    tokens: int = 200_000
-    distill: Literal["kl", "generated", "none"] = "kl"
+    tokens: int = 30_720  # with run.minutes: at most this many
+    distill: Literal["kl", "generated", "generated_kl", "none"] = "generated"
     beta: float = 0.9
     gamma: float = 0.8
     temperature: float = 0.0
@@ -177,8 +189,8 @@ class RetrofitDataSettings:
     generate_batch_size: int = 16
     max_files: int | None = None
     val_fraction: float = 0.03
-    block_size: int = 256
-    epochs: float = 1.0
+    block_size: int = 128
+    epochs: float = 3.0  # without run.minutes: sets the steps
     eval_blocks: int = 32
     store_dtype: Literal["float32", "float16"] = "float32"
     cache_dir: str | None = None
@@ -210,6 +222,11 @@ class RetrofitRunSettings(RunSettings):
     # model's own generate and report (and warn when decoding got slower); 0: skip.
     measure_prompts: int = 4
     measure_tokens: int = 48
+    # A wall-clock budget for data, state caching and training together (the measurement at
+    # the end is extra): data is made until data_share of it has passed, and the steps are
+    # what fits in the rest. null: data.tokens and data.epochs decide.
+    minutes: float | None = None
+    data_share: float = 0.5
 
 
 @dataclass
@@ -262,13 +279,25 @@ def check_retrofit_config(cfg: RetrofitConfig) -> None:
         raise ValueError(f"data.gamma must lie in (0, 1], got {data.gamma}")
     if not (data.temperature >= 0.0 and math.isfinite(data.temperature)):
         raise ValueError(f"data.temperature must be a finite number >= 0, got {data.temperature}")
-    if data.temperature > 0 and data.distill != "generated":
-        raise ValueError("data.temperature applies to --distill generated (data.distill) only")
+    if data.temperature > 0 and data.distill not in GENERATED_MODES:
+        raise ValueError(
+            "data.temperature applies to --distill generated or generated_kl (data.distill) only"
+        )
     if not (data.epochs > 0 and math.isfinite(data.epochs)):
         raise ValueError(f"data.epochs must be a finite number > 0, got {data.epochs}")
     if not 0.0 < data.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
     check_max_files(data.max_files)
+    minutes = cfg.run.minutes
+    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+        raise ValueError(f"run.minutes (--minutes) must be a finite number > 0, got {minutes}")
+    if minutes is not None and cfg.run.steps is not None:
+        raise ValueError(
+            "run.steps (--steps) and run.minutes (--minutes) both set the training's length; "
+            "give one"
+        )
+    if not 0.0 < cfg.run.data_share < 1.0:
+        raise ValueError(f"run.data_share must lie in (0, 1), got {cfg.run.data_share}")
     if data.block_size < 2:
         raise ValueError(
             f"data.block_size must be >= 2 (offset 1 needs a target), got {data.block_size}"
@@ -278,17 +307,17 @@ def check_retrofit_config(cfg: RetrofitConfig) -> None:
             f"head.next_token must be 'base' for a retrofit (the model's own next token), "
             f"got {head.next_token!r}"
         )
+    if head.n_future < 2:
+        raise ValueError(
+            f"head.n_future={head.n_future} can never draft in base mode (offset 1 is the "
+            "model's own next token); use head.n_future >= 2"
+        )
     # The model's sizes are not known before it is loaded: any that fit the head's settings.
     vocab = max(2, (head.draft_vocab_size or 0) + 1)
     try:
         head_config(head, hidden_size=max(1024, head.expert_inner_size), vocab_size=vocab)
     except ValueError as err:
         raise ValueError(str(err).replace("CPDMTPConfig.", "head.")) from None
-    if head.n_future < 2:
-        raise ValueError(
-            f"head.n_future={head.n_future} can never draft in base mode (offset 1 is the "
-            "model's own next token); use head.n_future >= 2"
-        )
     if head.draft_vocab_size is not None and head.draft_vocab_size < 2:
         raise ValueError(
             f"head.draft_vocab_size={head.draft_vocab_size} leaves nothing to choose (the loss "
@@ -299,7 +328,7 @@ def check_retrofit_config(cfg: RetrofitConfig) -> None:
             f"head.n_future={head.n_future} must be < data.block_size={data.block_size}: "
             "offsets >= the block size never have a target"
         )
-    if data.distill == "generated" and not 1 <= data.prompt_length < data.block_size - 1:
+    if data.distill in GENERATED_MODES and not 1 <= data.prompt_length < data.block_size - 1:
         raise ValueError(
             f"data.prompt_tokens={data.prompt_length} must lie in [1, data.block_size - 2 = "
             f"{data.block_size - 2}] so that each block has room for a continuation"

@@ -177,7 +177,11 @@ def train_loop(
                 joint = last_eval.get("val/joint_nll_per_target")
                 nxt = last_eval.get("val/next_token_nll")
                 shown = f"step {step}: val joint NLL {_nats(joint)} nats per target"
-                bar.write(shown + ("" if nxt is None else f", next-token {_nats(nxt)}"))
+                shown += "" if nxt is None else f", next-token {_nats(nxt)}"
+                usage = expert_usage(last_eval, "val/")
+                if len(usage) > 1:  # every run says how its experts are used
+                    shown += f", expert usage {'/'.join(f'{u:.2f}' for u in usage)}"
+                bar.write(shown)
             check_usage(last_eval, settings.collapse_entropy, step, rank)
         run_dir.log(record)
         if on_record is not None:

@@ -1,12 +1,14 @@
 """Retrofit a pretrained causal LM with a CP-MTP drafting head, without changing its outputs.
 
-    cpd-mtp retrofit --model path/to/hf_folder_or.gguf --out runs/retrofit \\
-        --n-future 4 --rank 4 --tokens 200000 --seed 0 --draft-vocab 8192 --distill kl
+    cpd-mtp retrofit --model path/to/hf_folder_or.gguf --out runs/retrofit --minutes 8
+    cpd-mtp retrofit --model M.gguf --out runs/r --rank 4 --distill kl --tokens 200000
     cpd-mtp retrofit --model M.gguf --out runs/r head.expert_type=resblock optim.lr=1e-3
     python -m cpd_mtp.training.retrofit ...          # the same, for launchers (torchrun, deepspeed)
 
 Every setting is a key of ``RetrofitConfig`` (``model``, ``head``, ``data``, ``optim``, ``run``;
-``head`` holds every ``CPDMTPConfig`` field), set by a flag or a dotted override.
+``head`` holds every ``CPDMTPConfig`` field), set by a flag or a dotted override. The defaults
+are the recipe: n = 4, r = 2, linear experts, a 4096-id draft vocabulary, the model's own
+greedy continuations as data (``generated``), 128-token blocks.
 
 The model is loaded (``cpd_mtp.hf.loading.load_causal_lm``) and frozen; only a new head (gate
 and experts; W_U is the model's own, frozen) is trained:
@@ -18,22 +20,31 @@ and experts; W_U is the model's own, frozen) is trained:
    distributions (``CPDMTPHead.forward(..., distill=(beta, gamma))``); ``generated`` cuts
    prompts from the blocks, lets the model continue them (greedy, or sampled at
    ``--temperature``) and trains on the continuations (``--tokens`` then counts generated
-   tokens). Validation blocks come from the validation split.
-2. **Draft vocabulary.** ``--draft-vocab K``: the K most frequent ids of the head's training
+   tokens); ``generated_kl`` trains on the same continuations with the KL term too (soft
+   labels: the model's own distributions along its own text). Validation blocks come from the
+   validation split.
+2. **Budget.** ``--minutes M`` (``run.minutes``) bounds data, state caching and training
+   together (``cpd_mtp.training.budget``): data is made until ``run.data_share`` of the budget
+   is spent, counting the state caching still to come, and the steps are what fits in the
+   rest, timed on the head itself; ``--tokens`` is then a cap. The plan (blocks, steps) is
+   stored with every checkpoint, so a resume trains on the same data to the same step.
+3. **Draft vocabulary.** ``--draft-vocab K``: the K most frequent ids of the head's training
    targets.
-3. **Training.** The trunk's final hidden states of every block are computed once and
+4. **Training.** The trunk's final hidden states of every block are computed once and
    memory-mapped (``cached_trunk_states``); the head trains on (hidden, labels) batches
    through a DeepSpeed engine (any ZeRO stage, AdamW, warmup + cosine), with ``cpd-mtp
    train``'s crash safety: an exclusive lock on the output folder, refusal to mix with an
    earlier run without ``--resume`` / ``--overwrite``, sealed checkpoints, exact resume (the
    data order is a function of seed and step), ``metrics.jsonl``, progress and validation.
-4. **Export.** The drafter alone (``cpd_mtp.hf.export.save_drafter``: the head, its config,
+5. **Export.** The drafter alone (``cpd_mtp.hf.export.save_drafter``: the head, its config,
    the tokenizer and the base model's identity, a few MB) to ``<out>/final``;
    ``CPDMTPForCausalLM.from_pretrained`` attaches it to its base. ``--merged`` writes the whole
    model instead (``CPDMTPForCausalLM.from_causal_lm(base, ..., next_token="base")``). In base mode the model's
    forward gives the original model's logits bit for bit: the head only drafts, and
    self-speculative decoding verifies every draft against the original distribution (greedy
    tokens identical up to the precision contract of ``docs/concepts.md``).
+6. **Measurement.** The export against the original model's ``generate`` on held-out prompts
+   (``run.measure_prompts``), with a plain warning when decoding got slower.
 """
 
 from __future__ import annotations
@@ -56,8 +67,18 @@ import torch
 
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.head import CPDMTPHead
+from cpd_mtp.training.budget import (
+    EXPORT_RESERVE_S,
+    TimeBudget,
+    blocks_that_fit,
+    seconds_per_call,
+    steps_that_fit,
+)
 from cpd_mtp.training.checkpoint import CheckpointError
 from cpd_mtp.training.config import (
+    DEFAULT_DRAFT_VOCAB,
+    GENERATED_MODES,
+    KL_MODES,
     RetrofitConfig,
     check_retrofit_config,
     config_to_dict,
@@ -88,7 +109,8 @@ IGNORE_INDEX = -100
 _SHARED_KEYS = ("weight",)
 # What a resume must keep: the model, the head's shape and the data (see ``ResumeRules``).
 RETROFIT_RESUME_RULES = ResumeRules(
-    fixed=("model.", "head.", "data.", "run.seed"),
+    # The budget chose the data and the steps: a resume keeps them (stored with the checkpoint).
+    fixed=("model.", "head.", "data.", "run.seed", "run.minutes", "run.data_share"),
     free=(
         "head.loss_impl",
         "head.chunk_bytes",
@@ -118,6 +140,8 @@ def head_config(cfg: RetrofitConfig, hidden_size: int, vocab_size: int) -> CPDMT
     vocabulary as large as the model's is the whole vocabulary."""
     settings = dataclasses.asdict(cfg.head)
     k = settings["draft_vocab_size"]
+    if k == DEFAULT_DRAFT_VOCAB and k > vocab_size:  # the default on a small vocabulary
+        k = settings["draft_vocab_size"] = vocab_size
     if k is not None and k > vocab_size:
         raise ValueError(
             f"head.draft_vocab_size={k} (--draft-vocab) exceeds the model's vocabulary of "
@@ -206,11 +230,35 @@ class RetrofitTrainer:
     trunk states and labels) and the export (the drafter) are the retrofit's own.
     """
 
-    def __init__(self, cfg: RetrofitConfig, base: tuple[Any, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RetrofitConfig,
+        base: tuple[Any, Any] | None = None,
+        *,
+        data_blocks: int | None = None,
+        data_seconds: float = 0.0,
+    ) -> None:
         """``base``: the (model, tokenizer) of ``cfg.model.path`` when the caller already loaded
-        them (a study training many heads for one model); they are frozen, not copied."""
+        them (a study training many heads for one model); they are frozen, not copied.
+
+        ``data_blocks`` and ``data_seconds`` (with ``run.minutes``): train on the first
+        ``data_blocks`` training blocks, as an earlier run of the same data made them in
+        ``data_seconds``, which this run's budget is charged (a study giving every head the
+        same data and the same minutes)."""
         check_retrofit_config(cfg)
         self.cfg = cfg
+        # The budget's clock starts with the run: loading, data, caching and training count.
+        self.budget = (
+            TimeBudget(cfg.run.minutes, cfg.run.data_share, time.monotonic() - data_seconds)
+            if cfg.run.minutes is not None
+            else None
+        )
+        # The budget's blocks and steps, once known.
+        self.plan: dict[str, int] | None = None
+        if data_blocks is not None:
+            if self.budget is None:
+                raise ValueError("data_blocks applies to a run with run.minutes only")
+            self.plan = {"blocks": data_blocks}
         self._preloaded = base
         self.rank, self.world, self.device = init_distributed()
         self.run_dir = RunDirectory(cfg.run.out_dir, self.rank, self.world)
@@ -241,6 +289,8 @@ class RetrofitTrainer:
             self.resume_point = self.run_dir.resume_point(
                 self.checkpoint_config(), RETROFIT_RESUME_RULES
             )
+            if self.budget is not None:  # the data and steps the budget chose at the start
+                self.plan = self._stored_plan(self.resume_point)
         if self._preloaded is not None:
             self.base, self.tokenizer = self._preloaded
         else:
@@ -259,20 +309,43 @@ class RetrofitTrainer:
             )
         self.head_cfg = head_config(cfg, int(hidden_size), int(vocab))
 
-        # Rank 0 builds every cache first (tokens, continuations, states); the others read them.
+        # Rank 0 builds every cache first (tokens, continuations, states); the others read them,
+        # as many training blocks as rank 0 made within a budget.
+        deciding = self.budget is not None and self.plan is None
         if self.rank != 0:
             torch.distributed.barrier()
+            if deciding:
+                self.plan = {"blocks": self._broadcast(0)}
         start = time.perf_counter()
         self.train_data, self.val_data, self.draft_ids = self._build_data(show)
         self.cache_time_s = time.perf_counter() - start
+        # Seconds of the budget spent when the data was ready (loading, generation, caching).
+        self.data_ready_s = self.budget.seconds - self.budget.left() if self.budget else None
         if self.rank == 0:
             torch.distributed.barrier()
+            if deciding:
+                self._broadcast(len(self.train_data))
 
         run, optim = cfg.run, cfg.optim
+        torch.manual_seed(run.seed)
+        head = self._build_head(lm_head)
         global_batch = run.micro_batch_size * run.grad_accum * self.world
-        steps = run.steps or max(
-            1, math.ceil(cfg.data.epochs * len(self.train_data) / global_batch)
-        )
+        if self.budget is None:
+            steps = run.steps or max(
+                1, math.ceil(cfg.data.epochs * len(self.train_data) / global_batch)
+            )
+        else:
+            if "steps" not in (self.plan or {}):
+                self.plan = {"blocks": len(self.train_data), "steps": self._steps_in_budget(head)}
+            steps = self.plan["steps"]
+            if self.rank == 0:
+                epochs = steps * global_batch / len(self.train_data)
+                note(
+                    f"budget {self.budget.minutes:g} min: {len(self.train_data)} training blocks "
+                    f"({self.training_tokens:,} target tokens) ready after "
+                    f"{self.budget.used_minutes():.1f} min; {steps} steps ({epochs:.1f} epochs) "
+                    f"fit in the {max(0.0, self.budget.left()) / 60:.1f} min left"
+                )
         warmup = optim.warmup_steps if optim.warmup_steps is not None else max(1, steps // 20)
         # The settings the engine and the schedule use, with the derived ones filled in.
         self.resolved = dataclasses.replace(
@@ -290,20 +363,6 @@ class RetrofitTrainer:
             return
         import deepspeed
 
-        torch.manual_seed(run.seed)
-        # W_U as a frozen float32 copy: the head trains in float32 whatever the model's dtype.
-        weight = torch.nn.Parameter(lm_head.weight.detach().float(), requires_grad=False)
-        embedding = None
-        if self.head_cfg.token_conditioned:
-            # The input embedding a token-conditioned head reads x_{t+1} through, frozen and
-            # float32 too: W_U's copy itself when the model ties them. Not saved with the head.
-            source = self.base.get_input_embeddings().weight
-            embedding = weight
-            if source is not lm_head.weight:
-                embedding = torch.nn.Parameter(source.detach().float(), requires_grad=False)
-        head = CPDMTPHead(self.head_cfg, unembedding=weight, token_embedding=embedding)
-        if self.draft_ids is not None:
-            head.set_draft_vocab(self.draft_ids)
         self.ds_config = deepspeed_config(self.resolved, torch.cuda.is_available())
         self.engine, _, _, _ = deepspeed.initialize(
             model=head,
@@ -319,6 +378,72 @@ class RetrofitTrainer:
         elif run.overwrite:
             self.run_dir.give_up_earlier_run()  # only now, with everything built
 
+    def _build_head(self, lm_head: torch.nn.Linear) -> CPDMTPHead:
+        """A new head (initialised from the torch seed) over a frozen float32 copy of W_U."""
+        # W_U as a frozen float32 copy: the head trains in float32 whatever the model's dtype.
+        weight = torch.nn.Parameter(lm_head.weight.detach().float(), requires_grad=False)
+        embedding = None
+        if self.head_cfg.token_conditioned:
+            # The input embedding a token-conditioned head reads x_{t+1} through, frozen and
+            # float32 too: W_U's copy itself when the model ties them. Not saved with the head.
+            source = self.base.get_input_embeddings().weight
+            embedding = weight
+            if source is not lm_head.weight:
+                embedding = torch.nn.Parameter(source.detach().float(), requires_grad=False)
+        head = CPDMTPHead(self.head_cfg, unembedding=weight, token_embedding=embedding)
+        if self.draft_ids is not None:
+            head.set_draft_vocab(self.draft_ids)
+        return head.to(self.device)
+
+    # ------------------------------------------------------------------ the budget
+    def _stored_plan(self, point: Any) -> dict[str, int]:
+        from cpd_mtp.training import checkpoint
+
+        plan = checkpoint.read_record(self.run_dir.checkpoints, point.tag).get("budget")
+        if not isinstance(plan, dict) or {"blocks", "steps"} - set(plan):
+            raise CheckpointError(
+                f"checkpoint {point.path} stores no budget plan (blocks, steps) to resume "
+                "run.minutes with; start a new run"
+            )
+        return {"blocks": int(plan["blocks"]), "steps": int(plan["steps"])}
+
+    def _steps_in_budget(self, head: CPDMTPHead) -> int:
+        """The optimizer steps that fit in what is left of the budget: the head's forward and
+        backward timed on a real micro-batch (its gradients dropped after), the validation
+        passes and the checkpoints reserved. Every process gets rank 0's answer."""
+        run, data = self.cfg.run, self.cfg.data
+        distill = (data.beta, data.gamma) if data.distill in KL_MODES else None
+        index = np.arange(min(run.micro_batch_size, len(self.train_data)))
+        hidden, labels = self.train_data.batch(index, self.device)
+
+        def train_micro() -> None:
+            head(hidden, labels, return_logits=False, distill=distill).loss.backward()
+
+        def eval_micro() -> None:
+            with torch.no_grad():
+                head(hidden, labels, return_logits=False)
+
+        rng = torch.get_rng_state()  # the timing leaves the run's random stream as it was
+        step_s = run.grad_accum * seconds_per_call(train_micro)
+        head.zero_grad(set_to_none=True)
+        eval_s = math.ceil(len(self.val_data) / (run.micro_batch_size * self.world)) * (
+            seconds_per_call(eval_micro, repeats=1)
+        )
+        torch.set_rng_state(rng)
+        left = self.budget.left()
+        steps = steps_that_fit(left, step_s, 2 * eval_s + EXPORT_RESERVE_S)
+        # Validation every eval_every steps and checkpoints every save_every cost time too.
+        extra = (steps // run.eval_every) * eval_s + (steps // run.save_every) * EXPORT_RESERVE_S
+        return self._broadcast(steps_that_fit(left, step_s, 2 * eval_s + EXPORT_RESERVE_S + extra))
+
+    def _broadcast(self, value: int) -> int:
+        """Rank 0's ``value`` on every process."""
+        if self.world == 1:
+            return value
+        shared = torch.tensor([value], dtype=torch.long, device=self.device)
+        torch.distributed.broadcast(shared, 0)
+        return int(shared.item())
+
     # ------------------------------------------------------------------ resume
     def checkpoint_config(self) -> dict[str, Any]:
         """The settings stored in every checkpoint and compared on resume."""
@@ -326,7 +451,10 @@ class RetrofitTrainer:
 
     def _checkpoint_info(self) -> dict[str, Any]:
         resolved = config_to_dict(self.resolved)
-        return sealed_info(self.checkpoint_config(), resolved, RETROFIT_RESUME_RULES)
+        info = sealed_info(self.checkpoint_config(), resolved, RETROFIT_RESUME_RULES)
+        if self.plan is not None:
+            info["budget"] = self.plan
+        return info
 
     def _run_complete(self) -> bool:
         more = "Raise --steps or --epochs to train further."
@@ -356,7 +484,7 @@ class RetrofitTrainer:
         )
         self.corpus = corpus  # its held-out documents give the measurement's prompts
         blocks = corpus.train.blocks
-        generated = data.distill == "generated"
+        generated = data.distill in GENERATED_MODES
         per_block = data.block_size - data.prompt_length if generated else data.block_size
         wanted = math.ceil(data.tokens / per_block)
         if wanted > len(blocks):
@@ -365,10 +493,25 @@ class RetrofitTrainer:
                 f"{data.block_size} tokens but the training split has {len(blocks)}; lower "
                 "--tokens or --block-size, or add data"
             )
-        chosen = np.asarray(
-            blocks[select_blocks(len(blocks), wanted, self.cfg.run.seed)], dtype=np.int64
-        )
+        seed = self.cfg.run.seed
+        chosen = np.asarray(blocks[select_blocks(len(blocks), wanted, seed)], dtype=np.int64)
+        # In a random order (a function of the seed): a budget that stops early keeps a
+        # random part of the corpus, not its first files.
+        chosen = chosen[np.random.default_rng([seed, 0x0DE7]).permutation(len(chosen))]
         cache = cache_root(data.cache_dir)
+        budget, planned = self.budget, self.plan["blocks"] if self.plan else None
+        val_blocks = corpus.validation.blocks
+        val = np.asarray(val_blocks[: min(data.eval_blocks, len(val_blocks))], dtype=np.int64)
+        # With a budget to size the data by: the seconds the trunk takes per block (its states
+        # are cached after the data is made, within the data's share of the budget).
+        per_state = self._seconds_per_block(chosen) if budget and planned is None else None
+        if per_state is not None and self.rank == 0:
+            note(
+                f"budget {budget.minutes:g} min: making data until "
+                f"{budget.data_share * budget.minutes:.1f} min (run.data_share="
+                f"{budget.data_share:g}; the trunk caches a block in {per_state:.2f} s), then "
+                "training in what is left"
+            )
         if generated:
             prompts = [row[: data.prompt_length].tolist() for row in chosen]
             continuations = generate_continuations(
@@ -378,16 +521,19 @@ class RetrofitTrainer:
                 cache,
                 temperature=data.temperature,
                 batch_size=data.generate_batch_size,
-                seed=self.cfg.run.seed,
+                seed=seed,
                 pad_token_id=self.tokenizer.pad_token_id,
                 progress=show,
+                stop=self._generation_stop(per_state, len(val)) if per_state else None,
+                max_examples=planned,
             )
             pad = self.tokenizer.pad_token_id
             ids, labels = distillation_blocks(
                 continuations, data.block_size, 0 if pad is None else pad
             )
             made = continuations.generated_tokens
-            if made < SHORT_BUDGET * data.tokens and self.rank == 0:
+            full = len(continuations.ids) == len(prompts)  # not cut short by the budget
+            if full and made < SHORT_BUDGET * data.tokens and self.rank == 0:
                 warnings.warn(
                     f"the model generated {made:,} tokens, far below data.tokens={data.tokens:,} "
                     "(--tokens): its continuations end early (EOS); raise --tokens or use "
@@ -395,6 +541,11 @@ class RetrofitTrainer:
                     stacklevel=2,
                 )
         else:
+            if budget is not None:  # as many blocks as the trunk caches before the deadline
+                if planned is None:  # the validation blocks are cached in the same time
+                    seconds = budget.data_deadline - time.monotonic() - len(val) * per_state
+                    planned = blocks_that_fit(seconds, per_state, len(chosen))
+                chosen = chosen[:planned]
             ids, labels = chosen, chosen.copy()
         self.training_tokens = int((labels != IGNORE_INDEX).sum())
         if self.head_cfg.draft_vocab_size is not None:
@@ -403,8 +554,6 @@ class RetrofitTrainer:
             draft_ids = most_frequent_ids(counts, self.head_cfg.draft_vocab_size)
         else:
             draft_ids = None
-        val_blocks = corpus.validation.blocks
-        val = np.asarray(val_blocks[: min(data.eval_blocks, len(val_blocks))], dtype=np.int64)
 
         def states(array: np.ndarray) -> Any:
             return cached_trunk_states(
@@ -417,6 +566,23 @@ class RetrofitTrainer:
             )
 
         return HeadData(states(ids), labels), HeadData(states(val), val.copy()), draft_ids
+
+    def _seconds_per_block(self, blocks: np.ndarray) -> float:
+        """Seconds the trunk takes per block of ``blocks`` (timed on one state batch)."""
+        batch = torch.from_numpy(blocks[: self.cfg.data.state_batch_size]).to(self.device)
+        with torch.no_grad():
+            return seconds_per_call(lambda: self.base(batch), repeats=1) / len(batch)
+
+    def _generation_stop(self, per_block: float, val_blocks: int):
+        """When self-generation must stop so that the next batch, then caching the states of
+        every block made and of the validation blocks, end by the data deadline."""
+        deadline, batch = self.budget.data_deadline, self.cfg.data.generate_batch_size
+
+        def stop(done: int, last_batch_s: float) -> bool:
+            cached = (done + batch + val_blocks) * per_block
+            return time.monotonic() + last_batch_s + cached > deadline
+
+        return stop
 
     # ------------------------------------------------------------------ validation
     def evaluate(self) -> dict[str, float | None]:
@@ -442,7 +608,7 @@ class RetrofitTrainer:
         if getattr(self, "complete", False):
             return {}  # said so at start-up
         cfg, run = self.cfg, self.resolved.run
-        distill = (cfg.data.beta, cfg.data.gamma) if cfg.data.distill == "kl" else None
+        distill = (cfg.data.beta, cfg.data.gamma) if cfg.data.distill in KL_MODES else None
         if self.step == 0 and self.resume_point is None:  # the untrained head, as the baseline
             self.run_dir.log({"step": 0, **self.evaluate()})
 
@@ -474,6 +640,12 @@ class RetrofitTrainer:
                 f"{self.cache_time_s:.1f} s",
                 flush=True,
             )
+            if self.budget is not None:
+                print(
+                    f"budget: {self.budget.used_minutes():.1f} of {self.budget.minutes:g} "
+                    "minutes used (the measurement after the export is not counted)",
+                    flush=True,
+                )
         if self.step >= run.steps and run.export:
             self.export(self.run_dir.final)
             if run.measure_prompts > 0:

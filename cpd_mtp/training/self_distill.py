@@ -29,7 +29,7 @@ import os
 import shutil
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,17 @@ def generate_continuations(
     seed: int = 0,
     pad_token_id: int | None = None,
     progress: bool = False,
+    stop: Callable[[int, float], bool] | None = None,
+    max_examples: int | None = None,
 ) -> Continuations:
     """Continue every prompt with the base model; computed once per (model, prompts, settings).
 
     A killed run resumes: the batches finished before the kill are reused (see the module's
     docstring), and the result is the one an uninterrupted run gives.
+
+    A time budget (``stop``) or ``max_examples`` stops early, after a whole batch: the result
+    is then the continuations of the first prompts only (whole batches), kept as resumable
+    chunks, so a later call with more time or more examples goes on from them.
 
     Args:
         model: a HF causal LM (the frozen base model).
@@ -113,9 +119,14 @@ def generate_continuations(
         seed: the sampling seed (the same seed and batch size give the same continuations).
         pad_token_id: the id used to left-pad batches; default the model's pad, else its EOS.
         progress: show a progress bar (resumed chunks count as done).
+        stop: asked before each batch but the first (so the result is never empty) with the
+            prompts done so far and the seconds the last batch took (0 for one read from
+            disk); True stops there.
+        max_examples: continue at most the first this many prompts (rounded up to a whole
+            batch); ``None``: all of them.
 
     Returns:
-        ``Continuations``.
+        ``Continuations`` of all the prompts, or of the first ones when stopped early.
 
     Raises:
         CacheError: a write failed (a full disk, say); one line naming the file.
@@ -128,6 +139,8 @@ def generate_continuations(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
     generation = model.generation_config
     settings = {
         "new_tokens": new_tokens,
@@ -147,9 +160,14 @@ def generate_continuations(
                 stacklevel=2,
             )
             discard_entry(entry)
-    _generate(
-        model, prompts, new_tokens, entry, temperature, batch_size, seed, pad_token_id, progress
-    )
+    finished = _generate(
+        model, prompts, new_tokens, entry, temperature, batch_size, seed, pad_token_id, progress,
+        stop, max_examples,
+    )  # fmt: skip
+    if finished is not None:  # stopped early: the first prompts' chunks, as they are
+        count = sum(len(x) for x in finished)
+        ids = [x for chunk in finished for x in chunk]
+        return Continuations(ids, [len(p) for p in prompts[:count]], entry)
     try:
         return _open(entry, prompts, new_tokens)
     except DamagedEntry as why:
@@ -245,7 +263,23 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _generate(model, prompts, new_tokens, entry, temperature, batch_size, seed, pad, progress):
+def _generate(
+    model,
+    prompts,
+    new_tokens,
+    entry,
+    temperature,
+    batch_size,
+    seed,
+    pad,
+    progress,
+    stop,
+    max_examples,
+) -> list[list[np.ndarray]] | None:
+    """Generate the missing chunks and publish the entry; when ``stop`` or ``max_examples``
+    ends it first, the finished leading chunks instead (the entry unpublished)."""
+    import time
+
     # Imported under another name: `progress` is the caller's on/off switch.
     from cpd_mtp.utils.progress import progress as progress_bar
 
@@ -256,9 +290,12 @@ def _generate(model, prompts, new_tokens, entry, temperature, batch_size, seed, 
     pad = 0 if pad is None else int(pad)
     device = next(model.parameters()).device
     starts = list(range(0, len(prompts), batch_size))
+    wanted = len(starts)
+    if max_examples is not None:
+        wanted = min(wanted, -(-max_examples // batch_size))
     chunks = entry.with_name(f"{entry.name}.partial-b{batch_size}")
     done: dict[int, list[np.ndarray]] = {}
-    for index, start in enumerate(starts):
+    for index, start in enumerate(starts[:wanted]):
         path = chunks / f"chunk-{index:06d}.npz"
         if not path.is_file():
             continue
@@ -268,7 +305,7 @@ def _generate(model, prompts, new_tokens, entry, temperature, batch_size, seed, 
             warnings.warn(f"{why}; generating that chunk again", stacklevel=3)
     resumed = sum(len(prompts[starts[i] : starts[i] + batch_size]) for i in done)
     bar = progress_bar(
-        total=len(prompts),
+        total=min(len(prompts), wanted * batch_size),
         desc="self-distillation",
         unit="prompt",
         disable=not progress,
@@ -281,12 +318,16 @@ def _generate(model, prompts, new_tokens, entry, temperature, batch_size, seed, 
         )
     was_training = model.training
     model.eval()
+    last_s = 0.0
     try:
-        for index, start in enumerate(starts):
+        for index, start in enumerate(starts[:wanted]):
             if index in done:
                 continue
             if (entry / "meta.json").is_file():  # another process published the entry
                 break
+            if stop is not None and index > 0 and stop(start, last_s):
+                break  # the budget is spent: keep what is done
+            began = time.perf_counter()
             batch = [list(p) for p in prompts[start : start + batch_size]]
             torch.manual_seed(chunk_seed(seed, index))
             outputs = _generate_batch(model, batch, new_tokens, temperature, pad, eos, device)
@@ -299,9 +340,15 @@ def _generate(model, prompts, new_tokens, entry, temperature, batch_size, seed, 
                 durable_write_bytes(path, buffer.getvalue())
             done[index] = outputs
             bar.update(len(batch))
+            last_s = time.perf_counter() - began
     finally:
         bar.close()
         model.train(was_training)
+    if len(done) < len(starts) and not (entry / "meta.json").is_file():
+        leading = 0
+        while leading in done:
+            leading += 1
+        return [done[i] for i in range(leading)]
     if len(done) == len(starts):
         flat, bounds = _layout([x for i in range(len(starts)) for x in done[i]], prompts)
         with write_errors(entry, _WHAT), durable_directory(entry) as tmp:

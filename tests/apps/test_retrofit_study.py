@@ -26,21 +26,25 @@ from cpd_mtp.decoding.measure import measure_retrofit, summarise_speedup
     ranks=st.lists(st.integers(1, 8), min_size=1, max_size=4, unique=True),
     distills=st.lists(st.sampled_from(["none", "generated", "kl"]), min_size=1, unique=True),
     seeds=st.lists(st.integers(0, 9), min_size=2, max_size=4, unique=True),
+    conditioned=st.sampled_from([[False], [True], [False, True]]),
 )
 def test_the_plan_runs_every_configuration_once_per_seed_and_none_first_on_average(
-    ranks, distills, seeds
+    ranks, distills, seeds, conditioned
 ):
-    order = plan(ranks, distills, seeds)
-    expected = {(s, d, r) for s in seeds for d in distills for r in ranks}
+    order = plan(ranks, distills, seeds, conditioned)
+    expected = {(s, d, r, c) for s in seeds for d in distills for r in ranks for c in conditioned}
     assert len(order) == len(expected) and set(order) == expected
     # Over an even number of seeds each configuration's mean position within its seed's
     # block is the same: a drift over the study hits every configuration alike.
     if len(seeds) % 2 == 0:
-        size = len(ranks) * len(distills)
+        size = len(ranks) * len(distills) * len(conditioned)
         mean_slot = {
-            (d, r): statistics.fmean(order.index((s, d, r)) - seeds.index(s) * size for s in seeds)
+            (d, r, c): statistics.fmean(
+                order.index((s, d, r, c)) - seeds.index(s) * size for s in seeds
+            )
             for d in distills
             for r in ranks
+            for c in conditioned
         }
         assert len(set(mean_slot.values())) == 1
 
@@ -125,6 +129,7 @@ def test_a_study_writes_its_results_and_a_rerun_trains_nothing(
         "--seeds", "0", "1", "--n-future", "3", "--tokens", "256", "--draft-vocab", "64",
         "--block-size", "32", "--max-files", "120", "--prompts", "2", "--new-tokens", "8",
         "--epochs", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+        "--minutes", "0", "--conditioned", "no",
     ]  # fmt: skip
     retrofit_study.main(flags)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -148,3 +153,25 @@ def test_a_quick_study_refuses_to_write_into_docs(tiny_pretrained_folder):
         retrofit_study.main(
             ["--quick", "--model", str(tiny_pretrained_folder), "--out", "docs/retrofit_study"]
         )
+
+
+def test_heads_of_a_budgeted_study_share_one_seeds_data_and_its_minutes(
+    tiny_pretrained_folder, tmp_path
+):
+    flags = [
+        "--model", str(tiny_pretrained_folder), "--ranks", "1", "2", "--distill", "generated",
+        "--seeds", "0", "--n-future", "3", "--tokens", "512", "--draft-vocab", "64",
+        "--block-size", "32", "--max-files", "120", "--prompts", "2", "--new-tokens", "8",
+        "--minutes", "0.1", "--conditioned", "no", "yes", "--no-plots",
+        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    retrofit_study.main(flags)
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert len(runs) == 4 and {r["conditioned"] for r in runs} == {False, True}
+    first = runs[0]["data"]
+    for run in runs[1:]:  # the first head made the data; every other head trained on it
+        assert run["data"]["blocks"] == first["blocks"]
+        assert run["data"]["seconds"] >= first["seconds"]  # charged the first head's minutes
+    for run in runs:
+        assert run["chain"]["greedy"]["identical"] and run["greedy"]["identical"]
+        assert 0.0 <= run["first_draft"]["top1"] <= run["first_draft"]["top5"] <= 1.0

@@ -153,3 +153,22 @@ def test_untied_model_may_save_the_whole_head(tiny_llama_config):
     model = _base(tiny_llama_config, False)
     config = peft.LoraConfig(target_modules=list(ATTENTION_PROJECTIONS), modules_to_save=["head"])
     check_peft_config(model, config)  # no error
+
+
+def test_a_token_conditioned_heads_projection_is_trained_too(tiny_llama_config):
+    torch.manual_seed(0)
+    config = tiny_llama_config(vocab_size=VOCAB, num_layers=LAYERS, tie_word_embeddings=True)
+    model = CPDMTPForCausalLM.from_causal_lm(
+        AutoModelForCausalLM.from_config(config), n_future=3, rank=2, next_token="base",
+        token_conditioned=True,
+    )  # fmt: skip
+    given = lora_config(r=4)
+    wrapped = get_peft_model(model, given)
+    assert "head.token_proj" not in given.modules_to_save  # the caller's config is untouched
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert "base_model.model.head.token_proj.modules_to_save.default.weight" in trainable
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    wrapped.train()
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    proj = wrapped.get_base_model().head.token_proj.modules_to_save["default"].weight
+    assert proj.grad is not None and proj.grad.abs().sum() > 0

@@ -46,6 +46,7 @@ def config(model: Path, out: Path, **overrides) -> RetrofitConfig:
         "run.out_dir": str(out),
         "head.n_future": N_FUTURE,
         "head.rank": RANK,
+        "head.token_conditioned": False,  # the plain head here; the default in its own file
         "data.tokens": 2048,
         "run.seed": 0,
         "data.distill": "none",
@@ -235,6 +236,38 @@ def test_generated_mode_trains_on_the_models_own_continuations(tiny_model, tmp_p
     )
 
 
+def test_generated_kl_distils_the_models_own_continuations(tiny_model, tmp_path):
+    """``generated_kl``: the blocks of ``generated``, and a first step whose loss is the
+    untrained head's distillation objective (NLL + KL to the model's own next-token
+    distributions) on the first micro-batch, recomputed here."""
+    from cpd_mtp.training.loop import micro_batch_indices
+    from cpd_mtp.training.retrofit import RetrofitTrainer
+
+    common = {"data__tokens": 512, "data__prompt_tokens": 8, "run__steps": 2}
+    plain = RetrofitTrainer(config(tiny_model, tmp_path / "g", data__distill="generated", **common))
+    plain.close()
+    cfg = config(tiny_model, tmp_path / "s", data__distill="generated_kl", **common)
+    soft = RetrofitTrainer(cfg)
+    try:
+        np.testing.assert_array_equal(plain.train_data.labels, soft.train_data.labels)
+        assert (soft.train_data.labels == -100).any()  # the prompts are not targets
+        run = soft.resolved.run
+        index = micro_batch_indices(
+            0, 0, 0, 1, run.micro_batch_size, run.grad_accum, len(soft.train_data), run.seed
+        )
+        hidden, labels = soft.train_data.batch(index, soft.device)
+        with torch.no_grad():
+            distill = (cfg.data.beta, cfg.data.gamma)
+            out = soft.engine.module(hidden, labels, return_logits=False, distill=distill)
+            nll = soft.engine.module(hidden, labels, return_logits=False)
+        soft.train(stop_after=1)
+    finally:
+        soft.close()
+    first = metrics(tmp_path / "s")[1]
+    assert first["loss"] == pytest.approx(float(out.loss), rel=1e-5)
+    assert float(out.loss) != pytest.approx(float(nll.loss), rel=1e-3)  # the KL is in it
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("flags", "message"),
@@ -328,16 +361,22 @@ def test_resume_after_a_kill_equals_a_straight_run(tiny_model, tmp_path):
     resumed_from = int(pointer.read_text()[4:])
     assert resumed_from < 40, "the run finished before it was killed: nothing was tested"
     _launch(tiny_model, killed, "--distill", "kl", "--resume")
-    a, b = metrics(straight), metrics(killed)
-    assert [r["step"] for r in b] == list(range(41))
+    assert_same_run(straight, killed, steps=40)
+
+
+def assert_same_run(straight: Path, resumed: Path, steps: int) -> None:
+    """The resumed run logged every step once, as the straight one did (loss, LR, validation),
+    and exported the same weights."""
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b] == list(range(steps + 1))
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "lr", "val/joint_nll_per_target"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (key, ra, rb)
     files = sorted(p.name for p in (straight / "final").glob("*.safetensors"))
-    assert files == sorted(p.name for p in (killed / "final").glob("*.safetensors")) and files
+    assert files == sorted(p.name for p in (resumed / "final").glob("*.safetensors")) and files
     for file in files:
-        wa, wb = load_file(straight / "final" / file), load_file(killed / "final" / file)
+        wa, wb = load_file(straight / "final" / file), load_file(resumed / "final" / file)
         assert wa.keys() == wb.keys()
         for name in wa:
             torch.testing.assert_close(wb[name], wa[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -20,12 +20,12 @@ from cpd_mtp.training.config import load_retrofit_config
 from cpd_mtp.training.retrofit import retrofit
 
 
-def test_the_option_is_a_dotted_key_of_the_retrofit_config():
-    cfg = load_retrofit_config(["model.path=m", "run.out_dir=o", "head.token_conditioned=true"])
-    assert cfg.head.token_conditioned is True
+def test_the_option_is_a_dotted_key_of_the_retrofit_config_and_on_by_default():
+    cfg = load_retrofit_config(["model.path=m", "run.out_dir=o", "head.token_conditioned=false"])
+    assert cfg.head.token_conditioned is False
     assert (
         load_retrofit_config({"model.path": "m", "run.out_dir": "o"}).head.token_conditioned
-        is False
+        is True
     )
 
 

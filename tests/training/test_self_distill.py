@@ -245,3 +245,51 @@ def test_a_full_disk_is_one_line_naming_the_chunk(tmp_path, monkeypatch):
     assert "\n" not in message
     assert message.startswith("No space left on device while writing ")
     assert ".partial-b16/chunk-000000.npz" in message
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(2, 7), batch=st.integers(1, 3), limit=st.integers(1, 7))
+def test_a_limit_gives_the_leading_continuations_and_a_later_call_goes_on(n, batch, limit):
+    """``max_examples`` (rounded up to whole batches) gives the first prompts' continuations,
+    equal to a full run's; a later full call generates only the chunks not done yet."""
+    import tempfile
+
+    model = tiny_model()
+    prompts = [[i + 1, (3 * i) % 39 + 1] for i in range(n)]
+    with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as root:
+        expected = as_lists(generate_continuations(model, prompts, 3, whole, batch_size=batch))
+        with pytest.MonkeyPatch.context() as patch:
+            calls = count_generate(model, patch)
+            first = generate_continuations(
+                model, prompts, 3, root, batch_size=batch, max_examples=limit
+            )
+        kept = min(n, -(-limit // batch) * batch)
+        assert as_lists(first) == (expected[0][:kept], expected[1][:kept])
+        assert sum(calls) == kept
+        with pytest.MonkeyPatch.context() as patch:
+            calls = count_generate(model, patch)
+            rest = generate_continuations(model, prompts, 3, root, batch_size=batch)
+        assert as_lists(rest) == expected and sum(calls) == n - kept
+
+
+def test_a_stop_ends_generation_after_whole_batches_and_never_before_the_first(
+    tmp_path, monkeypatch
+):
+    model = tiny_model()
+    prompts = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
+    calls = count_generate(model, monkeypatch)
+    data = generate_continuations(
+        model, prompts, 2, tmp_path, batch_size=2, stop=lambda done, seconds: True
+    )
+    assert calls == [2] and [len(p) for p in prompts[:2]] == data.prompt_lengths
+    assert len(data.ids) == 2 and data.generated_tokens == 4
+    asked = []
+
+    def after_four(done, seconds):
+        asked.append((done, seconds))
+        return done >= 4
+
+    again = generate_continuations(model, prompts, 2, tmp_path, batch_size=2, stop=after_four)
+    assert len(again.ids) == 4 and calls == [2, 2]  # the first batch came from disk
+    assert [d for d, _ in asked] == [2, 4] and asked[0][1] == 0.0 and asked[1][1] > 0.0
+    assert not list((tmp_path / "self_distill").glob("*/meta.json"))  # not published: partial

@@ -1,0 +1,118 @@
+"""``cpd-mtp retrofit --minutes M``: a wall-clock budget sizes the data and the steps.
+
+The budget's arithmetic is checked against its definition; the runs use the tiny random Llama
+of ``test_retrofit.py``. The clock-dependent decisions (how many blocks, how many steps fit)
+are replaced by fixed answers where a test needs them, so each check is exact: the plan is
+stored with every checkpoint, and a resumed run trains on the checkpoint's plan, whatever
+the clock says then, to the same weights as a straight run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_retrofit import assert_same_run, config, metrics
+
+from cpd_mtp.training import retrofit as retrofit_module
+from cpd_mtp.training.budget import STEP_OVERHEAD, blocks_that_fit, steps_that_fit
+from cpd_mtp.training.checkpoint import read_record, resume_tag
+from cpd_mtp.training.config import check_retrofit_config, load_retrofit_config
+from cpd_mtp.training.retrofit import RetrofitTrainer, retrofit
+
+
+@given(
+    seconds=st.floats(0.0, 1e4),
+    step=st.floats(1e-3, 100.0),
+    reserve=st.floats(0.0, 100.0),
+)
+def test_the_steps_that_fit_are_the_most_that_fit(seconds, step, reserve):
+    steps = steps_that_fit(seconds, step, reserve)
+    assert steps >= 1
+    if steps > 1:  # the budget holds them, and not one more
+        assert steps * STEP_OVERHEAD * step + reserve <= seconds * (1 + 1e-9)
+    assert (steps + 1) * STEP_OVERHEAD * step + reserve > seconds
+
+
+@given(seconds=st.floats(0.0, 1e4), per_block=st.floats(1e-4, 10.0), most=st.integers(1, 10**6))
+def test_the_blocks_that_fit(seconds, per_block, most):
+    count = blocks_that_fit(seconds, per_block, most)
+    assert 1 <= count <= most
+    assert count == most or count == max(1, math.floor(seconds / per_block))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"run.minutes": 0.0}, "run.minutes (--minutes) must be a finite number > 0"),
+        ({"run.minutes": 2.0, "run.steps": 10}, "run.steps (--steps) and run.minutes"),
+        ({"run.minutes": 2.0, "run.data_share": 1.0}, "run.data_share must lie in (0, 1)"),
+    ],
+)
+def test_a_bad_budget_is_refused_in_one_line(settings, message):
+    cfg = load_retrofit_config({"model.path": "m", "run.out_dir": "o", **settings})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_retrofit_config(cfg)
+
+
+def _budget_config(model, out, **overrides):
+    return config(
+        model, out, run__minutes=5.0, run__steps=None, data__distill="kl", run__save_every=3,
+        run__eval_every=3, **overrides,
+    )  # fmt: skip
+
+
+def _fix_the_clock(monkeypatch, blocks: int, steps: int) -> None:
+    """What fits in the budget, fixed: ``blocks`` training blocks and ``steps`` steps."""
+    monkeypatch.setattr(retrofit_module, "blocks_that_fit", lambda *a: blocks)
+    monkeypatch.setattr(retrofit_module, "steps_that_fit", lambda *a: steps)
+
+
+def test_a_resume_trains_on_the_checkpoints_plan_whatever_the_clock_says(
+    tiny_pretrained_folder, tmp_path, monkeypatch
+):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        _fix_the_clock(patch, blocks=5, steps=6)
+        trainer = RetrofitTrainer(_budget_config(tiny_pretrained_folder, straight))
+        try:
+            assert len(trainer.train_data) == 5 and trainer.resolved.run.steps == 6
+            trainer.train()
+        finally:
+            trainer.close()
+        retrofit(_budget_config(tiny_pretrained_folder, killed), stop_after=3)
+    record = read_record(straight / "checkpoints", resume_tag(straight / "checkpoints"))
+    assert record["budget"] == {"blocks": 5, "steps": 6}
+    with monkeypatch.context() as patch:
+        _fix_the_clock(patch, blocks=9, steps=20)  # a different clock: ignored on resume
+        retrofit(_budget_config(tiny_pretrained_folder, killed, run__resume=True))
+    assert_same_run(straight, killed, steps=6)
+
+
+def test_a_spent_budget_keeps_the_first_batch_of_continuations_and_trains_one_step(
+    tiny_pretrained_folder, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    cfg = config(
+        tiny_pretrained_folder, out, run__minutes=1e-5, run__steps=None,
+        data__distill="generated", data__generate_batch_size=4, run__merged=False,
+    )  # fmt: skip
+    trainer = RetrofitTrainer(cfg)
+    try:
+        # The budget was spent before generation began: one batch of prompts, one step.
+        assert len(trainer.train_data) == 4 and trainer.plan == {"blocks": 4, "steps": 1}
+        trainer.train()
+    finally:
+        trainer.close()
+    assert [r["step"] for r in metrics(out)] == [0, 1]
+    stored = json.loads((out / "final" / "retrofit_config.json").read_text())
+    assert stored["run"]["minutes"] == 1e-5 and stored["run"]["steps"] == 1
+    out = capsys.readouterr()
+    assert "budget: " in out.out
+    # Every run reports how its experts are used, beside the validation NLL.
+    shown = next(line for line in (out.out + out.err).splitlines() if "val joint NLL" in line)
+    assert re.search(r"expert usage \d\.\d\d/\d\.\d\d$", shown), shown
