@@ -24,8 +24,7 @@ def test_the_option_is_a_dotted_key_of_the_retrofit_config_and_on_by_default():
     cfg = load_retrofit_config(["model.path=m", "run.out_dir=o", "head.token_conditioned=false"])
     assert cfg.head.token_conditioned is False
     assert (
-        load_retrofit_config({"model.path": "m", "run.out_dir": "o"}).head.token_conditioned
-        is True
+        load_retrofit_config({"model.path": "m", "run.out_dir": "o"}).head.token_conditioned is True
     )
 
 
