@@ -330,7 +330,7 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         claims[name] = by_mode
         if "greedy_tpf" in by_mode:  # the first study's key, kept
             claims[name]["gain"] = by_mode["greedy_tpf"]["margin"]
-    result["rank_gain_by_distill"] = {k: v for k, v in claims.items()}
+    result["rank_gain_by_distill"] = claims
     return result
 
 

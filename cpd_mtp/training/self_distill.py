@@ -27,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -151,9 +152,13 @@ def generate_continuations(
     }
     entry = Path(cache_dir) / "self_distill" / _key(model, prompts, settings)
     sweep_stale_temporaries(cache_dir)
+    # Whole batches of the first max_examples prompts, wherever they come from.
+    limit = len(prompts)
+    if max_examples is not None:
+        limit = min(limit, -(-max_examples // batch_size) * batch_size)
     if os.path.lexists(entry):
         try:
-            return _open(entry, prompts, new_tokens)
+            return _leading(_open(entry, prompts, new_tokens), limit)
         except DamagedEntry as why:
             warnings.warn(
                 f"self-distillation cache entry {entry} is damaged ({why}); generating it again",
@@ -169,12 +174,17 @@ def generate_continuations(
         ids = [x for chunk in finished for x in chunk]
         return Continuations(ids, [len(p) for p in prompts[:count]], entry)
     try:
-        return _open(entry, prompts, new_tokens)
+        return _leading(_open(entry, prompts, new_tokens), limit)
     except DamagedEntry as why:
         raise CacheError(
             f"self-distillation cache entry {entry} is damaged right after it was written "
             f"({why}); delete it and rerun"
         ) from None
+
+
+def _leading(data: Continuations, count: int) -> Continuations:
+    """The first ``count`` examples of ``data``."""
+    return Continuations(data.ids[:count], data.prompt_lengths[:count], data.path)
 
 
 def _check_layout(
@@ -278,8 +288,6 @@ def _generate(
 ) -> list[list[np.ndarray]] | None:
     """Generate the missing chunks and publish the entry; when ``stop`` or ``max_examples``
     ends it first, the finished leading chunks instead (the entry unpublished)."""
-    import time
-
     # Imported under another name: `progress` is the caller's on/off switch.
     from cpd_mtp.utils.progress import progress as progress_bar
 

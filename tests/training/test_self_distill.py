@@ -270,6 +270,11 @@ def test_a_limit_gives_the_leading_continuations_and_a_later_call_goes_on(n, bat
             calls = count_generate(model, patch)
             rest = generate_continuations(model, prompts, 3, root, batch_size=batch)
         assert as_lists(rest) == expected and sum(calls) == n - kept
+        # The published entry still answers a limited call with the first prompts only.
+        again = generate_continuations(
+            model, prompts, 3, root, batch_size=batch, max_examples=limit
+        )
+        assert as_lists(again) == (expected[0][:kept], expected[1][:kept])
 
 
 def test_a_stop_ends_generation_after_whole_batches_and_never_before_the_first(
