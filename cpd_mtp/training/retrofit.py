@@ -427,7 +427,7 @@ class RetrofitTrainer:
         step_s = run.grad_accum * seconds_per_call(train_micro)
         head.zero_grad(set_to_none=True)
         eval_s = math.ceil(len(self.val_data) / (run.micro_batch_size * self.world)) * (
-            seconds_per_call(eval_micro, repeats=1)
+            seconds_per_call(eval_micro, repeats=3, warmup=1)
         )
         torch.set_rng_state(rng)
         left = self.budget.left()
@@ -571,7 +571,7 @@ class RetrofitTrainer:
         """Seconds the trunk takes per block of ``blocks`` (timed on one state batch)."""
         batch = torch.from_numpy(blocks[: self.cfg.data.state_batch_size]).to(self.device)
         with torch.no_grad():
-            return seconds_per_call(lambda: self.base(batch), repeats=1) / len(batch)
+            return seconds_per_call(lambda: self.base(batch), repeats=1, warmup=1) / len(batch)
 
     def _generation_stop(self, per_block: float, val_blocks: int):
         """When self-generation must stop so that the next batch, then caching the states of

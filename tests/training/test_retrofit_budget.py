@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 from test_retrofit import assert_same_run, config, metrics
 
 from cpd_mtp.training import retrofit as retrofit_module
-from cpd_mtp.training.budget import STEP_OVERHEAD, blocks_that_fit, steps_that_fit
+from cpd_mtp.training.budget import (
+    STEP_OVERHEAD,
+    blocks_that_fit,
+    seconds_per_call,
+    steps_that_fit,
+)
 from cpd_mtp.training.checkpoint import read_record, resume_tag
 from cpd_mtp.training.config import check_retrofit_config, load_retrofit_config
 from cpd_mtp.training.retrofit import RetrofitTrainer, retrofit
@@ -35,6 +40,26 @@ def test_the_steps_that_fit_are_the_most_that_fit(seconds, step, reserve):
     if steps > 1:  # the budget holds them, and not one more
         assert steps * STEP_OVERHEAD * step + reserve <= seconds * (1 + 1e-9)
     assert (steps + 1) * STEP_OVERHEAD * step + reserve > seconds
+
+
+@given(
+    typical=st.floats(1e-3, 10.0),
+    slow=st.lists(st.floats(1.0, 10.0), min_size=2, max_size=2),
+    warmup=st.integers(0, 3),
+)
+def test_a_step_is_timed_by_its_typical_call_not_its_slow_first_ones(typical, slow, warmup):
+    """After the warm-up calls, one or two slow timed calls (the machine waking up after other
+    work) leave the answer at the typical call's time; a mean over them would not."""
+    durations = [typical * 50] * warmup + [typical * slow[0], typical * slow[1]] + [typical] * 3
+    clock = {"now": 0.0}
+    calls = iter(durations)
+
+    def work() -> None:
+        clock["now"] += next(calls)
+
+    seconds = seconds_per_call(work, repeats=5, warmup=warmup, clock=lambda: clock["now"])
+    assert seconds == pytest.approx(typical)
+    assert next(calls, None) is None  # every call made: warm-ups, then the timed ones
 
 
 @given(seconds=st.floats(0.0, 1e4), per_block=st.floats(1e-4, 10.0), most=st.integers(1, 10**6))
