@@ -91,9 +91,6 @@ def run_generate(args: argparse.Namespace) -> None:
     """Stream a completion (one prompt) or print every completion (a batch), then statistics."""
     if any(not prompt for prompt in args.prompt):
         args.parser.error("--prompt must not be empty")
-    if not (args.model / "config.json").is_file():
-        sys.exit(f"error: --model {args.model} is not a saved model directory (no config.json)")
-
     import torch
     from transformers import TextStreamer
 
@@ -106,8 +103,10 @@ def run_generate(args: argparse.Namespace) -> None:
             check_warping(args.temperature, args.top_k, args.top_p)
         except ValueError as error:
             args.parser.error(str(error))
+    from cpd_mtp.hf.saved import open_export
+
     try:
-        model, tokenizer = _load_export(args.model)
+        model, tokenizer = open_export(args.model)
     except ValueError as error:
         sys.exit(f"error: {error}")
     # Stop where HF `model.generate` and `cpd_mtp.generate` stop: the model's generation
@@ -175,31 +174,6 @@ def run_generate(args: argparse.Namespace) -> None:
 def _sizes(tree_sizes: dict[int, int]) -> str:
     """'4 x12, 15 x3': draft nodes fed per forward, and how many forwards fed that many."""
     return ", ".join(f"{size} x{count}" for size, count in tree_sizes.items()) or "-"
-
-
-def _load_export(path: Path) -> tuple[Any, Any]:
-    """The saved model and its tokenizer; a ``ValueError`` in one line for a folder that is not
-    a complete cpd_mtp model (another model type, no weights, no tokenizer, corrupt files)."""
-    from safetensors import SafetensorError
-    from transformers import AutoTokenizer
-
-    from cpd_mtp.hf.loading import check_model_folder, transformers_progress
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
-
-    check_model_folder(path)
-    try:  # a ValueError (another model type, say) already names the folder in one line
-        with transformers_progress(False):
-            model = CPDMTPForCausalLM.from_pretrained(path, local_files_only=True).eval()
-    except (OSError, RuntimeError, KeyError, SafetensorError) as error:  # e.g. a truncated file
-        raise ValueError(
-            f"{path}: cannot load the model ({type(error).__name__}: {error})"
-        ) from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: cannot load the tokenizer ({error})") from error
-    tokenizer.padding_side = "left"
-    return model, tokenizer
 
 
 # ---------------------------------------------------------------------- retrofit

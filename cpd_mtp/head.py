@@ -649,7 +649,13 @@ class CPDMTPHead(nn.Module):
     # ------------------------------------------------------------------ drafting
     @torch.no_grad()
     def draft_state(
-        self, hidden: torch.Tensor, next_token: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        next_token: torch.Tensor | None = None,
+        *,
+        depth: int | None = None,
+        first: tuple[torch.Tensor, torch.Tensor] | None = None,
+        unembedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything the conditionals need at one position per row.
 
@@ -657,18 +663,65 @@ class CPDMTPHead(nn.Module):
             hidden: (B, d) hidden state at the last accepted position.
             next_token: (B,) x_{t+1}, the verifier's token: required by a ``token_conditioned``
                 head (its gate and experts read it), ignored by the others.
+            depth: the offsets computed are 1..depth + 1 (None: all n).
+            first: (log_w (B, r), log p_1 (B, r, K)) already computed at ``hidden`` (a
+                marginal-mode decoder has them from its verification forward): only offsets
+                2.. are computed then.
+            unembedding: the (K, d) rows of W_U the experts' softmax runs over, when the caller
+                holds them already (a decoder gathers the draft rows once per call).
 
         Returns:
-            log_w: (B, r) log gate weights; log_p: (B, n, r, V) per-expert log-probabilities.
-            For a token-conditioned head ``log_p[:, 0]`` is 0: offset 1 is its input, not a
-            draft, so x_{t+1} among ``conditional``'s chosen tokens adds no evidence.
+            log_w: (B, r) log gate weights; log_p: (B, depth + 1, r, K) per-expert
+            log-probabilities of offsets 1..depth + 1, float32. For a token-conditioned head
+            ``log_p[:, 0]`` is 0: offset 1 is its input, not a draft, so x_{t+1} adds no
+            evidence to the posterior over experts.
         """
         self._check_hidden(hidden)
-        if self.token_proj is None:
-            return self.log_gate(hidden), self.expert_log_probs(hidden)
-        z = self.conditioned_state(hidden, next_token)
-        rest = self.expert_log_probs(z, slice(1, self.config.n_future))  # (B, n - 1, r, K)
-        return self.log_gate(z), torch.cat([torch.zeros_like(rest[:, :1]), rest], dim=1)
+        n = self.config.n_future if depth is None else depth + 1
+        if not 1 <= n <= self.config.n_future:
+            raise ValueError(f"depth must lie in [0, {self.config.n_future - 1}], got {depth}")
+        if self.token_proj is not None:
+            z = self.conditioned_state(hidden, next_token)
+            log_w = self.log_gate(z)
+            if n == 1:
+                return log_w, log_w.new_zeros(hidden.shape[0], 1, self.config.rank,
+                                              self.config.draft_vocab)  # fmt: skip
+            rest = self.expert_log_probs(z, slice(1, n), unembedding)  # (B, n - 1, r, K)
+            return log_w, torch.cat([torch.zeros_like(rest[:, :1]), rest], dim=1)
+        if first is None:
+            return self.log_gate(hidden), self.expert_log_probs(hidden, slice(0, n), unembedding)
+        log_w, log_p1 = first
+        if n == 1:
+            return log_w, log_p1[:, None].float()
+        rest = self.expert_log_probs(hidden, slice(1, n), unembedding)
+        return log_w, torch.cat([log_p1[:, None].to(rest.dtype), rest], dim=1)
+
+    @staticmethod
+    def posterior(
+        log_prior: torch.Tensor, log_p: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The posterior over experts after one more observed token (the CP conditional's state).
+
+            log pi'_a = log_softmax_a(log pi_a + log p_a(x))
+
+        Args:
+            log_prior: (..., r) log posterior (or log gate weights) before the token.
+            log_p: (..., r, K) the experts' log-probabilities at the token's offset.
+            positions: (...) the token's index among the K ids; -1 (a token outside the draft
+                vocabulary, whose probability the experts do not model) adds no evidence.
+
+        Returns:
+            (..., r) log posterior.
+        """
+        index = positions.clamp(min=0)[..., None, None].expand(*positions.shape, log_p.shape[-2], 1)
+        evidence = log_p.gather(-1, index).squeeze(-1)  # (..., r)
+        evidence = torch.where((positions >= 0)[..., None], evidence, torch.zeros_like(evidence))
+        return torch.log_softmax(log_prior + evidence, dim=-1)
+
+    @staticmethod
+    def next_offset(log_posterior: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        """log q(v) = logsumexp_a(log pi_a + log p_a(v)): (..., r) and (..., r, K) -> (..., K)."""
+        return torch.logsumexp(log_posterior[..., None] + log_p, dim=-2)
 
     @staticmethod
     def conditional(
@@ -684,6 +737,8 @@ class CPDMTPHead(nn.Module):
             log pi_a = log_softmax_a(log w_a + sum_{s<=k} log p_{s,a}(x_{t+s}))
             log q_{k+1}(v) = logsumexp_a(log pi_a + log p_{k+1,a}(v))
 
+        (:meth:`posterior` once per chosen token, then :meth:`next_offset`.)
+
         Args:
             log_w: (B, r) log gate weights.
             log_p: (B, n, r, V) per-expert log-probabilities.
@@ -697,16 +752,13 @@ class CPDMTPHead(nn.Module):
         k, n_future = chosen.shape[-1], log_p.shape[1]
         if not 0 <= k < n_future:
             raise ValueError(f"chosen must hold 0..{n_future - 1} tokens, got {k}")
-        joint = log_w
-        if k > 0:
-            index = chosen.clamp(min=0)[:, :, None, None].expand(-1, -1, log_p.shape[2], 1)
-            evidence = log_p[:, :k].gather(-1, index).squeeze(-1)  # (B, k, r)
-            if known is not None:
-                evidence = evidence.masked_fill(~known[:, :, None], 0.0)
-            joint = joint + evidence.sum(dim=1)
-        log_pi = torch.log_softmax(joint, dim=-1)
-        log_q = torch.logsumexp(log_pi[:, :, None] + log_p[:, k], dim=1)
-        return log_pi, log_q
+        log_pi = torch.log_softmax(log_w, dim=-1)
+        for s in range(k):
+            positions = (
+                chosen[:, s] if known is None else torch.where(known[:, s], chosen[:, s], -1)
+            )
+            log_pi = CPDMTPHead.posterior(log_pi, log_p[:, s], positions)
+        return log_pi, CPDMTPHead.next_offset(log_pi, log_p[:, k])
 
 
 # ---------------------------------------------------------------------- decoding precision

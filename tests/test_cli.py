@@ -110,8 +110,92 @@ def test_generate_batch_prints_every_prompt(saved_model, capsys):
     assert out.count("\n---\n") == 2 and "class" in out and "def add(a" in out
 
 
+@pytest.fixture(scope="module")
+def retrofit_exports(tmp_path_factory):
+    """What ``retrofit`` writes: a drafter-only export (the default) and a merged one, of a
+    rank-1 head over a base saved as a Hugging Face folder."""
+    from conftest import build_tiny_llama_config
+
+    from cpd_mtp.hf.export import save_drafter, save_export
+    from cpd_mtp.hf.loading import load_causal_lm
+
+    root = tmp_path_factory.mktemp("exports")
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(200)]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(1)
+    config = build_tiny_llama_config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = root / "base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    base, tokenizer = load_causal_lm(folder, progress=False)
+    model = CPDMTPForCausalLM.from_causal_lm(
+        base, n_future=3, rank=1, next_token="base", freeze_trunk=True, expert_init_noise=0.1
+    ).eval()
+    save_drafter(model, tokenizer, root / "drafter", base_source=str(folder), progress=False)
+    save_export(model, tokenizer, root / "merged")
+    return root, folder, base, tokenizer
+
+
+@pytest.mark.parametrize("kind", ["drafter", "merged"])
+def test_generate_takes_every_export_retrofit_writes(retrofit_exports, kind, capsys):
+    """The drafter-only export is what the README's commands use: the stream is the original
+    base model's own greedy continuation."""
+    root, _, base, tokenizer = retrofit_exports
+    prompt = "def f3(x):"
+    cli.main(["generate", "--model", str(root / kind), "--prompt", prompt,
+              "--max-new-tokens", "10"])  # fmt: skip
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = base.generate(ids, max_new_tokens=10, do_sample=False)
+    out = capsys.readouterr().out
+    assert out.startswith(prompt + tokenizer.decode(want[0, ids.shape[1] :]))
+
+
+def test_export_folders_that_cannot_load_are_one_line_errors(retrofit_exports, tmp_path, capsys):
+    root, folder, _, _ = retrofit_exports
+    with pytest.raises(
+        SystemExit, match=r"holds a plain .llama. model, not a cpd_mtp export.*retrofit"
+    ):
+        cli.main(["generate", "--model", str(folder), "--prompt", "x"])
+    # A drafter file cut short, without its checksum record: named before the base loads.
+    import shutil
+
+    from cpd_mtp.hf import loading
+    from cpd_mtp.hf.export import DRAFTER_WEIGHTS, EXPORT_RECORD
+
+    cut = shutil.copytree(root / "drafter", tmp_path / "cut")
+    (cut / EXPORT_RECORD).unlink()
+    data = (cut / DRAFTER_WEIGHTS).read_bytes()
+    (cut / DRAFTER_WEIGHTS).write_bytes(data[: len(data) // 2])
+    original = loading.load_causal_lm
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base was loaded before the drafter file was checked")
+
+    loading.load_causal_lm = no_base
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["generate", "--model", str(cut), "--prompt", "x"])
+    finally:
+        loading.load_causal_lm = original
+    message = str(exit_info.value)
+    assert "drafter.safetensors is unreadable (cut short or corrupt?)" in message
+    assert "\n" not in message
+    from cpd_mtp.hf.export import ExportError
+
+    with pytest.raises(ExportError, match="is unreadable"):  # the library path says the same
+        CPDMTPForCausalLM.from_pretrained(cut)
+
+
 def test_usage_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="is not a saved model directory"):
+    with pytest.raises(SystemExit, match="is not a saved model folder"):
         cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["frobnicate"])

@@ -17,7 +17,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cpd_mtp import CPDMTPConfig, CPDMTPHead
-from cpd_mtp.decoding.drafters import CPDrafter
 from cpd_mtp.head import SHARED_KEYS
 from cpd_mtp.metrics import HeadMetrics
 
@@ -200,9 +199,8 @@ def test_a_new_conditioned_head_is_the_unconditioned_head(expert_type):
         assert torch.equal(log_w, plain.log_gate(hidden[:, 0]))
         assert torch.equal(log_p[:, 1:], plain.expert_log_probs(hidden[:, 0], slice(1, 4)))
         assert not log_p[:, 0].any()  # offset 1: no evidence
-        drafter = CPDrafter(cond)
         for depth in (1, 3):
-            w, p = drafter.pieces(hidden[:, 0], depth, None, x1)
+            w, p = cond.draft_state(hidden[:, 0], x1, depth=depth)
             assert torch.equal(w, plain.log_gate(hidden[:, 0]))
             assert torch.equal(p[:, 1:], plain.expert_log_probs(hidden[:, 0], slice(1, depth + 1)))
             assert not p[:, 0].any()

@@ -43,21 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_pair(export: Path, base: str | None) -> tuple[Any, Any, Any]:
     """(retrofitted model, original model, tokenizer) of an export, sharing the base's weights."""
-    from transformers import AutoTokenizer
-
-    from cpd_mtp.hf.export import drafter_base, is_drafter_export
+    from cpd_mtp.hf.export import drafter_base
     from cpd_mtp.hf.loading import load_causal_lm
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
+    from cpd_mtp.hf.saved import export_kind, open_export
     from cpd_mtp.training.trainer import base_from_export
 
-    if is_drafter_export(export):
-        original, _ = load_causal_lm(base or drafter_base(export), tokenizer=False)
-        model = CPDMTPForCausalLM.from_pretrained(export, base_model=original)
+    if export_kind(export) == "drafter":
+        original, _ = load_causal_lm(base or drafter_base(export), tokenizer=False, progress=False)
+        model, tokenizer = open_export(export, base_model=original)
     else:
-        model = CPDMTPForCausalLM.from_pretrained(export, local_files_only=True)
-        original = load_causal_lm(base, tokenizer=False)[0] if base else base_from_export(export)
-    tokenizer = AutoTokenizer.from_pretrained(export, local_files_only=True)
-    return model.eval(), original.eval(), tokenizer
+        model, tokenizer = open_export(export)
+        original = (
+            load_causal_lm(base, tokenizer=False, progress=False)[0]
+            if base
+            else base_from_export(export)
+        )
+    return model, original.eval(), tokenizer
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

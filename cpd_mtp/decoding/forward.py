@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cpd_mtp.decoding.cache import decoding_cache
-from cpd_mtp.decoding.tree import DraftTree, chain_tree, tree_attention_mask
+from cpd_mtp.decoding.tree import DraftTree, tree_attention_mask
 
 __all__ = ["feed_chain", "feed_tree", "tree_attention_support", "tree_mask"]
 
@@ -109,8 +109,8 @@ def tree_attention_support(model: Any, sample_ids: torch.Tensor) -> tuple[bool, 
     known = _SUPPORT.get(model)
     if known is not None:
         return known
-    config = _trunk_config(model)
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    # ``CPDMTPForCausalLM.attention_implementation`` (the trunk config's kernel).
+    implementation = getattr(model, "attention_implementation", lambda: "eager")()
     if implementation not in _MASKED_ATTENTION:
         answer = (False, f"its attention implementation {implementation!r} takes no 4-D mask")
     else:
@@ -142,12 +142,12 @@ def _probe(model: Any, sample_ids: torch.Tensor) -> tuple[bool, str]:
         )
         return cache
 
-    tree = chain_tree(a[None], b[None, None])
-    tree.tokens = torch.stack([a, b, c])[None]
-    tree.parents = torch.tensor([[-1, 0, 0]], device=ids.device)
-    tree.depth = torch.tensor([[0, 1, 1]], device=ids.device)
-    tree.valid = torch.ones(1, 3, dtype=torch.bool, device=ids.device)
-    tree.kind = torch.zeros(1, 3, dtype=torch.long, device=ids.device)
+    tree = DraftTree(
+        tokens=torch.stack([a, b, c])[None],
+        parents=torch.tensor([[-1, 0, 0]], device=ids.device),
+        depth=torch.tensor([[0, 1, 1]], device=ids.device),
+        valid=torch.ones(1, 3, dtype=torch.bool, device=ids.device),
+    )
     hidden, _ = feed_tree(model, tree, mask, n_valid, prefilled())
     first, _ = feed_chain(model, torch.stack([a, b])[None], mask, n_valid, prefilled())
     second, _ = feed_chain(model, torch.stack([a, c])[None], mask, n_valid, prefilled())

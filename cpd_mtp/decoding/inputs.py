@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "SCORE_ONLY_WARPERS",
+    "caller_stacklevel",
     "check_inputs",
     "check_warpers",
     "eos_tensor",
@@ -121,8 +122,29 @@ def warn_past_max_positions(model: Any, prompt_length: int, max_new_tokens: int)
             f"max_position_embeddings ({limit}): the model was not trained on positions beyond "
             "it, so its output there may degrade or fail",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn`` that points at the user's line: the first frame
+    outside cpd_mtp, torch and transformers (decorators such as ``torch.no_grad`` and
+    ``model.generate`` sit between a library warning and its caller)."""
+    import inspect
+    from pathlib import Path
+
+    import transformers
+
+    import cpd_mtp
+
+    library = tuple(str(Path(module.__file__).parent) for module in (cpd_mtp, torch, transformers))
+    frame, level = inspect.currentframe(), 0
+    # Level 1 is the function that calls warnings.warn, the frame above this one.
+    while frame is not None:
+        if level >= 2 and not frame.f_code.co_filename.startswith(library):
+            return level
+        frame, level = frame.f_back, level + 1
+    return max(level - 1, 1)
 
 
 def eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Token selection for decoding: warping, sampling and the speculative verification step.
+"""Token selection for decoding: warping and sampling.
 
 Everything here works on *normalised log-probabilities* (the CP head's marginal and conditionals
 are already normalised) and returns normalised log-probabilities, with ``-inf`` for tokens a
@@ -11,9 +11,8 @@ kept), then top-p (the smallest set of most likely tokens whose mass exceeds ``t
 one token). The arguments are validated here first, so that a bad one is a ``ValueError`` naming
 it (HF's own checks accept a NaN ``top_p`` and reject an int temperature).
 
-``verify`` is the speculative-decoding acceptance step: greedy (accept while the draft equals the
-target's argmax) or the rejection sampling of Leviathan et al. (2023) / Chen et al. (2023), which
-makes the output distributed exactly as sampling from the (warped) target, whatever the drafts.
+The speculative decoder's verification is ``cpd_mtp.decoding.tree.verify`` (greedy, and sampling
+through the coupled noise of ``cpd_mtp.decoding.noise``).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ __all__ = [
     "check_warping",
     "inverse_cdf",
     "sample",
-    "verify",
     "warp_log_probs",
 ]
 
@@ -154,73 +152,3 @@ def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64)
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return index.squeeze(-1).clamp(max=cdf.shape[-1] - 1)
-
-
-def verify(
-    drafts: torch.Tensor,
-    target_log_probs: torch.Tensor,
-    draft_log_probs: torch.Tensor | None = None,
-    *,
-    greedy: bool,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accept a prefix of the drafts and choose the token that follows it.
-
-    Greedy: draft j is accepted while it equals ``argmax`` of the target at j (``torch.argmax``:
-    the first maximum, as in autoregressive greedy decoding); the next token is the target's
-    argmax at the first rejected position (or the bonus position m when all are accepted).
-
-    Sampling (Leviathan et al.): draft j, drawn from q_j, is accepted with probability
-    min(1, p_j(d_j) / q_j(d_j)); at the first rejection the next token is drawn from
-    normalise(max(0, p_j - q_j)); when all m drafts are accepted it is drawn from p_m (bonus).
-    Each emitted token is then distributed exactly as a draw from p given the accepted prefix.
-
-    Args:
-        drafts: (B, m) drafted token ids, m >= 0.
-        target_log_probs: (B, m + 1, V) normalised (warped) target log-probabilities; entry j is
-            the target distribution of the token at draft position j, entry m the bonus.
-        draft_log_probs: (B, m, V) normalised (warped) log-probabilities the drafts were drawn
-            from; needed when sampling, ignored when greedy.
-        greedy: greedy verification instead of rejection sampling.
-        generator: random source for sampling.
-
-    Returns:
-        accepted: (B,) int64 number of accepted drafts, in [0, m]; next_token: (B,) int64, the
-        token that follows the accepted drafts.
-    """
-    batch, m = drafts.shape
-    if target_log_probs.shape[:2] != (batch, m + 1):
-        raise ValueError(
-            f"target_log_probs must have shape (B, m + 1, V) = ({batch}, {m + 1}, V), "
-            f"got {tuple(target_log_probs.shape)}"
-        )
-    if greedy:
-        target = torch.argmax(target_log_probs, dim=-1)  # (B, m + 1)
-        ok = drafts == target[:, :m]
-        accepted = torch.cumprod(ok.long(), dim=1).sum(dim=1)  # (B,)
-        next_token = target.gather(1, accepted[:, None]).squeeze(1)
-        return accepted, next_token
-
-    if draft_log_probs is None or draft_log_probs.shape[:2] != (batch, m):
-        raise ValueError("sampling verification needs draft_log_probs of shape (B, m, V)")
-    index = drafts[:, :, None]
-    log_p = target_log_probs[:, :m].gather(-1, index).squeeze(-1)  # (B, m)
-    log_q = draft_log_probs.gather(-1, index).squeeze(-1).to(log_p.dtype)  # (B, m)
-    uniform = torch.rand(batch, m, generator=generator, device=drafts.device, dtype=log_p.dtype)
-    ok = torch.log(uniform) < (log_p - log_q)  # u < p/q; p/q >= 1 always accepts (u < 1)
-    accepted = torch.cumprod(ok.long(), dim=1).sum(dim=1)  # (B,)
-
-    # Distribution of the next token: residual at the first rejection, else the bonus target.
-    position = accepted[:, None, None].expand(-1, 1, target_log_probs.shape[-1])
-    p_next = target_log_probs.gather(1, position).squeeze(1).exp()  # (B, V)
-    rejected = accepted < m
-    if m > 0:
-        q_at = draft_log_probs.gather(1, position.clamp(max=m - 1)).squeeze(1).exp()
-        residual = (p_next - q_at.to(p_next.dtype)).clamp(min=0)
-        mass = residual.sum(dim=-1, keepdim=True)
-        # p == q up to rounding leaves no residual mass; a rejection then has probability ~0,
-        # and p itself is the right fallback.
-        use_residual = rejected[:, None] & (mass > 0)
-        p_next = torch.where(use_residual, residual / mass.clamp(min=1e-30), p_next)
-    next_token = inverse_cdf(p_next, generator)
-    return accepted, next_token

@@ -4,17 +4,19 @@ One trunk forward per iteration (``SpeculativeDecoder.step``), over a Hugging Fa
 ``DynamicCache``:
 
 1. At the last accepted position t the verifier gives x_{t+1}; it is always kept.
-2. The drafter proposes a tree rooted at x_{t+1} (``cpd_mtp.decoding.drafters``): the CP head's
-   conditionals (pi_a ∝ w_a prod_s p_{s,a}(x_{t+s}), q = sum_a pi_a p_{s+1,a}) branch at each
-   node, and context matches add branches. A chain of drafts is a tree with one branch.
+2. The tree builder (``cpd_mtp.decoding.builder``) merges the candidates of the draft sources
+   (``cpd_mtp.decoding.sources``) into a tree rooted at x_{t+1}: the CP head's conditionals
+   (pi_a ∝ w_a prod_s p_{s,a}(x_{t+s}), q = sum_a pi_a p_{s+1,a}) branch at each node, and
+   context matches add branches. A chain of drafts is a tree with one branch.
 3. One forward feeds every node (a chain under a 2-D mask, a tree under a 4-D one,
    ``cpd_mtp.decoding.forward``); the verifier's distribution at each node is the target of its
-   children. Verification (``cpd_mtp.decoding.tree``) accepts a path and draws the token after
-   it; the cache keeps the prefix and the accepted path, and the drafter hears what was
-   accepted.
+   children. Verification (``cpd_mtp.decoding.tree.verify``) accepts a path and chooses the
+   token after it; the cache keeps the prefix and the accepted path, and the builder hears what
+   was accepted (its calibration of each source).
 
 Greedy output equals autoregressive greedy decoding of the verifier token for token; sampled
-output is distributed exactly as autoregressive sampling of the (warped) verifier. Exactness
+output is distributed exactly as autoregressive sampling of the (warped) verifier, and is a
+function of the call's seed and inputs alone (``cpd_mtp.decoding.noise``). Exactness
 against Hugging Face greedy ``generate``: in float32 the tokens are identical (a flip would need
 a top-2 tie within float32 rounding); in bf16 (or fp16) the trunk's hidden states are rounded to
 that dtype and the verification forward runs other matrix shapes than one-token decoding, so the
@@ -44,16 +46,9 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from cpd_mtp.decoding.builder import TreeBuilder
 from cpd_mtp.decoding.cache import compact, decoding_cache, keep_slots
 from cpd_mtp.decoding.cost import PROBE_SIZES, ForwardCost
-from cpd_mtp.decoding.drafters import (
-    ContextDrafter,
-    CPDrafter,
-    DraftContext,
-    Drafter,
-    TreeBudget,
-    TreeDrafter,
-)
 from cpd_mtp.decoding.forward import feed_chain, feed_tree, tree_attention_support
 from cpd_mtp.decoding.inputs import (
     check_inputs,
@@ -63,13 +58,16 @@ from cpd_mtp.decoding.inputs import (
     resolve_special_tokens,
     warn_past_max_positions,
 )
+from cpd_mtp.decoding.noise import PositionNoise
+from cpd_mtp.decoding.options import DraftOptions
 from cpd_mtp.decoding.output import GenerationOutput, StreamCallback, TokenBuffer
-from cpd_mtp.decoding.sampling import apply_warpers, build_warpers, sample
+from cpd_mtp.decoding.sampling import apply_warpers, build_warpers
+from cpd_mtp.decoding.sources import ContextSource, CPSource, DraftContext, DraftSource
 from cpd_mtp.decoding.stats import DraftCounter
-from cpd_mtp.decoding.tree import verify_greedy, verify_sampling
+from cpd_mtp.decoding.tree import verify
 from cpd_mtp.ops.few_rows import few_row_linear, few_row_linears
 
-__all__ = ["AUTO_MAX_NODES", "RowState", "SpeculativeDecoder", "generate"]
+__all__ = ["AUTO_MAX_NODES", "RowState", "SpeculativeDecoder", "build_tree_builder", "generate"]
 
 Warp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -114,44 +112,39 @@ class SpeculativeDecoder:
 
     Args:
         model: a ``CPDMTPForCausalLM`` (``trunk_hidden`` and a ``CPDMTPHead`` as ``head``).
-        drafter: where draft trees come from.
+        builder: where each step's draft tree comes from (its sources, calibration and cost).
         max_depth: the deepest draft per iteration (0: plain autoregressive decoding).
-        max_nodes: the most draft nodes per iteration.
         buffer: receives the new tokens.
-        cost: the measured cost of a forward by fed tokens: the tree's size then maximises
-            expected tokens per second; None: always the best ``max_nodes`` nodes.
         trees: whether the model takes tree forwards (else every tree must be a chain).
         warp: the warping of every target and draft distribution; None for greedy decoding.
-        generator: random source for sampling.
+        noise: the coupled noise of sampling (``cpd_mtp.decoding.noise``); None when greedy.
         min_new_tokens: EOS is removed from the targets of a row's first ``min_new_tokens`` new
             tokens (Hugging Face's ``min_new_tokens``; drafts of EOS there are then rejected).
-        prompt_mask: (B, T) bool, the prompt's real tokens (for the drafters' history).
+        prompt_mask: (B, T) bool, the prompt's real tokens (for the sources' history).
     """
 
     def __init__(
         self,
         model: Any,
-        drafter: Drafter,
+        builder: TreeBuilder,
         max_depth: int,
-        max_nodes: int,
         buffer: TokenBuffer,
         *,
-        cost: ForwardCost | None = None,
         trees: bool = True,
-        warp: Warp | None,
-        generator: torch.Generator | None = None,
+        warp: Warp | None = None,
+        noise: PositionNoise | None = None,
         min_new_tokens: int = 0,
         prompt_mask: torch.Tensor | None = None,
     ) -> None:
+        if (warp is None) != (noise is None):
+            raise ValueError("sampling needs both warp and noise; greedy decoding neither")
         self.model = model
-        self.drafter = drafter
+        self.builder = builder
         self.max_depth = max_depth
-        self.max_nodes = max_nodes
         self.buffer = buffer
-        self.cost = cost
         self.trees = trees
         self.warp = warp
-        self.generator = generator
+        self.noise = noise
         self.min_new_tokens = min_new_tokens
         self.prompt_mask = prompt_mask
         self.counter = DraftCounter(buffer.counts.shape[0], max_depth, buffer.counts.device)
@@ -171,8 +164,9 @@ class SpeculativeDecoder:
         self.counter.count_forward(rows)
         anchor = hidden[:, -1]  # (B, d)
         scores, pieces = self._next_token(anchor)
-        target = self._target(scores, self.buffer.counts[rows])  # new token 0 of each row
-        pending = self._choose(target)
+        index = self.buffer.counts[rows]  # new token 0 of each row
+        target = self._target(scores, index)
+        pending = torch.argmax(self._choice(target, rows, index), dim=-1)
         self.state = RowState(rows, mask, mask.sum(dim=1), anchor, pieces, pending)
         ones = torch.ones_like(pending)
         finished = self.buffer.emit(rows, pending[:, None], ones, target[:, None])
@@ -202,24 +196,25 @@ class SpeculativeDecoder:
         state = self.state
         rows, live = state.rows, state.rows.shape[0]
         remaining = self.buffer.remaining(rows)  # >= 1 for every live row
-        max_depth = min(self.max_depth, int(remaining.max()) - 1)
+        counts = self.buffer.counts[rows]
 
-        # Draft a tree under the kept token x_{t+1}.
+        # Draft a tree under the kept token x_{t+1} (new token number counts - 1).
         context = DraftContext(
             anchor=state.anchor,
             root=state.pending,
-            max_depth=max_depth,
+            max_depth=min(self.max_depth, int(remaining.max()) - 1),
             history=self._history(rows),
+            rows=rows,
+            root_position=counts - 1,
             warp=self.warp,
-            generator=self.generator,
+            noise=self.noise,
             first=state.pieces,
         )
-        budget = TreeBudget(self.max_nodes if max_depth > 0 else 0, self.cost, live)
-        proposal = self.drafter.propose(context, budget)
+        proposal = self.builder.propose(context)
         tree = proposal.tree
         chain = tree.is_chain
         if not (chain or self.trees):
-            raise RuntimeError("the drafter proposed a tree for a model that takes only chains")
+            raise RuntimeError("the draft sources proposed a tree for a model that takes chains")
 
         # One forward over every node: the verifier at each node is its children's target.
         start = time.perf_counter()
@@ -231,18 +226,16 @@ class SpeculativeDecoder:
         else:
             hidden, self.cache = feed_tree(self.model, tree, state.mask, state.n_valid, self.cache)
         scores, pieces = self._next_token(hidden)  # (b, N, V)
-        if self.cost is not None:
-            self.cost.record(live * tree.size, time.perf_counter() - start)
+        if self.builder.cost is not None:
+            self.builder.cost.record(live * tree.size, time.perf_counter() - start)
         self.counter.count_forward(rows, tree.size - 1)
 
         # Verify: accept a path, choose the token after it. Node u predicts new token number
-        # counts + depth(u) of its row (the root, already emitted, is number counts - 1).
-        target = self._target(scores, self.buffer.counts[rows][:, None] + tree.depth)
-        if self.warp is None:
-            path = verify_greedy(tree, target)
-        else:
-            path = verify_sampling(tree, target, self.generator)
-        self.drafter.update(proposal, path)
+        # counts + depth(u) of its row.
+        index = counts[:, None] + tree.depth
+        target = self._target(scores, index)
+        path = verify(tree, self._choice(target, rows, index))
+        self.builder.update(proposal, path)
         path_tokens = tree.tokens.gather(1, path.nodes)  # (b, D + 1), root first
         self.counter.count_verification(path, path_tokens, remaining, self.buffer.eos)
 
@@ -250,8 +243,8 @@ class SpeculativeDecoder:
         accepted = path.accepted
         emitted = torch.cat([path_tokens[:, 1:], path_tokens.new_zeros(live, 1)], dim=1)
         emitted.scatter_(1, accepted[:, None], path.next_token[:, None])
-        index = path.nodes[..., None].expand(-1, -1, target.shape[-1])
-        finished = self.buffer.emit(rows, emitted, accepted + 1, target.gather(1, index))
+        gather = path.nodes[..., None].expand(-1, -1, target.shape[-1])
+        finished = self.buffer.emit(rows, emitted, accepted + 1, target.gather(1, gather))
 
         # Keep the prefix and the accepted path (root first); a shorter path leaves holes.
         longest = int(accepted.max())
@@ -278,8 +271,8 @@ class SpeculativeDecoder:
     def output(self, input_ids: torch.Tensor, start_time: float) -> GenerationOutput:
         """The sequences and statistics so far; ``start_time`` from ``time.perf_counter``."""
         stats = self.counter.finish(self.buffer.counts)
-        if self.cost is not None:
-            stats.forward_cost = self.cost.relative()
+        if self.builder.cost is not None:
+            stats.forward_cost = self.builder.cost.relative()
         return GenerationOutput.from_stats(
             self.buffer.sequences(input_ids), stats, time.perf_counter() - start_time
         )
@@ -295,11 +288,11 @@ class SpeculativeDecoder:
 
     def _next_token(self, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
         """The next-token scores at every position of (..., d) ``hidden``, and the head's
-        pieces there when the drafter can reuse them.
+        pieces there when the CP source can reuse them.
 
         ``base`` mode: the wrapped model's own logits (its lm_head, cast to float32 as HF
-        ``generate`` does), no pieces: the drafter computes the head only at the anchor.
-        ``marginal`` mode: the CP marginal, with (log_w, log p_1) for the drafter.
+        ``generate`` does), no pieces: the CP source computes the head only at the anchor.
+        ``marginal`` mode: the CP marginal, with (log_w, log_p_1) for the CP source.
         """
         head = self.model.head
         if head.config.next_token == "base":
@@ -323,10 +316,16 @@ class SpeculativeDecoder:
             scores = scores.masked_fill(early & is_eos, -torch.inf)
         return scores if self.warp is None else self.warp(scores)
 
-    def _choose(self, target: torch.Tensor) -> torch.Tensor:
-        if self.warp is None:
-            return torch.argmax(target, dim=-1)
-        return sample(target, self.generator)
+    def _choice(
+        self, target: torch.Tensor, rows: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """What the verifier's choice is the argmax of: the target itself when greedy; when
+        sampling, the target plus the coupled noise of each output position (a draw)."""
+        if self.noise is None:
+            return target
+        positions = index if index.dim() == 2 else index[:, None]
+        noise = self.noise(rows, positions).to(target.device)
+        return target + (noise if index.dim() == 2 else noise[:, 0])
 
     def _drop(self, finished: torch.Tensor) -> None:
         """Remove the (b,) finished rows from the state and the cache."""
@@ -338,59 +337,46 @@ class SpeculativeDecoder:
             return
         self.cache.batch_select_indices(index)
         self.state.select(index)
-        select = getattr(self.drafter, "select", None)
-        if callable(select):
-            select(index)
+        self.builder.select(index)
 
 
-def resolve_drafter(
+def build_tree_builder(
     model: Any,
-    draft_tree: int | str | None,
-    drafter: Drafter | None,
-    context_drafts: bool | int | None,
-    sample_ids: torch.Tensor,
-) -> tuple[Drafter, int, bool, bool]:
-    """The drafter, the most nodes per step, whether to size trees by cost, and whether the
-    model takes tree forwards, for ``generate``'s ``draft_tree`` / ``drafter`` /
-    ``context_drafts`` arguments."""
-    if draft_tree is None:
-        draft_tree = "auto"
-    if isinstance(draft_tree, str):
-        if draft_tree not in ("auto", "chain"):
-            raise ValueError(
-                f"draft_tree must be 'auto', 'chain' or an int >= 0 (most draft nodes), "
-                f"got {draft_tree!r}"
-            )
-    elif not is_int(draft_tree) or draft_tree < 0:
-        raise ValueError(
-            f"draft_tree must be 'auto', 'chain' or an int >= 0 (most draft nodes), "
-            f"got {draft_tree!r}"
-        )
-    if context_drafts is not None and not (
-        isinstance(context_drafts, bool) or (is_int(context_drafts) and context_drafts >= 1)
-    ):
-        raise ValueError(
-            f"context_drafts must be True, False, None or an int >= 1, got {context_drafts!r}"
-        )
-    chain = draft_tree == "chain"
-    trees = not chain and tree_attention_support(model, sample_ids)[0]
-    if drafter is not None:
-        depth = drafter.max_depth if drafter.max_depth is not None else 0
-        nodes = depth if chain else (AUTO_MAX_NODES if draft_tree == "auto" else int(draft_tree))
-        return drafter, nodes, draft_tree == "auto" and trees, trees
-    cp = CPDrafter(model.head)
-    if not trees:  # a chain of the CP head's drafts (the model takes no tree forward)
-        return TreeDrafter(cp, None, chain=True), cp.max_depth, False, False
-    use_context = context_drafts if context_drafts is not None else True
-    context = None
-    if use_context:
-        length = context_drafts if is_int(context_drafts) and context_drafts is not True else 10
-        context = ContextDrafter(num_tokens=int(length))
-    nodes = AUTO_MAX_NODES if draft_tree == "auto" else int(draft_tree)
-    return TreeDrafter(cp, context), nodes, draft_tree == "auto", True
+    options: DraftOptions,
+    drafter: DraftSource | Sequence[DraftSource] | None,
+    trees: bool,
+    cost: ForwardCost | None,
+) -> TreeBuilder:
+    """The sources and the tree sizing of one call, from its options.
+
+    Default sources: the CP head (``CPSource``, as deep as ``draft_positions``) and, when the
+    options ask for them, context drafts (``ContextSource``). ``drafter``: the caller's own
+    source(s) instead, each capped at ``draft_positions``. A model that takes no tree forward
+    decodes with the best chain of the same sources.
+    """
+    chain = options.tree == "chain" or not trees
+    if drafter is None:
+        sources: list[DraftSource] = [CPSource(model.head, max_depth=options.positions)]
+        if options.context:
+            sources.append(ContextSource(num_tokens=options.context))
+        caps: dict[int, int] = {}
+    else:
+        sources = _as_sources(drafter)
+        caps = {i: options.positions for i in range(len(sources))}
+        if options.positions is None:
+            caps = {}
+    max_nodes = options.tree if isinstance(options.tree, int) else AUTO_MAX_NODES
+    if options.positions == 0:  # plain autoregressive decoding
+        max_nodes = 0
+    by_cost = cost if options.sized_by_cost and not chain else None
+    return TreeBuilder(sources, max_nodes, cost=by_cost, chain=chain, depth_caps=caps)
 
 
-def _forward_cost(model: Any, device: torch.device) -> ForwardCost:
+def _as_sources(drafter: DraftSource | Sequence[DraftSource]) -> list[DraftSource]:
+    return [drafter] if isinstance(drafter, DraftSource) else list(drafter)
+
+
+def _forward_cost(model: Any) -> ForwardCost:
     costs = _FORWARD_COSTS.get(model)
     if costs is None:
         costs = ForwardCost()
@@ -415,7 +401,7 @@ def generate(
     draft_tree: int | str | None = None,
     context_drafts: bool | int | None = None,
     draft_positions: int | None = None,
-    drafter: Drafter | None = None,
+    drafter: DraftSource | Sequence[DraftSource] | None = None,
     stream: StreamCallback | None = None,
     streamer: BaseStreamer | None = None,
     stopping_criteria: StoppingCriteriaList | None = None,
@@ -430,7 +416,8 @@ def generate(
             ``head``), in eval mode.
         input_ids: (B, T) prompt ids, left-padded when B > 1.
         max_new_tokens: most new tokens per row.
-        do_sample: rejection sampling from the warped marginal; False: greedy.
+        do_sample: sample from the warped model distribution (coupled with the drafts, see
+            ``cpd_mtp.decoding.noise``); False: greedy.
         temperature, top_k, top_p: warping applied identically to the target p and the drafts q
             (Hugging Face's logits warpers, see ``cpd_mtp.decoding.sampling.build_warpers``,
             which validates them); ignored when greedy.
@@ -440,18 +427,21 @@ def generate(
         attention_mask: (B, T) 1 for real tokens, 0 for (left) padding.
         pad_token_id: fills rows after their EOS. None: the model's ``generation_config`` pad
             id (likewise), else the first EOS id, else 0.
-        generator: random source for sampling (on the model's device).
+        generator: random source for sampling: one number is drawn from it (from torch's global
+            random state when None), and the output is a function of that number and the
+            inputs alone, whatever the draft trees.
         draft_tree: the draft tree of each forward. ``"auto"`` (default, None): the CP head's
             tree and context drafts, sized per step to maximise expected tokens per second
             under the forward cost measured on this machine (timed once per model, then on
             every forward). An int T: the best T draft nodes (0: autoregressive decoding).
             ``"chain"``: one chain of the head's top drafts, no branching. A model whose
             attention takes no 4-D mask decodes with chains (one INFO line says why).
-        context_drafts: prompt lookup (``ContextDrafter``): True, False, or an int, the
+        context_drafts: prompt lookup (``ContextSource``): True, False, or an int, the
             longest continuation proposed (default 10; on unless ``draft_tree="chain"``).
         draft_positions: the deepest CP draft, 0 <= m <= n_future - 1 (default n_future - 1);
             0 is plain autoregressive decoding. With ``drafter``: the deepest draft.
-        drafter: a ``Drafter`` of your own, used in place of the CP head and context drafts.
+        drafter: a draft source of your own (``cpd_mtp.decoding.sources.DraftSource``), or a
+            list of them, used in place of the CP head and context drafts.
         stream: called after each forward with the newly accepted token ids of every row
             (a list of B lists, empty for rows with nothing new).
         streamer: a ``transformers`` streamer (``TextStreamer``, ``TextIteratorStreamer``, any
@@ -482,41 +472,39 @@ def generate(
     start_time = time.perf_counter()
     # Check every argument before any forward.
     reject_unsupported(unsupported)
-    mask = check_inputs(input_ids, attention_mask, max_new_tokens, model.head.config.vocab_size)
+    options = DraftOptions.parse(draft_tree, context_drafts, draft_positions)
+    vocab_size = model.head.config.vocab_size
+    mask = check_inputs(input_ids, attention_mask, max_new_tokens, vocab_size)
     if not is_int(min_new_tokens) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
     warn_past_max_positions(model, input_ids.shape[1], max_new_tokens)
-    limit = model.head.config.n_future - 1 if drafter is None else drafter.max_depth
-    if draft_positions is not None and (
-        not is_int(draft_positions)
-        or draft_positions < 0
-        or (limit is not None and draft_positions > limit)
-    ):
-        raise ValueError(f"draft_positions must be an int in [0, {limit}], got {draft_positions!r}")
-    warp = None
+    warp = noise = None
     if do_sample:
         if warpers is None:
             warpers = build_warpers(temperature, top_k, top_p)
         check_warpers(warpers)
         warp = functools.partial(apply_warpers, warpers)
+        noise = PositionNoise.from_generator(generator, vocab_size, input_ids.device)
     sample_ids = input_ids[0][mask[0]]
     if sample_ids.numel() < 6:
         sample_ids = torch.cat(
             [sample_ids, torch.zeros(6, dtype=torch.long, device=input_ids.device)]
         )
-    drafter, max_nodes, by_cost, trees = resolve_drafter(
-        model, draft_tree, drafter, context_drafts, sample_ids
-    )
-    if draft_positions is not None and isinstance(drafter, TreeDrafter):
-        if drafter.cp is not None:
-            drafter.cp.max_depth = draft_positions
-        if drafter.chain:
-            max_nodes = draft_positions
-    if draft_positions == 0:  # plain autoregressive decoding
-        max_nodes = 0
-    max_depth = _deepest(drafter)
-    if draft_positions is not None and not isinstance(drafter, TreeDrafter):
-        max_depth = min(max_depth, draft_positions)  # a drafter of the caller's
+    trees = options.tree != "chain" and tree_attention_support(model, sample_ids)[0]
+    cost = _forward_cost(model) if options.sized_by_cost and trees else None
+    deepest = model.head.config.n_future - 1
+    if drafter is not None:
+        deepest = TreeBuilder(_as_sources(drafter), 0).max_depth
+    if options.positions is not None and deepest is not None and options.positions > deepest:
+        raise ValueError(
+            f"draft_positions must be an int in [0, {deepest}], got {options.positions!r}"
+        )
+    builder = build_tree_builder(model, options, drafter, trees, cost)
+    max_depth = builder.max_depth if builder.max_depth is not None else AUTO_MAX_NODES
+    if builder.cost is not None:  # no wider than what a probe may time
+        builder.max_nodes = min(
+            builder.max_nodes, max(MAX_PROBE_TOKENS // input_ids.shape[0] - 1, 0)
+        )
     eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, input_ids.device)
     buffer = TokenBuffer(
         input_ids.shape[0],
@@ -528,19 +516,14 @@ def generate(
         stopping=stopping_criteria or None,
         streamer=streamer,
     )
-    cost = _forward_cost(model, input_ids.device) if by_cost else None
-    if cost is not None:  # no wider than what a probe may time
-        max_nodes = min(max_nodes, max(MAX_PROBE_TOKENS // input_ids.shape[0] - 1, 0))
     decoder = SpeculativeDecoder(
         model,
-        drafter,
+        builder,
         max_depth,
-        max_nodes,
         buffer,
-        cost=cost,
         trees=trees,
         warp=warp,
-        generator=generator,
+        noise=noise,
         min_new_tokens=min_new_tokens,
         prompt_mask=mask,
     )
@@ -560,18 +543,3 @@ def generate(
                 decoder.step()
     buffer.close()
     return decoder.output(input_ids, start_time)
-
-
-def _deepest(drafter: Any) -> int:
-    """The deepest draft the drafter proposes (its CP depth, or its context chains')."""
-    depths = []
-    cp = getattr(drafter, "cp", None)
-    context = getattr(drafter, "context", None)
-    if cp is not None:
-        depths.append(cp.max_depth)
-    if context is not None:
-        depths.append(context.num_tokens)
-    if not depths:
-        depth = getattr(drafter, "max_depth", None)
-        depths.append(0 if depth is None else depth)
-    return max(depths)

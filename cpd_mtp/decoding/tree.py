@@ -13,18 +13,17 @@ One forward feeds all N nodes of a row:
   (``tree_attention_mask``), with the model's sliding window where it has one.
 
 The verifier's distribution at node u is the distribution of the token after u's path, so the
-targets of u's children are read at u. Verification (``verify_greedy``, ``verify_sampling``)
-walks down from the root and returns the accepted path and the token that follows it:
+targets of u's children are read at u. Verification (``verify``, one walk for every mode) goes
+down from the root into the child whose token is the verifier's choice after the current node
+(siblings are distinct, so at most one matches) and returns the accepted path and the token
+that follows it:
 
-- greedy: descend into the child whose token is the target's argmax (siblings are distinct,
-  so at most one matches); the next token is the argmax at the last node;
-- sampling: the children of a node are tried in turn with recursive rejection sampling
-  (SpecInfer), each child against the distribution it was drawn from: a draw without
-  replacement from the drafter's q (SpecTr, Sequoia), or a deterministic draft (q = one-hot:
-  a context match). After every rejection the target p becomes normalise(max(0, p - q)), and
-  the remaining draws' q loses the rejected token. When every child is rejected, the next token
-  is drawn from what is left of p. Each emitted token is then distributed exactly as a draw
-  from the verifier given the tokens before it.
+- greedy: the choice is the argmax of the model's scores (``torch.argmax``: the first maximum,
+  as Hugging Face's greedy search);
+- sampling: the choice is argmax(log p + G) for the (warped) model distribution p and the
+  coupled Gumbel noise G of that output position (``cpd_mtp.decoding.noise``): a draw from p,
+  independent of the drafts, so the output is distributed exactly as autoregressive sampling
+  and is the same for any tree.
 """
 
 from __future__ import annotations
@@ -34,20 +33,13 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "DETERMINISTIC",
-    "SAMPLED",
     "DraftTree",
     "TreePath",
     "ancestor_matrix",
     "chain_tree",
     "tree_attention_mask",
-    "verify_greedy",
-    "verify_sampling",
+    "verify",
 ]
-
-# How a node was drafted (``DraftTree.kind``): drawn without replacement from its parent's
-# ``child_log_q`` (in sibling order), or proposed deterministically (q = one-hot).
-SAMPLED, DETERMINISTIC = 0, 1
 
 
 @dataclass
@@ -60,17 +52,12 @@ class DraftTree:
         depth: (b, N) int64 depth; 0 for the root.
         valid: (b, N) bool; False marks padding nodes of a row whose tree is smaller (their
             outputs are ignored and they are never accepted).
-        kind: (b, N) int64 ``SAMPLED`` or ``DETERMINISTIC`` (read only when sampling).
-        child_log_q: (b, N, V) the warped log q that node u's ``SAMPLED`` children were drawn
-            from, without replacement in index order; None for greedy trees.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depth: torch.Tensor
     valid: torch.Tensor
-    kind: torch.Tensor
-    child_log_q: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -79,10 +66,11 @@ class DraftTree:
 
     @property
     def is_chain(self) -> bool:
-        """Whether every row is one chain: node j's parent is j - 1, every node valid."""
+        """Whether every row is one chain: node j's parent is j - 1 (a row's invalid nodes, its
+        padding, come after its valid ones and are never accepted)."""
         n = self.size
         chain = torch.arange(-1, n - 1, device=self.parents.device)
-        return bool((self.parents == chain).all()) and bool(self.valid.all())
+        return bool((self.parents == chain).all())
 
     def select(self, rows: torch.Tensor) -> DraftTree:
         """The trees of the given rows."""
@@ -91,8 +79,6 @@ class DraftTree:
             self.parents[rows],
             self.depth[rows],
             self.valid[rows],
-            self.kind[rows],
-            None if self.child_log_q is None else self.child_log_q[rows],
         )
 
 
@@ -107,7 +93,6 @@ def chain_tree(root: torch.Tensor, drafts: torch.Tensor) -> DraftTree:
         parents=(index - 1).expand(b, -1).contiguous(),
         depth=index.expand(b, -1).contiguous(),
         valid=torch.ones(b, m + 1, dtype=torch.bool, device=device),
-        kind=torch.full((b, m + 1), SAMPLED, dtype=torch.long, device=device),
     )
 
 
@@ -199,15 +184,17 @@ def _children(tree: DraftTree) -> torch.Tensor:
     return torch.where(order < n, order, -1)
 
 
-def verify_greedy(tree: DraftTree, target: torch.Tensor) -> TreePath:
-    """Greedy verification: follow the child whose token is the target's argmax.
+def verify(tree: DraftTree, target: torch.Tensor) -> TreePath:
+    """Follow the child whose token is the verifier's choice, the argmax of ``target``.
 
     Args:
         tree: the verified trees (N nodes per row).
-        target: (b, N, V) scores; row u is the verifier's distribution after node u's path.
+        target: (b, N, V) scores; row u scores the token after node u's path: the model's
+            scores when greedy, the warped log-probabilities plus the coupled noise of that
+            output position when sampling (module docstring). Ties go to the first maximum.
 
     Returns:
-        The accepted paths and the argmax token after each (``TreePath``).
+        The accepted paths and the choice after each (``TreePath``).
     """
     best = torch.argmax(target, dim=-1)  # (b, N) the verifier's token after each node
     b = tree.tokens.shape[0]
@@ -237,102 +224,4 @@ def verify_greedy(tree: DraftTree, target: torch.Tensor) -> TreePath:
         accepted=accepted,
         next_token=best.gather(1, current[:, None]).squeeze(1),
         tried=torch.stack(tried, dim=1) if tried else best.new_zeros(b, 0, dtype=torch.bool),
-    )
-
-
-def verify_sampling(
-    tree: DraftTree,
-    target_log_probs: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> TreePath:
-    """Recursive rejection sampling down the trees (module docstring).
-
-    Args:
-        tree: the verified trees; ``child_log_q`` holds the distributions the ``SAMPLED``
-            children were drawn from (without replacement, in index order).
-        target_log_probs: (b, N, V) normalised (warped) log-probabilities of the verifier after
-            each node's path.
-        generator: random source.
-
-    Returns:
-        The accepted paths and the token drawn after each (``TreePath``).
-    """
-    from cpd_mtp.decoding.sampling import inverse_cdf
-
-    if tree.child_log_q is None and bool((tree.kind[:, 1:] == SAMPLED).any()):
-        raise ValueError("sampling verification needs the trees' child_log_q")
-    b, _n = tree.tokens.shape
-    device = tree.tokens.device
-    batch = torch.arange(b, device=device)
-    children = _children(tree)  # (b, N, C)
-    current = torch.zeros(b, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    path = [current]
-    tried = []
-    max_depth = int(tree.depth.max())
-    p = target_log_probs[batch, current].exp().to(torch.float64)  # (b, V) residual target
-    for _ in range(max_depth):
-        kids = children[batch, current]  # (b, C)
-        tried.append((kids >= 0).any(-1) & ~done)
-        q = None
-        if tree.child_log_q is not None:
-            q = tree.child_log_q[batch, current].exp().to(torch.float64)  # (b, V)
-        chosen = torch.full((b,), -1, dtype=torch.long, device=device)
-        for j in range(kids.shape[1]):
-            kid = kids[:, j]
-            live = (kid >= 0) & (chosen < 0) & ~done
-            if not bool(live.any()):
-                break
-            kid0 = kid.clamp(min=0)
-            token = tree.tokens[batch, kid0]
-            deterministic = tree.kind[batch, kid0] == DETERMINISTIC
-            p_token = p.gather(1, token[:, None]).squeeze(1)
-            if q is not None:
-                q_token = q.gather(1, token[:, None]).squeeze(1)
-            else:
-                q_token = torch.ones_like(p_token)
-            q_token = torch.where(deterministic, torch.ones_like(q_token), q_token)
-            uniform = torch.rand(b, generator=generator, device=device, dtype=torch.float64)
-            # u < p / q (q > 0 for a drawn token); p >= q always accepts.
-            accept = live & (uniform * q_token < p_token)
-            chosen = torch.where(accept, kid, chosen)
-            reject = live & ~accept
-            if bool(reject.any()):
-                residual = (p - q).clamp(min=0) if q is not None else p.clone()
-                # A deterministic draft's q is one-hot: the residual is p without its token.
-                one_hot = torch.zeros_like(p).scatter_(1, token[:, None], 1.0)
-                residual = torch.where(deterministic[:, None], (p - one_hot).clamp(min=0), residual)
-                mass = residual.sum(-1, keepdim=True)
-                # p == q up to rounding leaves no residual mass; rejection then had probability
-                # ~0, and p itself is the right fallback.
-                new_p = torch.where(mass > 0, residual / mass.clamp(min=1e-300), p)
-                p = torch.where(reject[:, None], new_p, p)
-                if q is not None:
-                    # The next sampled sibling was drawn without the rejected token.
-                    removed = q.scatter(1, token[:, None], 0.0)
-                    removed_mass = removed.sum(-1, keepdim=True)
-                    new_q = torch.where(
-                        removed_mass > 0, removed / removed_mass.clamp(min=1e-300), q
-                    )
-                    q = torch.where((reject & ~deterministic)[:, None], new_q, q)
-        moved = chosen >= 0
-        current = torch.where(moved, chosen, current)
-        path.append(current)
-        # Rows that stopped keep their residual p for the final draw; rows that moved get the
-        # verifier's full distribution at the new node.
-        done = done | ~moved
-        if bool(moved.any()):
-            fresh = target_log_probs[batch, current].exp().to(torch.float64)
-            p = torch.where(moved[:, None], fresh, p)
-    next_token = inverse_cdf(p, generator)
-    nodes = torch.stack(path, dim=1)
-    accepted = tree.depth.gather(1, current[:, None]).squeeze(1)
-    width = int(accepted.max()) + 1
-    return TreePath(
-        nodes=nodes[:, :width],
-        accepted=accepted,
-        next_token=next_token,
-        tried=torch.stack(tried, dim=1)
-        if tried
-        else torch.zeros(b, 0, dtype=torch.bool, device=device),
     )

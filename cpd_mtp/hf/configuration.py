@@ -17,6 +17,11 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from cpd_mtp.config import CPDMTPConfig
+from cpd_mtp.hf.compat import (
+    attention_implementation,
+    experts_implementation,
+    set_attention_implementation,
+)
 
 __all__ = ["CPDMTPModelConfig"]
 
@@ -57,14 +62,11 @@ class CPDMTPModelConfig(PretrainedConfig):
         if isinstance(given, PretrainedConfig):
             # The base __post_init__ pushes this config's (unset) attention / experts
             # implementation down to the sub-config; keep the wrapped model's choice.
-            kernels = (given._attn_implementation, given._experts_implementation)
+            kernels = (attention_implementation(given), experts_implementation(given))
         super().__post_init__(**kwargs)
         text = self.text_config
         if kernels is not None:
-            if self._attn_implementation is None:
-                text._attn_implementation_internal = kernels[0]
-            if self._experts_implementation is None:
-                text._experts_implementation_internal = kernels[1]
+            set_attention_implementation(text, kernels[0], kernels[1], only_unset=self)
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         hidden, vocab = int(text.hidden_size), int(text.vocab_size)
         if self.head_config is None:

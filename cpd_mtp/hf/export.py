@@ -15,8 +15,11 @@ Two kinds of export:
   gate, experts and draft ids (``drafter.safetensors``), the model config with the full head
   config, the tokenizer, and the identity of the base model the head drafts for
   (``drafter.json``: where it came from, and :func:`drafter_fingerprint` of its weights).
-  ``CPDMTPForCausalLM.from_pretrained`` loads that base again (or takes ``base_model=``),
-  checks its fingerprint and attaches the head in base mode.
+  :func:`read_drafter` reads and checks those files; ``CPDMTPForCausalLM.from_pretrained``
+  loads the base again (or takes ``base_model=``), checks its fingerprint
+  (:func:`check_base_fingerprint`) and attaches the head in base mode.
+
+This module reads and writes folders; building models is ``cpd_mtp.hf.modeling``'s.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cpd_mtp.head import SHARED_KEYS
+from cpd_mtp.head import SHARED_KEYS, CPDMTPHead
 from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file, swap_in_directory
 
 EXPORT_RECORD = "cpd_mtp_export.json"
@@ -52,13 +56,16 @@ __all__ = [
     "DRAFTER_RECORD",
     "DRAFTER_WEIGHTS",
     "EXPORT_RECORD",
+    "DrafterFiles",
     "ExportError",
     "atomic_export",
+    "base_source",
+    "check_base_fingerprint",
     "check_finite",
     "drafter_base",
     "drafter_fingerprint",
     "is_drafter_export",
-    "load_drafter",
+    "read_drafter",
     "save_drafter",
     "save_export",
     "set_special_tokens",
@@ -310,9 +317,8 @@ def save_drafter(
     from safetensors.torch import save
 
     from cpd_mtp.hf.loading import transformers_progress
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
-    if not isinstance(model, CPDMTPForCausalLM):
+    if not isinstance(getattr(model, "head", None), CPDMTPHead):
         raise ValueError(f"save_drafter needs a CPDMTPForCausalLM, got {type(model).__name__}")
     head_config = model.head.config
     if head_config.next_token != "base":
@@ -414,99 +420,62 @@ def drafter_base(directory: str | os.PathLike[str]) -> Path:
     return _resolve_base_source(_read_drafter_record(directory), directory)
 
 
-def load_drafter(
-    directory: str | os.PathLike[str],
-    base_model: Any = None,
-    dtype: torch.dtype | str | None = None,
-    *,
-    head_config: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> Any:
-    """A drafter-only export attached to its base model: a base-mode ``CPDMTPForCausalLM``.
+@dataclass
+class DrafterFiles:
+    """What a drafter-only export holds, read and checked (:func:`read_drafter`).
 
-    What ``CPDMTPForCausalLM.from_pretrained(directory, base_model=...)`` runs for a drafter-only
-    export (after :func:`verify_export`).
+    Attributes:
+        directory: the export folder.
+        record: ``drafter.json``: the base's source and fingerprint.
+        stored: ``config.json`` as a dict (the model config, special token ids).
+        head_values: the head's ``CPDMTPConfig`` fields.
+        state: the head's own tensors, keys without the ``head.`` prefix.
+    """
+
+    directory: Path
+    record: dict[str, Any]
+    stored: dict[str, Any]
+    head_values: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+
+def read_drafter(
+    directory: str | os.PathLike[str], head_config: dict[str, Any] | None = None
+) -> DrafterFiles:
+    """Read a drafter-only export's files, before any base model is loaded.
 
     Args:
         directory: the export folder written by :func:`save_drafter`.
-        base_model: None loads the recorded ``base_source`` with
-            ``cpd_mtp.hf.loading.load_causal_lm`` (an HF folder or a ``.gguf`` file; a relative
-            path is resolved against the working directory, then against the absolute path
-            recorded at export); a path loads that base instead; a ``PreTrainedModel`` (the
-            plain causal LM) is used as is, its modules taken over.
-        dtype: the dtype a base loaded from a path gets (None or ``"auto"``: as stored, float32
-            for a GGUF file); a given model keeps its own. The head takes W_U's dtype.
-        head_config: the head's ``CPDMTPConfig`` fields; None reads them from the export's
-            ``config.json``.
-        progress: transformers' progress bars while loading the base.
+        head_config: the head's ``CPDMTPConfig`` fields; None reads them from ``config.json``.
 
     Raises:
-        ValueError: the base's :func:`drafter_fingerprint` is not the recorded one (one line,
-            both fingerprints shortened, and what to pass), or the export has a draft vocabulary
-            but no ``head.draft_ids``.
-        FileNotFoundError: the recorded base is not here and no ``base_model`` was given.
-        ExportError: the export's files do not fit together (a tensor that is not the head's,
-            an unreadable record), or a head tensor holds NaN or inf (named). The base's own
-            weights are not scanned: they are the base model's, not the export's.
+        ExportError: an unreadable record or weights file (cut short, say), a head that is not
+            in base mode, a tensor that is not the head's own, or a head tensor holding NaN or
+            inf (named).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import GenerationConfig, PreTrainedModel
-
-    from cpd_mtp.hf.loading import load_causal_lm
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM, check_draft_vocab
 
     directory = Path(directory)
     record = _read_drafter_record(directory)
-    stored = json.loads((directory / "config.json").read_text())
-    values = dict(head_config if head_config is not None else stored["head_config"])
+    try:
+        stored = json.loads((directory / "config.json").read_text())
+        values = dict(head_config if head_config is not None else stored["head_config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ExportError(
+            f"drafter export {directory} has an unreadable config.json: {err}"
+        ) from None
     if values.get("next_token") != "base":
         raise ExportError(
             f"drafter export {directory} holds a head with next_token="
             f"{values.get('next_token')!r}; a drafter drafts for its base (next_token='base')"
         )
-    if isinstance(dtype, str) and dtype == "auto":
-        dtype = None
-
-    if base_model is None or isinstance(base_model, (str, os.PathLike)):
-        source = _resolve_base_source(record, directory) if base_model is None else base_model
-        base, _ = load_causal_lm(source, dtype, progress=progress, tokenizer=False)
-        described = f"loaded from {os.fspath(source)}"
-    elif isinstance(base_model, CPDMTPForCausalLM):
-        raise ValueError(
-            "base_model must be the plain base causal LM the drafter was trained on, not a "
-            "CPDMTPForCausalLM"
-        )
-    elif isinstance(base_model, PreTrainedModel):
-        base, described = base_model, f"{type(base_model).__name__} passed as base_model"
-    else:
-        raise TypeError(
-            f"base_model must be a path or a transformers PreTrainedModel, got "
-            f"{type(base_model).__name__}"
-        )
-
-    got, want = drafter_fingerprint(base), record["base_fingerprint"]
-    if got != want:
-        raise ValueError(
-            f"the base model {described} is not the one the drafter in {directory} was trained "
-            f"on: its W_U/embedding fingerprint is {got[:12]}..., the drafter's base "
-            f"{record['base_source']!r} has {want[:12]}...; pass base_model= (a path or a "
-            "loaded model) holding that base's weights"
-        )
-
-    hidden, vocab = values.pop("hidden_size"), values.pop("vocab_size")
-    n_future, rank = values.pop("n_future"), values.pop("rank")
-    if (hidden, vocab) != (int(base.config.hidden_size), int(base.config.vocab_size)):
-        raise ExportError(
-            f"drafter export {directory}: its head has (hidden_size, vocab_size) = "
-            f"{(hidden, vocab)}, its base {(base.config.hidden_size, base.config.vocab_size)}"
-        )
-    with torch.random.fork_rng(devices=[]):  # the head's fresh init is overwritten below
-        model = CPDMTPForCausalLM.from_causal_lm(
-            base, n_future=n_future, rank=rank, freeze_trunk=True, **values
-        )
-
     weights = directory / DRAFTER_WEIGHTS
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{weights} is unreadable (cut short or corrupt?): {first}") from None
     outside = sorted(
         k for k in state if not k.startswith("head.") or k.removeprefix("head.") in SHARED_KEYS
     )
@@ -518,28 +487,21 @@ def load_drafter(
     # The export's own weights; the base's are the base's (a merged export checks them all).
     _check_finite_tensors(sorted(state.items()), directory)
     state = {key.removeprefix("head."): tensor for key, tensor in state.items()}
-    try:
-        missing, unexpected = model.head.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a shape that does not fit the head config
-        first = str(err).strip().splitlines()
-        raise ExportError(
-            f"drafter export {directory}: {weights.name} does not fit its head config: "
-            f"{first[-1].strip() if first else err!r}"
-        ) from err
-    # The shared W_U (and the input embedding, re-attached from the base by from_causal_lm).
-    missing = {f"head.{key}" for key in missing} - {f"head.{key}" for key in SHARED_KEYS}
-    check_draft_vocab(model.head, missing, directory)
-    if missing or unexpected:
-        raise ExportError(
-            f"drafter export {directory}: {weights.name} lacks {sorted(missing)} and has "
-            f"unexpected {sorted(unexpected)}"
+    return DrafterFiles(directory, record, stored, values, state)
+
+
+def check_base_fingerprint(base: Any, files: DrafterFiles, described: str) -> None:
+    """Refuse, in one line, a base whose :func:`drafter_fingerprint` is not the recorded one."""
+    got, want = drafter_fingerprint(base), files.record["base_fingerprint"]
+    if got != want:
+        raise ValueError(
+            f"the base model {described} is not the one the drafter in {files.directory} was "
+            f"trained on: its W_U/embedding fingerprint is {got[:12]}..., the drafter's base "
+            f"{files.record['base_source']!r} has {want[:12]}...; pass base_model= (a path or a "
+            "loaded model) holding that base's weights"
         )
 
-    for config in (model.config, model.config.text_config):
-        for name in SPECIAL_TOKENS:
-            if name in stored:
-                setattr(config, name, stored[name])
-    if (directory / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
-    model.config._name_or_path = str(directory)
-    return model.eval()
+
+def base_source(files: DrafterFiles) -> Path:
+    """The recorded base of a drafter export, resolved as :func:`drafter_base` does."""
+    return _resolve_base_source(files.record, files.directory)

@@ -46,7 +46,9 @@ from transformers.generation.logits_process import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from cpd_mtp.decoding.inputs import SCORE_ONLY_WARPERS, is_left_padding
+from cpd_mtp.decoding.options import DraftOptions
 from cpd_mtp.decoding.output import GenerationOutput
+from cpd_mtp.hf.compat import generation_steps, special_token_tensors
 
 __all__ = ["CPDMTPGenerateOutput", "SpeculativeGenerationMixin"]
 
@@ -59,6 +61,8 @@ _CHOSEN = ("speculative=False", "generation_config.speculative is False")
 # Model inputs the speculative decoder takes (the rest go to Hugging Face's loop).
 _SERVED_MODEL_KWARGS = {"attention_mask", "use_cache"}
 _MIN_LENGTH = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
+# The speculative decoder's own options (``cpd_mtp.decoding.options``), never passed to HF.
+_OPTION_NAMES = ("draft_tree", "context_drafts", "draft_positions")
 
 
 @dataclass
@@ -137,11 +141,26 @@ class SpeculativeGenerationMixin:
             "custom_generate": custom_generate,
         }
         self.last_generation_stats = None
-        request = _plan(self, speculative, hf_arguments, dict(kwargs))
+        # This decoder's own options, checked whichever loop then runs the call.
+        options = {name: kwargs.pop(name, None) for name in _OPTION_NAMES}
+        configs = (generation_config, getattr(self, "generation_config", None))
+        DraftOptions.parse(
+            **{
+                name: next(
+                    (
+                        v
+                        for v in (value, *(getattr(c, name, None) for c in configs))
+                        if v is not None
+                    ),
+                    None,
+                )
+                for name, value in options.items()
+            }
+        )
+        _check_prompt(inputs if inputs is not None else kwargs.get("input_ids"))
+        request = _plan(self, speculative, hf_arguments, dict(kwargs), options)
         if isinstance(request, str):
             _log_fallback(request)
-            for name in ("draft_tree", "context_drafts"):  # this decoder's own options
-                kwargs.pop(name, None)
             return super().generate(**hf_arguments, **kwargs)  # type: ignore[misc]
 
         from cpd_mtp.decoding.speculative import generate as speculative_generate
@@ -151,6 +170,22 @@ class SpeculativeGenerationMixin:
         if request.return_dict:
             return CPDMTPGenerateOutput(sequences=out.sequences, stats=out)
         return out.sequences
+
+
+def _check_prompt(input_ids: Any) -> None:
+    """One-line errors for prompts neither loop can decode (HF's would fail deep inside)."""
+    if input_ids is None:
+        return
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(
+            f"input_ids must be a (B, T) torch.LongTensor, got {type(input_ids).__name__}: "
+            "tokenize with return_tensors='pt'"
+        )
+    if input_ids.dim() == 2 and input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids holds no token (shape {tuple(input_ids.shape)}): give at least one, "
+            "such as the tokenizer's BOS token"
+        )
 
 
 def _log_fallback(reason: str) -> None:
@@ -164,7 +199,11 @@ def _log_fallback(reason: str) -> None:
 
 
 def _plan(
-    model: Any, speculative: bool | None, hf_arguments: dict[str, Any], kwargs: dict[str, Any]
+    model: Any,
+    speculative: bool | None,
+    hf_arguments: dict[str, Any],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
 ) -> _Request | str:
     """The speculative decoder's arguments for this call, or why Hugging Face's loop runs it."""
     if speculative is not None and not isinstance(speculative, bool):
@@ -203,14 +242,15 @@ def _plan(
         and (given is None or given.min_length is None)
         and model.generation_config.min_length is None
     )
-    # The tree options are this decoder's own: taken before transformers sees the kwargs.
-    draft_tree = kwargs.pop("draft_tree", None)
-    context_drafts = kwargs.pop("context_drafts", None)
-    config, model_kwargs = model._prepare_generation_config(given, **kwargs)
+    config, model_kwargs = generation_steps.config(model, given, kwargs)
     if getattr(config, "speculative", True) is False:
         return "generation_config.speculative is False"
-    if draft_tree is None:
-        draft_tree = getattr(config, "draft_tree", None)
+    # The call's options over the generation config's (saved with it), checked once more.
+    for name in _OPTION_NAMES:
+        if options[name] is None:
+            options[name] = getattr(config, name, None)
+    draft_tree, context_drafts = options["draft_tree"], options["context_drafts"]
+    DraftOptions.parse(**options)
     lookup = getattr(config, "prompt_lookup_num_tokens", None)
     if lookup is not None:
         # Prompt lookup runs here as context drafts, branches of the same draft tree.
@@ -246,27 +286,12 @@ def _plan(
         return "the attention mask is not a left-padding mask of the shape of input_ids"
 
     # EOS / pad, lengths, processors and stopping criteria exactly as Hugging Face builds them.
-    model._prepare_special_tokens(
-        config, mask is not None, device=input_ids.device, batch_size=batch
-    )
+    generation_steps.special_tokens(model, config, mask is not None, input_ids.device, batch)
     length = input_ids.shape[1]
-    config = model._prepare_generated_length(
-        generation_config=config,
-        has_default_max_length=has_default_max_length,
-        has_default_min_length=has_default_min_length,
-        model_input_name="input_ids",
-        inputs_tensor=input_ids,
-        input_ids_length=length,
+    config = generation_steps.lengths(
+        model, config, input_ids, has_default_max_length, has_default_min_length
     )
-    model._validate_generated_length(config, length, has_default_max_length)
-    processors = model._get_logits_processor(
-        generation_config=config,
-        input_ids_seq_length=length,
-        encoder_input_ids=input_ids,
-        logits_processor=LogitsProcessorList(),
-        device=input_ids.device,
-        model_kwargs=model_kwargs,
-    )
+    processors = generation_steps.logits_processors(model, config, input_ids, model_kwargs)
     warpers = LogitsProcessorList()
     for processor in processors:
         name = type(processor).__name__
@@ -277,11 +302,7 @@ def _plan(
             continue
         return f"logits processor {name} is not served by the speculative decoder"
     user_criteria = list(hf_arguments["stopping_criteria"] or [])
-    criteria = model._get_stopping_criteria(
-        generation_config=config,
-        stopping_criteria=StoppingCriteriaList(user_criteria),
-        tokenizer=tokenizer,
-    )
+    criteria = generation_steps.stopping_criteria(model, config, user_criteria, tokenizer)
     # The budget and EOS are the decoder's own; every other criterion is checked per token.
     checked = StoppingCriteriaList(
         c
@@ -290,8 +311,7 @@ def _plan(
         or not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))
     )
 
-    eos = config._eos_token_tensor
-    pad = config._pad_token_tensor
+    eos, pad = special_token_tensors(config)
     if len(checked) and eos is None and batch > 1:
         # Hugging Face pads a stopped row only when an EOS id is set; without one it goes on
         # generating that row until every row has stopped.
@@ -311,6 +331,7 @@ def _plan(
             "stopping_criteria": checked if len(checked) else None,
             "draft_tree": draft_tree,
             "context_drafts": context_drafts,
+            "draft_positions": options["draft_positions"],
         },
         return_dict=bool(config.return_dict_in_generate),
     )

@@ -340,33 +340,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _load_model(path: Path) -> Any:
-    """A saved ``CPDMTPForCausalLM``, or a one-line ``ValueError``."""
+    """A saved ``CPDMTPForCausalLM`` (drafter-only or merged), or a one-line ``ValueError``."""
+    from cpd_mtp.hf.saved import open_export
+
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a saved model folder (no config.json)")
-    from safetensors import SafetensorError
-
-    from cpd_mtp.hf.export import ExportError
-    from cpd_mtp.hf.loading import check_model_folder, transformers_progress
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
-
     try:  # refuse what the head's config alone decides before loading any weight
         values = json.loads((path / "config.json").read_text(encoding="utf-8"))["head_config"]
         cfg = CPDMTPConfig.from_dict(values)
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # not readable here: from_pretrained names the problem
+        pass  # not readable here: open_export names the problem
     else:
         _check_config(cfg)
-    check_model_folder(path, tokenizer=False)
-    try:
-        with transformers_progress(False):
-            return CPDMTPForCausalLM.from_pretrained(path, local_files_only=True)
-    except ValueError as error:
-        raise ValueError(f"{path}: {str(error).splitlines()[0]}") from error
-    except (OSError, RuntimeError, KeyError, SafetensorError, ExportError) as error:
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise ValueError(
-            f"{path}: cannot load the model ({type(error).__name__}: {first})"
-        ) from error
+    return open_export(path, tokenizer=False)[0]
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ embedding to the head. The wrapped LM's config is stored as ``config.text_config
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +51,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.experts import ExpertStates
-from cpd_mtp.head import CPDMTPHead, CPDMTPHeadOutput, _full_shape, check_bias_free
-from cpd_mtp.hf.compat import OUTPUT_CACHE_FIELD, cache_keyword, output_cache
+from cpd_mtp.head import SHARED_KEYS, CPDMTPHead, CPDMTPHeadOutput, _full_shape, check_bias_free
+from cpd_mtp.hf.compat import (
+    OUTPUT_CACHE_FIELD,
+    attention_implementation,
+    cache_keyword,
+    mark_initialized,
+    output_cache,
+    set_attention_implementation,
+)
 from cpd_mtp.hf.configuration import CPDMTPModelConfig
 from cpd_mtp.hf.generation import SpeculativeGenerationMixin
 
@@ -111,14 +119,6 @@ def _slice_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -
     )
 
 
-def _mark_initialized(module: nn.Module) -> None:
-    """Flag every submodule, parameter and buffer as initialised, so ``post_init`` keeps them."""
-    for sub in module.modules():
-        sub._is_hf_initialized = True
-    for tensor in (*module.parameters(), *module.buffers()):
-        tensor._is_hf_initialized = True
-
-
 class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationMixin):
     """A causal LM whose ``lm_head`` is a rank-r CP multi-token prediction head.
 
@@ -169,7 +169,7 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         check_bias_free(lm_head, f"{type(causal_lm).__name__}.lm_head")
         # One config object for the trunk and this model, so later changes reach both.
         config.text_config = causal_lm.config
-        config._attn_implementation_internal = causal_lm.config._attn_implementation
+        set_attention_implementation(config, attention_implementation(causal_lm.config))
         head_values = config.cp_config.to_dict()
         hidden, vocab = head_values.pop("hidden_size"), head_values.pop("vocab_size")
         # ZeRO-3 (zero.Init) partitions parameters: their `.shape` is (0,), `ds_shape` is real.
@@ -212,7 +212,7 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         if not deferred_init:
             # Built from existing (or just initialised) weights: post_init must not re-draw them.
             # (On meta / under ZeRO-3 zero.Init, transformers initialises after construction.)
-            _mark_initialized(self)
+            mark_initialized(self)
         self.post_init()
         if config.freeze_trunk:
             self._set_trunk_requires_grad(False)
@@ -278,7 +278,7 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         weights are scanned for NaN and inf.
 
         A drafter-only export (``cpd_mtp.hf.export.save_drafter``: the head, and the identity of
-        its base model) is attached to its base by ``cpd_mtp.hf.export.load_drafter``: the
+        its base model) is attached to its base by :meth:`from_drafter`: the
         recorded base is loaded with ``cpd_mtp.hf.loading.load_causal_lm`` (an HF folder or a
         ``.gguf`` file; a relative path is resolved against the working directory, then against
         the absolute path recorded at export), or ``base_model=`` names another copy (a path, or
@@ -295,7 +295,6 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
                 ``head.draft_ids`` (or ids outside [0, V), or repeated ones); a drafter-only
                 export's base has another fingerprint; ``base_model`` given for a merged export.
         """
-        import os
 
         from cpd_mtp.hf.export import check_finite, is_drafter_export, verify_export
 
@@ -347,8 +346,6 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
     def _from_drafter_export(
         cls, directory: str, model_args: tuple, base_model: Any, kwargs: dict[str, Any]
     ) -> Any:
-        from cpd_mtp.hf.export import load_drafter
-
         kwargs = dict(kwargs)
         kwargs.pop("pretrained_model_name_or_path", None)
         dtype = kwargs.pop("dtype", None)
@@ -366,13 +363,118 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
                 "and pass it as base_model"
             )
         head_config = config.head_config if isinstance(config, CPDMTPModelConfig) else None
-        model = load_drafter(directory, base_model, dtype, head_config=head_config)
-        if not isinstance(model, cls):
-            raise ValueError(f"{directory} loads a {type(model).__name__}, not a {cls.__name__}")
+        model = cls.from_drafter(directory, base_model, dtype, head_config=head_config)
         if want_info:
             empty: dict[str, Any] = {"missing_keys": set(), "unexpected_keys": set()}
             return model, {**empty, "mismatched_keys": set(), "error_msgs": []}
         return model
+
+    @classmethod
+    def from_drafter(
+        cls,
+        directory: str | os.PathLike[str],
+        base_model: Any = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        head_config: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> CPDMTPForCausalLM:
+        """A drafter-only export attached to its base model: a base-mode model.
+
+        What ``from_pretrained(directory, base_model=...)`` runs for a drafter-only export
+        (after ``verify_export``). The export's files are read and checked first
+        (``cpd_mtp.hf.export.read_drafter``), then the base is loaded and its fingerprint
+        checked.
+
+        Args:
+            directory: the export folder written by ``cpd_mtp.hf.export.save_drafter``.
+            base_model: None loads the recorded base with ``cpd_mtp.hf.loading.load_causal_lm``
+                (an HF folder or a ``.gguf`` file; a relative path is resolved against the
+                working directory, then against the absolute path recorded at export); a path
+                loads that base instead; a ``PreTrainedModel`` (the plain causal LM) is used as
+                is, its modules taken over.
+            dtype: the dtype a base loaded from a path gets (None or ``"auto"``: as stored,
+                float32 for a GGUF file); a given model keeps its own. The head takes W_U's.
+            head_config: the head's ``CPDMTPConfig`` fields; None reads the export's.
+            progress: transformers' progress bars while loading the base.
+
+        Raises:
+            ValueError: the base's fingerprint is not the recorded one (one line), or the
+                export has a draft vocabulary but no ``head.draft_ids``.
+            FileNotFoundError: the recorded base is not here and no ``base_model`` was given.
+            ExportError: the export's files do not fit together or hold NaN or inf.
+        """
+        from transformers import GenerationConfig
+
+        from cpd_mtp.hf.compat import set_source_path
+        from cpd_mtp.hf.export import (
+            SPECIAL_TOKENS,
+            ExportError,
+            base_source,
+            check_base_fingerprint,
+            read_drafter,
+        )
+        from cpd_mtp.hf.loading import load_causal_lm
+
+        files = read_drafter(directory, head_config)
+        directory = files.directory
+        if isinstance(dtype, str) and dtype == "auto":
+            dtype = None
+        if base_model is None or isinstance(base_model, (str, os.PathLike)):
+            source = base_source(files) if base_model is None else base_model
+            base, _ = load_causal_lm(source, dtype, progress=progress, tokenizer=False)
+            described = f"loaded from {os.fspath(source)}"
+        elif isinstance(base_model, CPDMTPForCausalLM):
+            raise ValueError(
+                "base_model must be the plain base causal LM the drafter was trained on, not a "
+                "CPDMTPForCausalLM"
+            )
+        elif isinstance(base_model, PreTrainedModel):
+            base, described = base_model, f"{type(base_model).__name__} passed as base_model"
+        else:
+            raise TypeError(
+                f"base_model must be a path or a transformers PreTrainedModel, got "
+                f"{type(base_model).__name__}"
+            )
+        check_base_fingerprint(base, files, described)
+
+        values = dict(files.head_values)
+        hidden, vocab = values.pop("hidden_size"), values.pop("vocab_size")
+        n_future, rank = values.pop("n_future"), values.pop("rank")
+        if (hidden, vocab) != (int(base.config.hidden_size), int(base.config.vocab_size)):
+            raise ExportError(
+                f"drafter export {directory}: its head has (hidden_size, vocab_size) = "
+                f"{(hidden, vocab)}, its base "
+                f"{(base.config.hidden_size, base.config.vocab_size)}"
+            )
+        with torch.random.fork_rng(devices=[]):  # the head's fresh init is overwritten below
+            model = cls.from_causal_lm(
+                base, n_future=n_future, rank=rank, freeze_trunk=True, **values
+            )
+        try:
+            missing, unexpected = model.head.load_state_dict(files.state, strict=False)
+        except RuntimeError as err:  # a shape that does not fit the head config
+            first = str(err).strip().splitlines()
+            raise ExportError(
+                f"drafter export {directory}: its head tensors do not fit its head config: "
+                f"{first[-1].strip() if first else err!r}"
+            ) from err
+        # The shared W_U (and the input embedding, re-attached from the base).
+        missing = {f"head.{key}" for key in missing} - {f"head.{key}" for key in SHARED_KEYS}
+        check_draft_vocab(model.head, missing, directory)
+        if missing or unexpected:
+            raise ExportError(
+                f"drafter export {directory}: its head lacks {sorted(missing)} and has "
+                f"unexpected {sorted(unexpected)}"
+            )
+        for config in (model.config, model.config.text_config):
+            for name in SPECIAL_TOKENS:
+                if name in files.stored:
+                    setattr(config, name, files.stored[name])
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        set_source_path(model.config, str(directory))
+        return model.eval()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -437,6 +539,11 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
         weight = _input_embedding_weight(trunk.get_input_embeddings(), type(trunk).__name__)
         if head.token_embedding is not weight:
             head.attach_token_embedding(weight)
+
+    def attention_implementation(self) -> str:
+        """The trunk's attention kernel (``"eager"``, ``"sdpa"``, ...): whether a draft tree's
+        4-D mask can be passed to it (``cpd_mtp.decoding.forward``)."""
+        return attention_implementation(self.trunk.config) or "eager"
 
     def get_output_embeddings(self) -> CPDMTPHead:
         """The CP head: ``.weight`` is W_U (V, d) and calling it on (…, d) gives (…, V) log-probs."""

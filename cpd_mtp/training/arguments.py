@@ -32,6 +32,7 @@ RETROFIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--temperature", "data.temperature", "generated modes: 0 greedy, > 0 samples"),
     ("--prompt-tokens", "data.prompt_tokens", "generated modes: corpus tokens per prompt"),
     ("--generate-batch-size", "data.generate_batch_size", "prompts per generate call"),
+    ("--text-field", "data.text_field", "the text field of JSONL / Parquet / HF datasets"),
     ("--max-files", "data.max_files", "keep the first N documents (quick runs)"),
     ("--block-size", "data.block_size", "tokens per block"),
     ("--epochs", "data.epochs", "passes over the training blocks (sets the steps)"),

@@ -180,6 +180,7 @@ class RetrofitDataSettings:
     """The retrofit's training data: corpus blocks, self-distillation and the state cache."""
 
     source: Any = "stdlib"
+    text_field: str = "text"  # the text field of JSONL records, Parquet tables, HF datasets
     tokens: int = 30_720  # with run.minutes: at most this many
     distill: Literal["kl", "generated", "generated_kl", "none"] = "generated"
     beta: float = 0.9

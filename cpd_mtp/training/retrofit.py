@@ -204,6 +204,7 @@ def held_out_prompt_ids(
     corpus = build_corpus(
         DataConfig(
             source=data.source,
+            text_field=data.text_field,
             tokenizer=save_tokenizer(tokenizer, data.cache_dir),
             block_size=data.block_size,
             val_fraction=data.val_fraction,
@@ -474,6 +475,7 @@ class RetrofitTrainer:
         corpus = build_corpus(
             DataConfig(
                 source=data.source,
+                text_field=data.text_field,
                 tokenizer=save_tokenizer(self.tokenizer, data.cache_dir),
                 block_size=data.block_size,
                 val_fraction=data.val_fraction,

@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM
 
 from cpd_mtp import CPDMTPConfig, CPDMTPHead
 from cpd_mtp.decoding import generate
-from cpd_mtp.decoding.calibration import AcceptanceCalibration
-from cpd_mtp.decoding.drafters import CPDrafter, DraftContext, TreeBudget, TreeDrafter
+from cpd_mtp.decoding.noise import PositionNoise
+from cpd_mtp.decoding.sources import CPSource, DraftContext, SourceLimit
 from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
 
@@ -102,46 +102,52 @@ def brute_force_conditional(head: CPDMTPHead, h: torch.Tensor, root: int, path: 
 
 @pytest.mark.parametrize("draft_vocab", [None, 4])
 @pytest.mark.parametrize("greedy", [True, False])
-def test_the_drafters_conditionals_given_the_root_are_the_enumerated_ones(draft_vocab, greedy):
+def test_the_sources_conditionals_given_the_root_are_the_enumerated_ones(draft_vocab, greedy):
+    """Greedy: every candidate's q is its enumerated conditional given the root and its path.
+    Sampling: every node's children are the top tokens of log q + G, q that conditional and G
+    the coupled noise of the children's output position."""
     head = random_conditioned_head(draft_vocab)
     anchor = torch.randn(2, 6, dtype=torch.float64)
     root = torch.tensor([4, 1])  # 4 lies outside the draft vocabulary: it is an input all the same
+    noise = None if greedy else PositionNoise(seed=7, vocab_size=6)
     context = DraftContext(
         anchor=anchor,
         root=root,
         max_depth=2,
         history=[torch.tensor([1, 2, 4]), torch.tensor([3, 1])],
+        rows=torch.arange(2),
+        root_position=torch.tensor([3, 5]),
         warp=None if greedy else (lambda scores: torch.log_softmax(scores, dim=-1)),
-        generator=torch.Generator().manual_seed(0),
+        noise=noise,
     )
-    cp = CPDrafter(head, children=3, width=6)
-    drafter = TreeDrafter(cp, None, calibration=AcceptanceCalibration(sources=2, max_depth=2))
-    proposal = drafter.propose(context, TreeBudget(max_nodes=8))
-    tree = proposal.tree
+    cand = CPSource(head, children=3, width=6).propose(context, SourceLimit(8, 2))
     checked = 0
     for b in range(2):
-        for node in range(1, tree.tokens.shape[1]):
-            if not bool(tree.valid[b, node]):
-                continue
-            path, parent = [], int(tree.parents[b, node])
-            while parent > 0:
-                path.insert(0, int(tree.tokens[b, parent]))
-                parent = int(tree.parents[b, parent])
-            want = brute_force_conditional(head, anchor[b], int(root[b]), tuple(path))
-            token = int(tree.tokens[b, node])
-            assert float(proposal.q[b, node]) == pytest.approx(want[token], rel=1e-5, abs=1e-7)
-            checked += 1
-        if not greedy:  # every node's children were drawn from its conditional
-            for node in range(tree.tokens.shape[1]):
-                if int(tree.depth[b, node]) >= 2 or not bool(tree.valid[b, node]):
-                    continue
-                path, at = [], node
-                while at > 0:
-                    path.insert(0, int(tree.tokens[b, at]))
-                    at = int(tree.parents[b, at])
+        children: dict[tuple, list[int]] = {}
+        for node in range(cand.tokens.shape[1]):
+            path, parent = [], int(cand.parents[b, node])
+            while parent >= 0:
+                path.insert(0, int(cand.tokens[b, parent]))
+                parent = int(cand.parents[b, parent])
+            children.setdefault(tuple(path), []).append(int(cand.tokens[b, node]))
+            if greedy:
                 want = brute_force_conditional(head, anchor[b], int(root[b]), tuple(path))
-                got = tree.child_log_q[b, node].exp().tolist()
-                assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+                token = int(cand.tokens[b, node])
+                assert float(cand.q[b, node]) == pytest.approx(want[token], rel=1e-5, abs=1e-7)
+                checked += 1
+        if not greedy:
+            for path, tokens in children.items():
+                want = torch.tensor(
+                    brute_force_conditional(head, anchor[b], int(root[b]), path),
+                    dtype=torch.float64,
+                )
+                position = int(context.root_position[b]) + len(path) + 1
+                g = noise.vector(b, position).double()
+                allowed = torch.arange(6) if draft_vocab is None else head.draft_ids
+                ranking = torch.full((6,), -torch.inf, dtype=torch.float64)
+                ranking[allowed] = want.log()[allowed] + g[allowed]
+                assert tokens == ranking.topk(len(tokens)).indices.tolist()
+                checked += len(tokens)
     assert checked >= 8
 
 

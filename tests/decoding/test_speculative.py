@@ -42,7 +42,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from cpd_mtp.decoding import (
-    UniformDrafter,
+    UniformSource,
     autoregressive_generate,
     generate,
     warp_log_probs,
@@ -146,7 +146,7 @@ def test_greedy_eos_stops_each_row_like_hf():
 def test_uniform_drafter_greedy_still_exact():
     model = trained_model(3, 2)
     ids, mask = left_padded([prompt_tokens(1, 4), prompt_tokens(2, 6)])
-    out = generate(model, ids, 12, attention_mask=mask, drafter=UniformDrafter(VOCAB, 4))
+    out = generate(model, ids, 12, attention_mask=mask, drafter=UniformSource(VOCAB, 4))
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 12))
     assert out.draft_positions == 4
 
@@ -213,8 +213,12 @@ def test_running_past_max_position_embeddings_warns():
     model = trained_model(2, 1)
     limit = model.trunk.config.max_position_embeddings
     ids = prompt_tokens(1, 4)[None]
-    with pytest.warns(UserWarning, match="max_position_embeddings"):
+    with pytest.warns(UserWarning, match="max_position_embeddings") as caught:
         generate(model, ids, limit, eos_token_id=[])
+    with pytest.warns(UserWarning, match="max_position_embeddings") as through_hf:
+        model.generate(ids, max_new_tokens=limit, do_sample=False)
+    # The warning points at the caller's line, not at torch's or transformers' decorators.
+    assert {record.filename for record in [*caught, *through_hf]} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(model, ids, limit - ids.shape[1], eos_token_id=[])
@@ -446,8 +450,8 @@ def sample_continuations(
         ({"temperature": 0.7, "top_k": 3}, "cp", "chain"),
         ({"temperature": 1.2, "top_k": 3, "top_p": 0.8}, "cp", "chain"),
         ({"temperature": 1.0}, "uniform", "chain"),
-        # Trees: several children per node drawn without replacement, context drafts as
-        # deterministic branches, warped and not.
+        # Trees: several children per node (the coupled top draws), context drafts as
+        # further branches, warped and not.
         ({"temperature": 1.0}, "cp", 6),
         ({"temperature": 0.7, "top_k": 3}, "cp", 3),
         ({"temperature": 1.2, "top_p": 0.8}, "cp", 9),
@@ -466,7 +470,7 @@ def test_sampling_matches_exact_autoregressive_distribution(
     (drafts without verification).
     """
     model = sampling_model
-    chosen = UniformDrafter(SAMPLE_VOCAB, max_depth=3) if drafter == "uniform" else None
+    chosen = UniformSource(SAMPLE_VOCAB, max_depth=3) if drafter == "uniform" else None
     counts, out = sample_continuations(
         model, chosen, 3 if chosen else None, draft_tree=draft_tree, **warping
     )
@@ -509,6 +513,128 @@ def test_sampling_test_has_power(sampling_model):
     tv = 0.5 * sum(abs(naive[c] - exact[c]) for c in exact)
     assert tv > 0.05  # the alternative is far enough to be detectable
     assert chi_square_p_value(first3, naive, SAMPLES) < 1e-6
+
+
+def test_seeded_sampling_is_a_function_of_the_seed_whatever_the_clock(monkeypatch):
+    """Two seeded calls under ``draft_tree="auto"`` give the same tokens although a perturbed
+    clock makes them size their trees differently, and so do a chain and plain autoregressive
+    decoding with the same seed; through ``model.generate`` after ``torch.manual_seed`` too."""
+    import random
+    import time
+
+    from cpd_mtp.decoding import speculative
+
+    model = trained_model(4, 3)
+    ids, mask = left_padded([prompt_tokens(3, 5), prompt_tokens(4, 7)])
+    real = time.perf_counter
+
+    def run(clock_seed: int, **options):
+        jitter = random.Random(clock_seed)
+        elapsed = [0.0]
+
+        def clock() -> float:  # every reading adds a random 0-50 ms
+            elapsed[0] += jitter.uniform(0.0, 0.05)
+            return real() + elapsed[0]
+
+        monkeypatch.setattr(time, "perf_counter", clock)
+        speculative._FORWARD_COSTS.pop(model, None)  # measured again under this clock
+        out = generate(
+            model,
+            ids,
+            24,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=0.9,
+            generator=torch.Generator().manual_seed(7),
+            **options,
+        )
+        monkeypatch.setattr(time, "perf_counter", real)
+        return out
+
+    first, second = run(1), run(2)
+    assert first.tree_sizes != second.tree_sizes  # the clock changed the trees
+    assert torch.equal(first.sequences, second.sequences)
+    for options in ({"draft_tree": "chain"}, {"draft_tree": 0}, {"draft_tree": 5}):
+        assert torch.equal(run(3, **options).sequences, first.sequences), options
+    torch.manual_seed(5)
+    via_hf = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=True)
+    torch.manual_seed(5)
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=True,
+                           draft_tree=3)  # fmt: skip
+    assert torch.equal(via_hf, again)
+
+
+def test_sampling_is_exact_on_a_padded_batch_of_two_prompts(sampling_model):
+    """Rows of two prompts of different lengths, left-padded in one batch under a tree: each
+    prompt's 4-token continuations follow its own exact distribution (chi-square, 12,000 rows
+    each, p > 1e-3)."""
+    model = sampling_model
+    short, long = torch.tensor([2, 1]), SAMPLING_PROMPT[0]
+    half = SAMPLES // 2
+    ids, mask = left_padded([short] * half + [long] * half)
+    out = generate(
+        model,
+        ids,
+        SAMPLE_NEW,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=0.9,
+        generator=torch.Generator().manual_seed(321),
+        draft_tree=6,
+        eos_token_id=[],
+    )
+    new = out.sequences[:, ids.shape[1] :].tolist()
+    for prompt, rows in ((short, new[:half]), (long, new[half:])):
+        counts: dict[tuple, int] = {}
+        for row in rows:
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+        exact = exact_continuation_distribution(model, prompt[None], SAMPLE_NEW, 0.9, None, None)
+        assert chi_square_p_value(counts, exact, half) > 1e-3
+    assert 0 < sum(out.accepted_counts) < sum(out.proposed_counts)
+
+
+class RepeatRoot:
+    """A source written in a few lines: guess that the root repeats."""
+
+    name, max_depth = "repeat", 3
+
+    def propose(self, context, limit):
+        from cpd_mtp.decoding import Candidates
+
+        depth = min(self.max_depth, limit.max_depth)
+        return Candidates.chain(context.root[:, None].expand(-1, depth))
+
+
+def test_a_source_of_your_own_decodes_exactly():
+    """Alone and beside the CP head, greedy tokens are Hugging Face's; on periodic prompts of
+    period 1 the repeat guesses are accepted."""
+    from cpd_mtp.decoding import CPSource
+
+    model = trained_model(3, 2)
+    ids, mask = left_padded([prompt_tokens(5, 6), torch.full((5,), 7)])
+    want = hf_greedy(model, ids, mask, 16)
+    for drafter in (RepeatRoot(), [RepeatRoot(), CPSource(model.head)]):
+        out = generate(model, ids, 16, attention_mask=mask, drafter=drafter)
+        assert torch.equal(out.sequences, want)
+
+
+def test_the_greedy_tie_rule_on_the_path_generate_takes():
+    """Tokens 3 and 5 get the same W_U row, scaled up so the pair is the argmax at many steps:
+    their logits tie exactly there, and the first maximum (3) must win, as in HF's loop."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4)
+    base = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        base.lm_head.weight[5] = base.lm_head.weight[3]
+        base.lm_head.weight[[3, 5]] *= 4.0
+    model = CPDMTPForCausalLM.from_causal_lm(base, n_future=3, rank=2, next_token="base").eval()
+    ids, mask = left_padded([prompt_tokens(9, 4), prompt_tokens(10, 7)])
+    want = hf_greedy(model, ids, mask, 20)
+    new = want[:, ids.shape[1] :]
+    assert int((new == 3).sum()) >= 5 and not bool((new == 5).any())  # ties, all to 3
+    for tree in ("auto", "chain", 8):
+        assert torch.equal(generate(model, ids, 20, attention_mask=mask, draft_tree=tree).sequences,
+                           want)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- precision

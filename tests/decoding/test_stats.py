@@ -7,7 +7,7 @@ import math
 import torch
 
 from cpd_mtp.decoding.stats import DecodingStats, DraftCounter
-from cpd_mtp.decoding.tree import chain_tree, verify_greedy
+from cpd_mtp.decoding.tree import chain_tree, verify
 
 
 def brute_force_counts(drafts, accepted, remaining, eos, m):
@@ -33,7 +33,7 @@ def chain_path(drafts, accepted):
         for j in range(m_now):
             token = int(drafts[row, j]) if j < accepted[row] else (int(drafts[row, j]) + 1) % 6
             target[row, j, token] = 1.0
-    path = verify_greedy(chain_tree(torch.zeros(b, dtype=torch.long), drafts), target)
+    path = verify(chain_tree(torch.zeros(b, dtype=torch.long), drafts), target)
     assert torch.equal(path.accepted, accepted)
     return path
 

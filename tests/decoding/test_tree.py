@@ -1,8 +1,9 @@
 """Draft trees (``cpd_mtp.decoding.tree`` and ``forward``) against independent references.
 
 - The ancestor matrix, the 4-D mask and greedy verification against brute-force walks.
-- Recursive rejection sampling: the first two tokens of a step (the second completed by the
-  verifier when the step emits one) are distributed as the verifier's, by a chi-square test.
+- Coupled sampling: a step emits exactly the tokens autoregressive Gumbel-max sampling with the
+  same noise emits, whatever the drafts, and those are distributed as the verifier's
+  (chi-square).
 - A tree forward against its paths fed one by one as chains, on Llama, Qwen2 (full and
   sliding layers), Mistral (sliding window, past the window) and GPT-2.
 - Greedy decoding with trees of 1..32 nodes against Hugging Face greedy ``generate``, with
@@ -38,15 +39,8 @@ from transformers import (
 from cpd_mtp.decoding import generate
 from cpd_mtp.decoding.cache import decoding_cache
 from cpd_mtp.decoding.forward import feed_chain, feed_tree, tree_attention_support
-from cpd_mtp.decoding.tree import (
-    DETERMINISTIC,
-    SAMPLED,
-    DraftTree,
-    ancestor_matrix,
-    tree_attention_mask,
-    verify_greedy,
-    verify_sampling,
-)
+from cpd_mtp.decoding.noise import PositionNoise
+from cpd_mtp.decoding.tree import DraftTree, ancestor_matrix, tree_attention_mask, verify
 from cpd_mtp.hf.modeling import CPDMTPForCausalLM
 
 VOCAB = 16
@@ -82,7 +76,6 @@ def trees(draw, max_nodes=12, vocab=5, batch=3):
         parents=torch.tensor([r[0] for r in rows]),
         depth=torch.tensor([r[2] for r in rows]),
         valid=torch.ones(batch, n, dtype=torch.bool),
-        kind=torch.full((batch, n), SAMPLED),
     )
 
 
@@ -134,7 +127,7 @@ def test_greedy_verification_walks_the_matching_children(tree, seed):
         for u in range(1, tree.size):
             if (u + seed) % 3:
                 target[row, int(tree.parents[row, u]), int(tree.tokens[row, u])] = 10.0 + u
-    path = verify_greedy(tree, target)
+    path = verify(tree, target)
     for row in range(b):
         u, walk = 0, [0]
         while True:
@@ -150,69 +143,70 @@ def test_greedy_verification_walks_the_matching_children(tree, seed):
         assert int(path.next_token[row]) == int(target[row, u].argmax())
 
 
-@pytest.mark.parametrize("with_context", [True, False])
-def test_recursive_rejection_sampling_emits_the_verifiers_distribution(with_context):
-    """200,000 rows, one tree each. The root's children: a deterministic child (token 2, a
-    context draft) tried first when ``with_context``, then children drawn without replacement
-    from q_root (two, or three without the context draft); the first drawn child has a child
-    drawn from q at it. The first emitted token, and the second (completed from the verifier
-    when the step emits only one), must follow p(x1) p(x2 | x1): a chi-square test over the 16
-    cells; with 200,000 draws it detects a total-variation distance of about 0.01 with >= 90 %
-    power (it fails if the rejected sibling is not removed from q, or p not replaced by the
-    residual)."""
-    rows, vocab = 200_000, 4
-    g = torch.Generator().manual_seed(0)
+def test_the_verifier_takes_the_first_maximum_on_ties():
+    """Ties: torch.argmax returns the first maximum, as HF's greedy search; a draft of the
+    second tied token is rejected."""
+    target = torch.tensor([[[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]]])
+    for draft, accepted, nxt in ((0, 1, 1), (1, 0, 0)):
+        tree = DraftTree(
+            tokens=torch.tensor([[2, draft]]),
+            parents=torch.tensor([[-1, 0]]),
+            depth=torch.tensor([[0, 1]]),
+            valid=torch.ones(1, 2, dtype=torch.bool),
+        )
+        path = verify(tree, target)
+        assert path.accepted.tolist() == [accepted] and path.next_token.tolist() == [nxt]
+
+
+def test_coupled_sampling_emits_the_autoregressive_draws_whatever_the_drafts():
+    """100,000 rows, one tree each: three candidates for position 1 drawn from q_root with
+    that position's noise (the Gumbel top-3), and a child of the first drawn from q_next with
+    position 2's noise. Verifying log p + G walks into a child exactly when it is the
+    verifier's own draw, so the first two tokens (the second completed, as the next step
+    would, from position 2's noise) are the autoregressive Gumbel-max draws, token for token,
+    and follow p(x1) p(x2 | x1) (chi-square over the 16 cells, p > 1e-3)."""
+    rows, vocab = 100_000, 4
     p_root = torch.tensor([0.1, 0.4, 0.3, 0.2])
     p_next = torch.tensor(  # p(x2 | x1), one row per x1
         [[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.0, 0.0]]
     )
-    q_root = (
-        torch.tensor([0.4, 0.1, 0.1, 0.4]) if with_context else torch.tensor([0.7, 0.1, 0.1, 0.1])
-    )
-    q_next = torch.tensor([0.1, 0.6, 0.2, 0.1])
-    gumbel = -torch.log(-torch.log(torch.rand(rows, vocab, generator=g)))
-    drawn = (q_root.log() + gumbel).topk(3, dim=-1).indices  # draws without replacement
-    second = torch.multinomial(q_next, rows, replacement=True, generator=g)
-    zeros = torch.zeros(rows, dtype=torch.long)
-    if with_context:
-        middle = [torch.full((rows,), 2), drawn[:, 0], drawn[:, 1]]
-        kind = [SAMPLED, DETERMINISTIC, SAMPLED, SAMPLED, SAMPLED]
-        first_drawn = 2
-    else:
-        middle = [drawn[:, 0], drawn[:, 1], drawn[:, 2]]
-        kind = [SAMPLED] * 5
-        first_drawn = 1
-    tokens = torch.stack([zeros, *middle, second], dim=1)
-    no_children = torch.full((vocab,), -torch.inf)
-    child_log_q = [q_root.log(), no_children, no_children, no_children, no_children]
-    child_log_q[first_drawn] = q_next.log()
+    q_root, q_next = torch.tensor([0.7, 0.1, 0.1, 0.1]), torch.tensor([0.1, 0.6, 0.2, 0.1])
+    noise = PositionNoise(seed=3, vocab_size=vocab)
+    batch = torch.arange(rows)
+    g1 = noise(batch, torch.full((rows, 1), 1))[:, 0]
+    g2 = noise(batch, torch.full((rows, 1), 2))[:, 0]
+    drawn = (q_root.log() + g1).topk(3, dim=-1).indices
+    second = (q_next.log() + g2).argmax(-1)
+    tokens = torch.stack([torch.zeros(rows, dtype=torch.long), *drawn.unbind(1), second], dim=1)
     tree = DraftTree(
         tokens=tokens,
-        parents=torch.tensor([-1, 0, 0, 0, first_drawn]).expand(rows, -1),
+        parents=torch.tensor([-1, 0, 0, 0, 1]).expand(rows, -1),
         depth=torch.tensor([0, 1, 1, 1, 2]).expand(rows, -1),
         valid=torch.ones(rows, 5, dtype=torch.bool),
-        kind=torch.tensor(kind).expand(rows, -1),
-        child_log_q=torch.stack(child_log_q)[None].expand(rows, -1, -1),
     )
-    # The verifier after the root is p_root, after node u p(. | its token).
-    node_target = torch.where(tree.depth[..., None] == 0, p_root, p_next[tokens]).log()
-    path = verify_sampling(tree, node_target, torch.Generator().manual_seed(1))
+    # The verifier after the root is p_root, after node u p(. | its token); each node's
+    # children are drawn with the noise of their output position.
+    log_target = torch.where(tree.depth[..., None] == 0, p_root, p_next[tokens]).log()
+    g_children = torch.where(tree.depth[..., None] == 0, g1[:, None], g2[:, None])
+    path = verify(tree, log_target + g_children)
     nodes = torch.nn.functional.pad(path.nodes, (0, 3 - path.nodes.shape[1]))
     first = torch.where(
         path.accepted >= 1, tokens.gather(1, nodes[:, 1:2]).squeeze(1), path.next_token
     )
-    completion = torch.multinomial(p_next[first], 1, generator=g).squeeze(1)  # the next step's
     second_token = torch.where(
         path.accepted >= 2,
         tokens.gather(1, nodes[:, 2:3]).squeeze(1),
-        torch.where(path.accepted == 1, path.next_token, completion),
+        torch.where(path.accepted == 1, path.next_token, (p_next[first].log() + g2).argmax(-1)),
     )
+    want_first = (p_root.log() + g1).argmax(-1)
+    want_second = (p_next[want_first].log() + g2).argmax(-1)
+    assert torch.equal(first, want_first) and torch.equal(second_token, want_second)
     counts: dict[tuple, int] = {}
     for a, b in zip(first.tolist(), second_token.tolist()):
         counts[(a, b)] = counts.get((a, b), 0) + 1
     exact = {(a, b): float(p_root[a] * p_next[a, b]) for a in range(vocab) for b in range(vocab)}
     assert chi_square_p_value(counts, exact, rows) > 1e-3
-    assert 0 < int((path.accepted >= 1).sum()) < rows  # both branches ran
+    assert 0 < int((path.accepted >= 1).sum()) < rows  # drafts accepted and rejected
     assert int((path.accepted == 2).sum()) > 0
 
 

@@ -163,3 +163,20 @@ def test_a_conditioned_head_has_no_medusa_form():
     )
     with pytest.raises(ValueError, match="token_conditioned head: its experts read"):
         medusa_state(head)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_freshly_converted_conditioned_model_starts_with_c_zero(tied):
+    """``from_causal_lm(..., token_conditioned=True)``: C = 0, so the new head reads z = h and
+    drafts exactly as the same head without conditioning."""
+    torch.manual_seed(3)
+    config = build_tiny_llama_config(
+        vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, tie_word_embeddings=tied
+    )
+    base = AutoModelForCausalLM.from_config(config)
+    model = CPDMTPForCausalLM.from_causal_lm(
+        base, n_future=3, rank=2, next_token="base", token_conditioned=True
+    )
+    assert model.head.token_proj is not None and not model.head.token_proj.weight.any()
+    hidden, root = torch.randn(4, 32), torch.randint(0, 64, (4,))
+    assert torch.equal(model.head.conditioned_state(hidden, root), hidden)

@@ -259,3 +259,33 @@ def test_prompt_lookup_runs_as_context_drafts_of_the_speculative_decoder(pair, c
     # A fallback drops the tree options before Hugging Face's loop sees them.
     beams = model.generate(ids, max_new_tokens=4, num_beams=2, draft_tree=4)
     assert torch.equal(beams, original.generate(ids, max_new_tokens=4, num_beams=2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # The decoder's own options are checked whichever loop runs the call.
+        ({"draft_tree": "banana", "num_beams": 2}, "draft_tree must be 'auto', 'chain'"),
+        ({"context_drafts": 0, "repetition_penalty": 1.2}, "context_drafts must be"),
+        ({"draft_positions": -1}, "draft_positions must be an int >= 0"),
+    ],
+)
+def test_bad_decoding_options_are_refused_before_choosing_a_loop(pair, kwargs, message):
+    _, model = pair
+    ids, _ = periodic_prompts(1)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, max_new_tokens=4, **kwargs)
+    model.generation_config.draft_tree = "banana"
+    try:
+        with pytest.raises(ValueError, match="draft_tree must be"):
+            model.generate(ids, max_new_tokens=4, num_beams=2)
+    finally:
+        model.generation_config.draft_tree = None
+
+
+def test_prompts_neither_loop_can_decode_are_one_line_errors(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match=r"holds no token \(shape \(1, 0\)\)"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"must be a \(B, T\) torch.LongTensor, got list"):
+        model.generate([[1, 2, 3]], max_new_tokens=4)

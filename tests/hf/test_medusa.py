@@ -271,6 +271,28 @@ def test_the_command_line_converts_a_saved_export(tiny_model, tmp_path, capsys):
         torch.testing.assert_close(tensors[name], tensor)
 
 
+def test_the_command_line_converts_a_drafter_only_export(tiny_model, tmp_path, capsys):
+    """What ``retrofit`` writes by default: the head alone, attached to its base on loading."""
+    from conftest import build_tiny_llama_config
+    from transformers import AutoModelForCausalLM
+
+    from cpd_mtp.hf.export import save_drafter
+    from cpd_mtp.training.tokenizer import train_bpe_tokenizer
+
+    torch.manual_seed(0)  # the base ``tiny_model`` was built around, saved as a folder
+    base = AutoModelForCausalLM.from_config(build_tiny_llama_config(vocab_size=64, hidden_size=16))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer = train_bpe_tokenizer(["def f(x): return x"] * 20, vocab_size=260)
+    save_drafter(
+        tiny_model, tokenizer, tmp_path / "drafter", base_source=tmp_path / "base", progress=False
+    )
+    main([str(tmp_path / "drafter"), str(tmp_path / "medusa")])
+    assert "3 Medusa heads (offsets 2..4), V=64, K=24" in capsys.readouterr().out
+    tensors, _ = load_medusa(tmp_path / "medusa")
+    for name, tensor in medusa_state(tiny_model)[0].items():
+        torch.testing.assert_close(tensors[name], tensor)
+
+
 def test_the_command_line_errors_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "missing"), str(tmp_path / "medusa")])

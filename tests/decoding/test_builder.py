@@ -1,0 +1,156 @@
+"""The tree builder (``cpd_mtp.decoding.builder``): one trie from any sources, scored by each
+source's calibrated acceptance, sized by the measured cost; against hand-built expectations and
+an exhaustive argmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoding_builders import random_head_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_sources import context
+
+from cpd_mtp.decoding.builder import TreeBudget, TreeBuilder
+from cpd_mtp.decoding.calibration import AcceptanceCalibration
+from cpd_mtp.decoding.cost import ForwardCost
+from cpd_mtp.decoding.sources import Candidates, ContextSource, CPSource
+from cpd_mtp.decoding.tree import TreePath
+
+VOCAB = 4
+
+
+class Fixed:
+    """A source that proposes the same chain of tokens every step (q = ``q``)."""
+
+    def __init__(self, tokens: list[int], q: float = 1.0, name: str = "fixed") -> None:
+        self.tokens, self.q, self.name, self.max_depth = tokens, q, name, len(tokens)
+
+    def propose(self, context, limit):
+        b = context.root.shape[0]
+        m = min(limit.max_depth, len(self.tokens))
+        cand = Candidates.chain(torch.tensor(self.tokens[:m]).expand(b, -1))
+        cand.q = torch.full_like(cand.q, self.q)
+        return cand
+
+
+def paths_of(tree, row=0):
+    """The token path (root excluded) of every node."""
+    paths = []
+    for j in range(tree.size):
+        path, u = [], j
+        while u > 0:
+            path.insert(0, int(tree.tokens[row, u]))
+            u = int(tree.parents[row, u])
+        paths.append(tuple(path))
+    return paths
+
+
+def test_sources_merge_into_a_trie_with_distinct_siblings():
+    model = random_head_model(vocab=VOCAB, n_future=3, rank=2, seed=2)
+    builder = TreeBuilder([CPSource(model.head, children=2, width=2), ContextSource(4)], 30)
+    hidden = torch.randn(1, model.head.config.hidden_size)
+    history = [torch.tensor([0, 1, 2, 3, 0, 1, 2])]  # the context proposes 3, 0, 1 (depth 3)
+    proposal = builder.propose(context(hidden, torch.tensor([2]), 3, history))
+    tree = proposal.tree
+    paths = paths_of(tree)
+    assert len(set(paths)) == len(paths)  # one node per distinct path
+    assert all(int(tree.parents[0, j]) < j for j in range(1, tree.size))  # parents first
+    for prefix in ((3,), (3, 0), (3, 0, 1)):  # the context chain is in the tree
+        assert prefix in paths
+    # A path only the context proposed is the context's (source 1).
+    cp_only = {p for p, s in zip(paths, proposal.source[0].tolist()) if s == 0}
+    assert (3, 0, 1) not in cp_only or proposal.score[0, paths.index((3, 0, 1))] > 0
+
+
+def test_a_node_scores_the_product_of_its_sources_acceptance_along_its_path():
+    builder = TreeBuilder([Fixed([1, 2, 3], q=0.5)], 10)
+    proposal = builder.propose(context(torch.zeros(1, 4), torch.tensor([0]), 3))
+    centre = builder.calibration.centre
+    bin_of_half = int((0.5**0.5) * builder.calibration.bins)
+    step = float(centre[bin_of_half])  # no verification yet: the bin's prior
+    assert proposal.score[0, 1:].tolist() == pytest.approx([step, step**2, step**3])
+
+
+def test_a_source_that_stops_paying_loses_its_share_of_the_tree():
+    """Two sources propose chains of different tokens under the same root; verification
+    accepts only the second's. Once the first's rejections have outweighed its prior trust
+    in q, its nodes fall out of a small tree for good."""
+    loser, winner = Fixed([1, 1, 1], name="loser"), Fixed([2, 2, 2], q=0.5, name="winner")
+    builder = TreeBuilder([loser, winner], 3)
+    ctx = context(torch.zeros(1, 4), torch.tensor([0]), 3)
+    first = builder.propose(ctx)
+    assert (first.source[0, 1:] == 0).any()  # the loser's q = 1 outscores at first
+    for _ in range(20):
+        proposal = builder.propose(ctx)
+        tree = proposal.tree
+        paths = paths_of(tree)
+        nodes = [0] + [paths.index((2,) * k) for k in (1, 2, 3) if (2,) * k in paths]
+        width = len(nodes)
+        path = TreePath(
+            nodes=torch.tensor([nodes]),
+            accepted=torch.tensor([width - 1]),
+            next_token=torch.tensor([3]),
+            tried=torch.ones(1, 3, dtype=torch.bool),
+        )
+        builder.update(proposal, path)
+    last = builder.propose(ctx)
+    assert last.source[0, 1:].tolist() == [1, 1, 1]  # only the winner's chain is left
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    scores=st.lists(st.floats(0.0, 1.0), min_size=0, max_size=12),
+    costs=st.lists(st.floats(0.5, 3.0), min_size=13, max_size=13),
+    max_nodes=st.integers(0, 15),
+)
+def test_the_tree_size_maximises_expected_tokens_per_second(scores, costs, max_nodes):
+    ordered = sorted(scores, reverse=True)
+    cost = ForwardCost()
+    for fed, seconds in enumerate(costs, start=1):
+        cost.record(fed, seconds)
+    chosen = TreeBudget(max_nodes, cost).choose(torch.tensor([ordered]).reshape(1, -1))
+    limit = min(max_nodes, len(ordered))
+    rate = [(1 + sum(ordered[:t])) / costs[t] for t in range(limit + 1)]
+    assert rate[chosen] == pytest.approx(max(rate))
+    assert TreeBudget(max_nodes).choose(torch.tensor([ordered]).reshape(1, -1)) == limit
+
+
+def test_a_chain_builder_keeps_one_path():
+    builder = TreeBuilder([Fixed([1, 2]), Fixed([3, 1])], 10, chain=True)
+    proposal = builder.propose(context(torch.zeros(1, 4), torch.tensor([0]), 2))
+    assert proposal.tree.is_chain and proposal.tree.size == 3
+
+
+def test_depth_caps_and_bad_sources():
+    builder = TreeBuilder([Fixed([1, 2, 3])], 10, depth_caps={0: 1})
+    assert builder.max_depth == 1
+    proposal = builder.propose(context(torch.zeros(1, 4), torch.tensor([0]), 3))
+    assert proposal.tree.size == 2
+    with pytest.raises(TypeError, match="is not a draft source"):
+        TreeBuilder([object()], 4)
+    with pytest.raises(ValueError, match="at least one"):
+        TreeBuilder([], 4)
+
+
+def test_forward_cost_interpolates_between_measured_sizes():
+    cost = ForwardCost()
+    assert cost(7) == 1.0 and not cost.measured
+    cost.record(1, 1.0)
+    cost.record(4, 2.5)
+    assert cost(1) == 1.0 and cost(2) == pytest.approx(1.5) and cost(8) == pytest.approx(5.0)
+    cost.record(4, 3.5)  # a running estimate
+    assert cost(4) == pytest.approx(0.8 * 2.5 + 0.2 * 3.5)
+    assert cost.relative() == {1: 1.0, 4: pytest.approx(2.7)}
+
+
+def test_calibration_moves_from_q_to_the_measured_rate():
+    calibration = AcceptanceCalibration(sources=2, max_depth=3, bins=4, prior_weight=2.0)
+    q = torch.tensor([0.5])
+    prior = float(calibration(torch.tensor([0]), torch.tensor([1]), q))
+    assert prior == pytest.approx(float(calibration.centre[2]))
+    calibration.update(torch.zeros(8, dtype=torch.long), torch.ones(8), q.expand(8), torch.zeros(8))
+    after = float(calibration(torch.tensor([0]), torch.tensor([1]), q))
+    assert after == pytest.approx(2.0 * prior / 10.0)
+    other = float(calibration(torch.tensor([1]), torch.tensor([1]), q))  # other source
+    assert other == pytest.approx(prior)
