@@ -54,6 +54,8 @@ class GenerationOutput:
         expected_tokens_per_step: 1 + sum_k prod_{j<=k} alpha_j, tokens per iteration implied by
             the rates (positions never verified count as 0).
         wall_time_s: wall-clock seconds of the whole call.
+        states: with ``capture_states``: per row, the (P_i + L_i - 1, d) trunk hidden states of
+            its P_i real prompt tokens and its L_i new tokens but the last, in order; else None.
     """
 
     sequences: torch.Tensor
@@ -72,6 +74,7 @@ class GenerationOutput:
     tree_sizes: dict[int, int] = field(default_factory=dict)
     accepted_depths: list[int] = field(default_factory=list)
     forward_cost: dict[int, float] = field(default_factory=dict)
+    states: list[torch.Tensor] | None = None
 
     @classmethod
     def from_stats(

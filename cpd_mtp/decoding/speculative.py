@@ -121,6 +121,9 @@ class SpeculativeDecoder:
         min_new_tokens: EOS is removed from the targets of a row's first ``min_new_tokens`` new
             tokens (Hugging Face's ``min_new_tokens``; drafts of EOS there are then rejected).
         prompt_mask: (B, T) bool, the prompt's real tokens (for the sources' history).
+        capture_states: keep the trunk's final hidden state of every token fed (the prompt's
+            and the accepted ones'), per row, for training a drafter on them
+            (``GenerationOutput.states``).
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class SpeculativeDecoder:
         noise: PositionNoise | None = None,
         min_new_tokens: int = 0,
         prompt_mask: torch.Tensor | None = None,
+        capture_states: bool = False,
     ) -> None:
         if (warp is None) != (noise is None):
             raise ValueError("sampling needs both warp and noise; greedy decoding neither")
@@ -149,6 +153,10 @@ class SpeculativeDecoder:
         self.prompt_mask = prompt_mask
         self.counter = DraftCounter(buffer.counts.shape[0], max_depth, buffer.counts.device)
         self.done = False
+        batch = buffer.counts.shape[0]
+        self.captured: list[list[torch.Tensor]] | None = (
+            [[] for _ in range(batch)] if capture_states else None
+        )
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Run the (B, T) prompt under its (B, T) bool mask and emit the first new token."""
@@ -162,6 +170,9 @@ class SpeculativeDecoder:
             use_cache=True,
         )
         self.counter.count_forward(rows)
+        if self.captured is not None:
+            for i in range(input_ids.shape[0]):
+                self.captured[i].append(hidden[i][mask[i]])
         anchor = hidden[:, -1]  # (B, d)
         scores, pieces = self._next_token(anchor)
         index = self.buffer.counts[rows]  # new token 0 of each row
@@ -236,6 +247,9 @@ class SpeculativeDecoder:
         target = self._target(scores, index)
         path = verify(tree, self._choice(target, rows, index))
         self.builder.update(proposal, path)
+        if self.captured is not None:  # the fed tokens that stay: the root and the drafts taken
+            for i, row in enumerate(rows.tolist()):
+                self.captured[row].append(hidden[i, path.nodes[i, : int(path.accepted[i]) + 1]])
         path_tokens = tree.tokens.gather(1, path.nodes)  # (b, D + 1), root first
         self.counter.count_verification(path, path_tokens, remaining, self.buffer.eos)
 
@@ -273,9 +287,22 @@ class SpeculativeDecoder:
         stats = self.counter.finish(self.buffer.counts)
         if self.builder.cost is not None:
             stats.forward_cost = self.builder.cost.relative()
-        return GenerationOutput.from_stats(
+        out = GenerationOutput.from_stats(
             self.buffer.sequences(input_ids), stats, time.perf_counter() - start_time
         )
+        if self.captured is not None:
+            # A row's states: one per real prompt token and per new token but the last (never
+            # fed); cut where the row ended (tokens after an EOS were fed but not emitted).
+            out.states = []
+            for row, parts in enumerate(self.captured):
+                fed = torch.cat(parts) if parts else input_ids.new_zeros(0, 0).float()
+                prompt = (
+                    int(self.prompt_mask[row].sum())
+                    if self.prompt_mask is not None
+                    else (input_ids.shape[1])
+                )
+                out.states.append(fed[: prompt + max(int(self.buffer.counts[row]) - 1, 0)])
+        return out
 
     def _history(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Each live row's prompt (without padding) and new tokens so far (ending with x_{t+1})."""
@@ -407,6 +434,7 @@ def generate(
     stopping_criteria: StoppingCriteriaList | None = None,
     min_new_tokens: int = 0,
     warpers: LogitsProcessorList | None = None,
+    capture_states: bool = False,
     **unsupported: Any,
 ) -> GenerationOutput:
     """Self-speculative decoding of a ``CPDMTPForCausalLM``.
@@ -458,6 +486,10 @@ def generate(
             ``temperature`` / ``top_k`` / ``top_p`` when sampling (``model.generate`` passes
             the ones it would apply). Only warpers that read the scores alone are served:
             ``Temperature``, ``TopK``, ``TopP``, ``MinP``, ``Typical``, ``Epsilon``, ``Eta``.
+        capture_states: also return, per row, the trunk's final hidden state of every real
+            prompt token and every new token but the last (``GenerationOutput.states``): what
+            the decoding computed anyway, the inputs of a drafter trained on the model's own
+            text, with no second pass.
 
     Returns:
         ``GenerationOutput`` with ``sequences`` (B, T + L) and the statistics.
@@ -526,6 +558,7 @@ def generate(
         noise=noise,
         min_new_tokens=min_new_tokens,
         prompt_mask=mask,
+        capture_states=capture_states,
     )
     if streamer is not None:
         streamer.put(input_ids.cpu())  # the prompt first, as Hugging Face's generate does

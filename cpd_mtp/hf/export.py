@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from cpd_mtp.head import SHARED_KEYS, CPDMTPHead
-from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file, swap_in_directory
+from cpd_mtp.utils.files import swap_in_directory
+from cpd_mtp.utils.records import check_files, read_record, seal
 
 EXPORT_RECORD = "cpd_mtp_export.json"
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -95,19 +96,7 @@ def set_special_tokens(model: Any, tokenizer: Any) -> None:
 
 def write_record(directory: Path) -> dict[str, Any]:
     """Fsync every file under ``directory`` and record its size and SHA-256 in ``EXPORT_RECORD``."""
-    directory = Path(directory)
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != EXPORT_RECORD:
-            fsync_path(path)
-            files[str(path.relative_to(directory))] = {
-                "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
-            }
-    record = {"files": files}
-    atomic_write_text(directory / EXPORT_RECORD, json.dumps(record, indent=1))
-    fsync_path(directory)
-    return record
+    return seal(directory, EXPORT_RECORD)
 
 
 def verify_export(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -115,32 +104,14 @@ def verify_export(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
 
     Raises:
         ExportError: naming the file that is missing or does not match its size or SHA-256, or
-            the record itself when it is unreadable.
+            the record itself when it is unreadable or malformed.
     """
     directory = Path(directory)
-    marker = directory / EXPORT_RECORD
-    if not marker.is_file():
+    if not (directory / EXPORT_RECORD).is_file():
         return None
-    try:
-        record = json.loads(marker.read_text())
-        entries = [(name, meta["bytes"], meta["sha256"]) for name, meta in record["files"].items()]
-        for _, size, digest in entries:
-            if not isinstance(size, int) or isinstance(size, bool) or not isinstance(digest, str):
-                raise TypeError(f"bytes {size!r} / sha256 {digest!r:.80} have the wrong types")
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ExportError(f"export {directory} has an unreadable {EXPORT_RECORD}: {err!r}") from err
-    for name, size, digest in entries:
-        path = directory / name
-        # Lexically, not resolved: files of a Hub cache snapshot are links into its blobs.
-        if os.path.isabs(name) or ".." in Path(name).parts:
-            raise ExportError(f"export {directory}: {EXPORT_RECORD} names {name!r}, outside it")
-        if not path.is_file():
-            raise ExportError(f"export {directory} is corrupt: {name} is missing")
-        if path.stat().st_size != size or sha256_file(path) != digest:
-            raise ExportError(
-                f"export {directory} is corrupt: {name} does not match its SHA-256 in "
-                f"{EXPORT_RECORD}"
-            )
+    what = f"export {directory}"
+    record = read_record(directory, EXPORT_RECORD, ExportError, what)
+    check_files(directory, record, ExportError, what)
     return record
 
 

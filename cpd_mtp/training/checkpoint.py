@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shutil
@@ -28,14 +27,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cpd_mtp.utils.files import atomic_write_text, fsync_path, sha256_file
+from cpd_mtp.utils.files import atomic_write_text, fsync_path
+from cpd_mtp.utils.records import check_files
+from cpd_mtp.utils.records import read_record as read_folder_record
+from cpd_mtp.utils.records import seal as seal_folder
 
 MARKER = "cpd_mtp_complete.json"
 LATEST = "latest"
 # Temporary files of an `_atomic_write` killed before its rename.
 _STALE_TMP = (f".{LATEST}.tmp*", f".{MARKER}.tmp*")
 _TAG_RE = re.compile(r"step\d+")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(RuntimeError):
@@ -123,19 +124,15 @@ def seal(checkpoint_dir: Path, tag: str, step: int, info: dict[str, Any] | None 
     if not paths:
         raise CheckpointError(f"checkpoint {tag_dir} has no files to seal")
     with disk_full_is_an_error(tag_dir):
-        for path in paths:
-            fsync_path(path)
         # A new entry is durable only once its folder is: sub-folders before the tag folder.
-        for folder in sorted({p.parent for p in paths}, reverse=True):
+        for folder in sorted({p.parent for p in paths} - {tag_dir}, reverse=True):
             fsync_path(folder)
-    files = {
-        str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in paths
-    }
-    record = {**(info or {}), "step": step, "files": files}
-    _atomic_write(tag_dir / MARKER, json.dumps(record, indent=1))
-    with disk_full_is_an_error(tag_dir):
-        fsync_path(tag_dir)  # the marker's rename
+        seal_folder(
+            tag_dir,
+            MARKER,
+            [str(p.relative_to(tag_dir)) for p in paths],
+            {**(info or {}), "step": step},
+        )
     _atomic_write(checkpoint_dir / LATEST, tag)
     with disk_full_is_an_error(checkpoint_dir):
         fsync_path(checkpoint_dir)  # the pointer's rename
@@ -143,36 +140,17 @@ def seal(checkpoint_dir: Path, tag: str, step: int, info: dict[str, Any] | None 
 
 def _read_record(tag_dir: Path) -> dict[str, Any]:
     """The completion record of ``tag_dir``, checked for shape; ``CheckpointError`` if not."""
-    marker = tag_dir / MARKER
-    if not marker.is_file():
+    if not (tag_dir / MARKER).is_file():
         raise CheckpointError(f"checkpoint {tag_dir} is incomplete: no {MARKER} (killed mid-save?)")
-    try:
-        record = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint {tag_dir} has an unreadable {MARKER}: {err}") from err
-
-    def malformed(why: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {tag_dir} has a malformed {MARKER}: {why}")
-
-    if not isinstance(record, dict):
-        raise malformed(f"expected a JSON object, got {type(record).__name__}")
+    record = read_folder_record(tag_dir, MARKER, CheckpointError, f"checkpoint {tag_dir}")
     step = record.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise malformed(f"'step' must be a non-negative integer, got {step!r}")
-    files = record.get("files")
-    if not isinstance(files, dict) or not files:
-        raise malformed(f"'files' must be a non-empty object, got {files!r:.80}")
-    for name, meta in files.items():
-        parts = Path(name).parts
-        if os.path.isabs(name) or ".." in parts or not parts:
-            raise malformed(f"file name {name!r} points outside the checkpoint")
-        if not isinstance(meta, dict):
-            raise malformed(f"entry of {name!r} must be an object, got {meta!r:.80}")
-        size, digest = meta.get("bytes"), meta.get("sha256")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise malformed(f"'bytes' of {name!r} must be a non-negative integer, got {size!r}")
-        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
-            raise malformed(f"'sha256' of {name!r} must be 64 hex digits, got {digest!r:.80}")
+        raise CheckpointError(
+            f"checkpoint {tag_dir} has a malformed {MARKER}: 'step' must be a non-negative "
+            f"integer, got {step!r}"
+        )
+    if not record["files"]:
+        raise CheckpointError(f"checkpoint {tag_dir} has a malformed {MARKER}: no files")
     return record
 
 
@@ -194,14 +172,7 @@ def verify(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
     _check_tag_name(checkpoint_dir, tag)
     tag_dir = checkpoint_dir / tag
     record = _read_record(tag_dir)
-    for name, meta in record["files"].items():
-        path = tag_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {tag_dir} is corrupt: {name} is missing")
-        if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
-            raise CheckpointError(
-                f"checkpoint {tag_dir} is corrupt: {name} does not match its record"
-            )
+    check_files(tag_dir, record, CheckpointError, f"checkpoint {tag_dir}")
     return record
 
 
