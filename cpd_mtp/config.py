@@ -10,6 +10,7 @@ ExpertType = Literal["linear", "resblock", "lowrank"]
 BalanceType = Literal["switch", "importance", "none"]
 LossImpl = Literal["auto", "reference", "chunked", "triton"]
 NextToken = Literal["marginal", "base"]
+TokenFusionType = Literal["add", "mlp"]
 
 EXPERT_TYPES = ("linear", "resblock", "lowrank")
 BALANCE_TYPES = ("switch", "importance", "none")
@@ -57,6 +58,9 @@ class CPDMTPConfig:
             starts at zero (so a new head is the unconditioned one). Offset 1 is then the head's
             input, not a target: it drafts x_{t+2..t+n} given (h_t, x_{t+1}), trained with
             x_{t+1} teacher-forced from the labels and drafting from the verifier's token.
+        token_fusion: how a ``token_conditioned`` head fuses h_t and e(x_{t+1})
+            (``cpd_mtp.fusion``): ``add`` (z = h + C e) or ``mlp`` (z = h + an MLP of both,
+            each at unit scale). Both start as z = h. Ignored without ``token_conditioned``.
     """
 
     hidden_size: int
@@ -76,6 +80,7 @@ class CPDMTPConfig:
     next_token: NextToken = "marginal"
     draft_vocab_size: int | None = None
     token_conditioned: bool = False
+    token_fusion: TokenFusionType = "add"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "n_future", "rank"):
@@ -127,6 +132,10 @@ class CPDMTPConfig:
             raise ValueError(
                 "CPDMTPConfig.token_conditioned must be True or False, got "
                 f"{self.token_conditioned!r}"
+            )
+        if self.token_fusion not in ("add", "mlp"):
+            raise ValueError(
+                f"CPDMTPConfig.token_fusion must be 'add' or 'mlp', got {self.token_fusion!r}"
             )
         if self.token_conditioned and self.next_token != "base":
             raise ValueError(

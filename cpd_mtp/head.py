@@ -8,9 +8,10 @@
 ``forward(hidden)`` returns the next-token marginal log P(x_{t+1}), a drop-in for
 ``lm_head(hidden)`` logits. ``forward(hidden, labels=labels)`` also returns the exact CP loss.
 
-A token-conditioned head (``token_conditioned``, base mode) reads z_t = h_t + C e(x_{t+1}) in
-place of h_t in the gate and the experts, with e the model's frozen input embedding and C a
-learned (d, d) map: it models x_{t+2..t+n} given (h_t, x_{t+1}), and offset 1 is its input.
+A token-conditioned head (``token_conditioned``, base mode) reads z_t = h_t + f(h_t, e(x_{t+1}))
+in place of h_t in the gate and the experts, with e the model's frozen input embedding and f a
+learned fusion (``cpd_mtp.fusion``: C e, or an MLP of both): it models x_{t+2..t+n} given
+(h_t, x_{t+1}), and offset 1 is its input.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from cpd_mtp.balance import balance_loss, expert_statistics, router_z_loss
 from cpd_mtp.config import CPDMTPConfig
 from cpd_mtp.experts import ExpertStates
+from cpd_mtp.fusion import TokenFusion
 from cpd_mtp.ops.checks import accumulation_dtype, check_targets
 from cpd_mtp.ops.dispatch import row_logprobs_unchecked
 from cpd_mtp.ops.distill import window_distill_loss
@@ -193,10 +195,10 @@ class CPDMTPHead(nn.Module):
             )
         self.weight = unembedding
         if config.token_conditioned:
-            # C: the next token's embedding enters as z = h + C e(x_{t+1}). It starts at zero,
-            # so a new conditioned head computes exactly what the unconditioned head does.
-            self.token_proj = nn.Linear(d, d, bias=False)
-            nn.init.zeros_(self.token_proj.weight)
+            # The next token's embedding enters as z = h + f(h, e(x_{t+1})) (cpd_mtp.fusion).
+            # f starts at zero, so a new conditioned head computes exactly what the
+            # unconditioned head does.
+            self.token_proj = TokenFusion(config.token_fusion, d)
             self.attach_token_embedding(unembedding if token_embedding is None else token_embedding)
         else:
             self.token_proj = None
@@ -264,7 +266,7 @@ class CPDMTPHead(nn.Module):
     def conditioned_state(
         self, hidden: torch.Tensor, next_token: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """What the gate and the experts read: h, or z = h + C e(x_{t+1}) when conditioned.
+        """What the gate and the experts read: h, or z = h + f(h, e(x_{t+1})) when conditioned.
 
         Args:
             hidden: (..., d) hidden states h_t.
@@ -292,7 +294,7 @@ class CPDMTPHead(nn.Module):
         table = self.token_embedding.detach()
         embedded = nn.functional.embedding(ids.to(table.device), table).to(hidden.device)
         embedded = torch.where(present[..., None], embedded, 0.0)
-        shift = self.token_proj(embedded.to(self.token_proj.weight.dtype))
+        shift = self.token_proj(hidden, embedded)
         return hidden + shift.to(hidden.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:

@@ -50,15 +50,23 @@ def make_head(seed=0, dtype=torch.float64, conditioned=True, embedding=True, **k
     with torch.no_grad():
         head.gate.weight.normal_(0, 1.0)
         head.weight.normal_(0, 1.0)
-        if head.token_proj is not None:
-            head.token_proj.weight.normal_(0, 1.0)
+        for param in head.token_proj.parameters() if head.token_proj is not None else ():
+            param.normal_(0, 0.5)
     return head
 
 
 def z_by_hand(head: CPDMTPHead, h: torch.Tensor, x1: int) -> torch.Tensor:
-    """h + C e(x_{t+1}) from the embedding table and C's matrix, without the head's code."""
+    """z from the embedding table and the fusion's matrices, without the head's code:
+    h + C e (``add``), or h + W2 SiLU(W1 [h / rms(h); e / rms(e)] + b1) + b2 (``mlp``)."""
     e = head.token_embedding.detach()[x1].to(h.dtype)
-    return h + head.token_proj.weight.detach().to(h.dtype) @ e
+    fusion = head.token_proj
+    if fusion.kind == "add":
+        return h + fusion.weight.detach().to(h.dtype) @ e
+    rms = lambda v: v / torch.sqrt((v * v).mean() + 1e-6)  # noqa: E731
+    w1, b1 = fusion.fc_in.weight.detach().to(h.dtype), fusion.fc_in.bias.detach().to(h.dtype)
+    w2, b2 = fusion.fc_out.weight.detach().to(h.dtype), fusion.fc_out.bias.detach().to(h.dtype)
+    inner = w1 @ torch.cat([rms(h), rms(e)]) + b1
+    return h + w2 @ (inner * torch.sigmoid(inner)) + b2
 
 
 def enumerated_conditional(head: CPDMTPHead, z: torch.Tensor) -> torch.Tensor:
@@ -121,16 +129,18 @@ def brute_force_position_nll(head: CPDMTPHead, hidden: torch.Tensor, labels: tor
     ignore=st.sampled_from(["none", "random"]),
     draft_vocab=st.sampled_from([None, 3]),
     seed=st.integers(0, 2**16),
+    fusion=st.sampled_from(["add", "mlp"]),
 )
 @example(
     n_future=2, rank=2, expert_type="linear", impl="reference", dtype=torch.float64, seq=1,
-    ignore="none", draft_vocab=None, seed=0,
+    ignore="none", draft_vocab=None, seed=0, fusion="add",
 )  # T = 1: no position has x_{t+1}  # fmt: skip
 def test_the_conditioned_loss_is_the_enumerated_conditional(
-    n_future, rank, expert_type, impl, dtype, seq, ignore, draft_vocab, seed
+    n_future, rank, expert_type, impl, dtype, seq, ignore, draft_vocab, seed, fusion
 ):
     vocab = 4 if n_future == 4 else 5  # 4^3 continuations at most
     head = make_head(
+        token_fusion=fusion,
         seed=seed % 11,
         dtype=dtype,
         n_future=n_future,
@@ -177,16 +187,20 @@ def test_the_window_of_a_position_whose_next_label_is_ignored_is_not_scored():
 # C = 0: the unconditioned head, bit for bit.
 
 
+@pytest.mark.parametrize("fusion", ["add", "mlp"])
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
-def test_a_new_conditioned_head_is_the_unconditioned_head(expert_type):
+def test_a_new_conditioned_head_is_the_unconditioned_head(expert_type, fusion):
     kwargs = dict(n_future=4, rank=3, vocab_size=11, expert_type=expert_type, balance="switch")
     plain = make_head(seed=3, dtype=torch.float32, conditioned=False, **kwargs)
-    config = CPDMTPConfig(**{**plain.config.to_dict(), "token_conditioned": True})
+    config = CPDMTPConfig(
+        **{**plain.config.to_dict(), "token_conditioned": True, "token_fusion": fusion}
+    )
     table = torch.nn.Parameter(torch.randn(11, 6), requires_grad=False)
     cond = CPDMTPHead(config, unembedding=plain.weight, token_embedding=table)
-    assert not cond.token_proj.weight.any()  # a new head's C is zero
+    out_map = cond.token_proj.weight if fusion == "add" else cond.token_proj.fc_out.weight
+    assert not out_map.any()  # a new head's fusion adds nothing
     missing, unexpected = cond.load_state_dict(plain.state_dict(), strict=False)
-    assert missing == ["token_proj.weight"] and not unexpected
+    assert {m.split(".")[0] for m in missing} == {"token_proj"} and not unexpected
 
     hidden = torch.randn(3, 7, 6)
     labels = torch.randint(0, 11, (3, 7))

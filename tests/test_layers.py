@@ -20,6 +20,7 @@ LAYERS = {
     "ops": 2,
     "config": 3,
     "experts": 3,
+    "fusion": 3,
     "balance": 3,
     "head": 3,
     "metrics": 3,

@@ -489,8 +489,8 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
                 module.gate.weight, mean=0.0, std=0.02 / math.sqrt(module.config.hidden_size)
             )
             hf_init.zeros_(module.gate.bias)
-            if module.token_proj is not None:  # C starts at zero (the unconditioned head)
-                hf_init.zeros_(module.token_proj.weight)
+            if module.token_proj is not None:  # f starts at zero (the unconditioned head)
+                module.token_proj.reset_parameters()
             if not self.config.tie_word_embeddings:
                 std = getattr(self.config.text_config, "initializer_range", 0.02) or 0.02
                 hf_init.normal_(module.weight, mean=0.0, std=std)

@@ -41,13 +41,13 @@ from cpd_mtp.training.sources import (
 )
 from cpd_mtp.training.tokenizer import (
     DEFAULT_VOCAB_SIZE,
-    cache_root,
     load_or_train_tokenizer,
     load_tokenizer,
     stable_hash,
     tokenizer_fingerprint,
 )
 from cpd_mtp.utils.extras import require
+from cpd_mtp.utils.files import cache_root
 
 datasets = require("datasets", "cpd_mtp.training.data")
 

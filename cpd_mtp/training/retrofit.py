@@ -157,8 +157,8 @@ def head_config(cfg: RetrofitConfig, hidden_size: int, vocab_size: int) -> CPDMT
 
 def save_tokenizer(tokenizer: Any, cache_dir: str | None) -> Path:
     """The tokenizer saved as a local folder (what ``DataConfig.tokenizer`` reads), cached."""
-    from cpd_mtp.training.tokenizer import cache_root, tokenizer_fingerprint
-    from cpd_mtp.utils.files import atomic_directory
+    from cpd_mtp.training.tokenizer import tokenizer_fingerprint
+    from cpd_mtp.utils.files import atomic_directory, cache_root
 
     path = cache_root(cache_dir) / "retrofit_tokenizers" / tokenizer_fingerprint(tokenizer)
     if not (path / "tokenizer_config.json").is_file():
@@ -266,7 +266,7 @@ class RetrofitTrainer:
         self.out_dir = self.run_dir.path
         self.run_dir.claim(cfg.run.resume, cfg.run.overwrite)
         if self.rank == 0:  # what killed runs left in the caches (a live run's are kept)
-            from cpd_mtp.training.tokenizer import cache_root
+            from cpd_mtp.utils.files import cache_root
 
             sweep_stale_temporaries(cache_root(cfg.data.cache_dir))
         try:
@@ -469,7 +469,7 @@ class RetrofitTrainer:
         from cpd_mtp.training.draft_vocab import most_frequent_ids, token_counts
         from cpd_mtp.training.self_distill import distillation_blocks, generate_continuations
         from cpd_mtp.training.state_cache import cached_trunk_states
-        from cpd_mtp.training.tokenizer import cache_root
+        from cpd_mtp.utils.files import cache_root
 
         data = self.cfg.data
         corpus = build_corpus(

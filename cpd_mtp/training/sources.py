@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cpd_mtp.training.tokenizer import cache_root, stable_hash
+from cpd_mtp.training.tokenizer import stable_hash
 from cpd_mtp.utils.extras import require
+from cpd_mtp.utils.files import cache_root
 
 datasets = require("datasets", "cpd_mtp.training")
 

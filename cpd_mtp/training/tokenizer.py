@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from cpd_mtp.utils.files import atomic_directory
+from cpd_mtp.utils.files import atomic_directory, cache_root
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -26,20 +26,6 @@ SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
 DEFAULT_VOCAB_SIZE = 4096
 # Bump when the training recipe changes so stale cache entries are not reused.
 TOKENIZER_RECIPE = "bytelevel-bpe-v1"
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cpd_mtp cache directory.
-
-    Order of precedence: the explicit ``cache_dir`` argument, the ``CPD_MTP_CACHE`` environment
-    variable, ``$XDG_CACHE_HOME/cpd_mtp``, then ``~/.cache/cpd_mtp``.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if env := os.environ.get("CPD_MTP_CACHE"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cpd_mtp"
 
 
 def stable_hash(*parts: object, length: int = 16) -> str:

@@ -267,3 +267,17 @@ def remove_stale_temporaries(
             continue
         removed.append(path)
     return removed
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cpd_mtp cache directory.
+
+    Order of precedence: the explicit ``cache_dir`` argument, the ``CPD_MTP_CACHE`` environment
+    variable, ``$XDG_CACHE_HOME/cpd_mtp``, then ``~/.cache/cpd_mtp``.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if env := os.environ.get("CPD_MTP_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cpd_mtp"

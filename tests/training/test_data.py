@@ -35,7 +35,8 @@ from cpd_mtp.training.data import (
     tokenize,
 )
 from cpd_mtp.training.sources import discover_stdlib_files, stdlib_documents
-from cpd_mtp.training.tokenizer import cache_root, tokenizer_fingerprint
+from cpd_mtp.training.tokenizer import tokenizer_fingerprint
+from cpd_mtp.utils.files import cache_root
 
 
 def documents(texts: list[str]):

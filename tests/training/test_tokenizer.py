@@ -19,11 +19,11 @@ from cpd_mtp.training import tokenizer as tok_mod
 from cpd_mtp.training.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
-    cache_root,
     load_or_train_tokenizer,
     load_tokenizer,
     tokenizer_fingerprint,
 )
+from cpd_mtp.utils.files import cache_root
 
 
 @pytest.fixture(scope="module")

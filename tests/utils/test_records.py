@@ -41,7 +41,7 @@ def test_a_sealed_folder_records_every_file_and_checks_clean(tmp_path):
 )
 def test_damage_is_named(tmp_path, damage, message):
     folder = folder_with_files(tmp_path)
-    record = seal(folder, "record.json")
+    seal(folder, "record.json")
     damage(folder)
     with pytest.raises(RecordError, match=message):
         check_files(folder, read_record(folder, "record.json"))
