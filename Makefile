@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install lock test-latest smollm2 test demo demo-scratch bench-retrofit lint format bench-loss bench-decode bench-ranks docs wheel clean
+.PHONY: install lock test-latest smollm2 test test-fast demo demo-scratch bench-retrofit bench-targets lint format bench-loss bench-decode bench-ranks docs wheel clean
 
 $(VENV)/.installed: pyproject.toml setup.cfg $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +58,12 @@ smollm2: $(SMOLLM2)
 test: install smollm2
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The inner loop: every test folder, without the tests marked slow (long chi-square and
+# hypothesis sweeps, multi-process runs, SmolLM2 end to end); under 5 minutes on 2 cores.
+# `make test` (what CI runs) is the whole suite.
+test-fast: install smollm2
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
 # The main job: retrofit SmolLM2 with a drafting head and measure it (about 10 minutes).
 demo: install smollm2
 	$(PY) -m cpd_mtp.apps.demo $(DEMO_ARGS)
@@ -85,6 +91,10 @@ bench-ranks: install
 
 bench-retrofit: install smollm2
 	$(PY) -m cpd_mtp.apps.retrofit_study
+
+# The retrofit as a user runs it (8 minutes), measured on held-out chat and code prompts.
+bench-targets: install smollm2
+	$(PY) benchmarks/bench_retrofit.py
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site

@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: no export at {path}: run `make demo` (or cpd-mtp retrofit) first")
 
     from cpd_mtp.apps import demo
-    from cpd_mtp.apps.retrofit_study import held_out_prompts
     from cpd_mtp.decoding import generate
     from cpd_mtp.decoding.output import json_rates
     from cpd_mtp.hf.loading import load_causal_lm
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
     from cpd_mtp.ops.few_rows import few_row_linears
+    from cpd_mtp.training.retrofit import held_out_prompts
 
     base, tokenizer = load_causal_lm(args.model, progress=False)
     models = {"demo": CPDMTPForCausalLM.from_pretrained(args.export).eval()}
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         models[f"r{loaded.head.config.rank}:{path.parent.name}"] = loaded
     demo_parser = argparse.ArgumentParser()
     demo.add_arguments(demo_parser)
-    prompts = held_out_prompts(
-        demo._config(demo_parser.parse_args([])), tokenizer, args.prompts, prompt_tokens=48
-    )
+    # Held-out code (standard-library files outside the training split), as before.
+    prompts = held_out_prompts(demo._config(demo_parser.parse_args([])), tokenizer, args.prompts)
+    prompts = prompts["code"]
     new = args.new_tokens
 
     def hf(ids, fast: bool, lookup: bool, sample: bool = False) -> tuple[float, Any]:

@@ -73,3 +73,28 @@ def run_worker(script: Path, case: dict[str, Any], timeout: float = 1800) -> dic
     if proc.returncode != 0:
         return {**case, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_output_arguments(parser: Any, name: str) -> None:
+    """``--quick`` (a smoke run) and ``--out``: the published JSON is
+    ``docs/benchmarks/<name>.json``; a quick run writes to the scratch folder instead."""
+    parser.add_argument("--quick", action="store_true", help="a smoke run, to the scratch dir")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON to write")
+    parser.set_defaults(benchmark_name=name)
+
+
+def write_results(args: Any, record: dict[str, Any]) -> Path:
+    """Write ``record`` with the environment to ``args.out`` (default: published, or the
+    scratch folder for ``--quick``; a quick run never replaces a published file)."""
+    name = args.benchmark_name
+    out = args.out or (
+        SCRATCH_DIR / f"{name}.json"
+        if args.quick
+        else ROOT / "docs" / "benchmarks" / f"{name}.json"
+    )
+    if args.quick and Path(out).resolve().is_relative_to((ROOT / "docs").resolve()):
+        raise SystemExit("error: a --quick run never writes into docs/: give --out elsewhere")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {"environment": environment("cpu"), **record})
+    print(f"wrote {out}", flush=True)
+    return Path(out)

@@ -1,20 +1,18 @@
 """The main job, as ``make demo`` runs it: make SmolLM2-135M-Instruct faster without changing it.
 
 1. Load the real model (the GGUF ``make smollm2`` fetched) and retrofit a CP-MTP drafting head
-   onto it, heads only, in base mode, self-distilled on its own greedy continuations of the
-   embedded corpus (the Python standard library): ``cpd_mtp.training.retrofit``.
-2. Complete a held-out prompt with the exported model.
-3. Decode held-out prompts with self-speculative decoding and with the original model's own
-   Hugging Face ``generate``, interleaved, and report tokens per forward, acceptance per draft
-   position, the wall-clock speedup (median and spread over prompts) and whether every token
-   was identical.
+   onto it with ``cpd-mtp retrofit``'s defaults (the recipe) within ``--minutes``, the whole
+   run included: the model answers chat prompts (through its chat template) and code prompts,
+   and the head learns from its answers (``cpd_mtp.training.retrofit``).
+2. Answer a held-out chat prompt and continue held-out code with the result, streaming.
+3. The retrofit's own end-of-run measurement (held-out chat and code prompts, every decoder
+   interleaved, tokens identical to the original model's) is printed and written to
+   ``<out>/measurement.json``; the demo adds ``<out>/demo.json`` with the settings, the
+   environment and the wall clock.
 
-    python -m cpd_mtp.apps.demo                       # about 10 minutes on 2 cores
+    python -m cpd_mtp.apps.demo                       # about 9 minutes on 2 cores
     python -m cpd_mtp.apps.demo --minutes 20          # a longer retrofit, more acceptance
     python -m cpd_mtp.apps.demo --skip-train          # measure runs/demo-smollm2/final again
-
-The retrofit is ``cpd-mtp retrofit``'s defaults (the recipe) with a wall-clock budget:
-``--minutes`` bounds data, state caching and training together.
 
 ``python -m cpd_mtp.apps.demo`` is ``cpd-mtp demo``; the from-scratch pretraining demo is
 ``cpd-mtp demo-scratch`` (``cpd_mtp.apps.scratch_demo``).
@@ -23,15 +21,18 @@ The retrofit is ``cpd-mtp retrofit``'s defaults (the recipe) with a wall-clock b
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from cpd_mtp.utils.args import positive_int
 
 OUT_DIR = Path("runs") / "demo-smollm2"
-# The retrofit's share of `make demo`'s 10 minutes; the measurement after it takes the rest.
-DEMO_MINUTES = 6.0
+# The retrofit's budget, its measurement included; loading and the two completions add about
+# half a minute (make demo: under 10 minutes with the environment installed).
+DEMO_MINUTES = 8.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,11 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokens", type=positive_int, default=None, help="most generated training tokens"
     )
     parser.add_argument("--draft-vocab", type=positive_int, default=None, help="draft vocabulary K")
-    parser.add_argument("--prompts", type=positive_int, default=8, help="held-out prompts measured")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument(
-        "--repeats", type=positive_int, default=2, help="timed passes over the prompts"
+        "--prompts", type=positive_int, default=3, help="held-out prompts measured per kind"
     )
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--skip-train", action="store_true", help="measure the existing export")
 
 
@@ -79,77 +79,89 @@ def _config(args: argparse.Namespace):
             **{key: value for key, value in chosen.items() if value is not None},
             "run.eval_every": 10**9,  # validation at the start and the end
             "run.overwrite": True,  # `make demo` replaces its own earlier run
-            "run.measure_prompts": 0,  # the demo measures more prompts itself, below
+            "run.measure_prompts": args.prompts,
+            "run.measure_tokens": args.max_new_tokens,
+            "run.measure_share": 0.2,
         }
     )
 
 
-def _retrofit(cfg: Any, base: tuple[Any, Any]) -> None:
-    from cpd_mtp.training.retrofit import RetrofitTrainer
+def _complete(model: Any, tokenizer: Any, ids: Any, title: str, max_new_tokens: int) -> None:
+    from transformers import TextStreamer
 
-    head, data = cfg.head, cfg.data
-    print(
-        f"== retrofit: n={head.n_future}, r={head.rank}, draft vocabulary "
-        f"{head.draft_vocab_size}, {data.distill} data (at most {data.tokens:,} tokens), heads "
-        f"only, within {cfg.run.minutes:g} minutes ==",
-        flush=True,
-    )
-    trainer = RetrofitTrainer(cfg, base=base)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    print(f"\n== {title} ==", flush=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    model.generate(ids[None], max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+    stats = model.last_generation_stats
+    print(f"({stats.tokens_per_forward:.2f} tokens per forward)", flush=True)
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
-    from cpd_mtp.decoding import generate
-    from cpd_mtp.decoding.measure import format_report, measure_retrofit
+    from cpd_mtp.decoding.measure import format_report
     from cpd_mtp.hf.loading import load_causal_lm
-    from cpd_mtp.hf.modeling import CPDMTPForCausalLM
-    from cpd_mtp.training.retrofit import held_out_prompt_ids
+    from cpd_mtp.hf.saved import open_export
+    from cpd_mtp.training.retrofit import RetrofitTrainer, held_out_prompts
 
+    start = time.perf_counter()
     if not args.model.exists():
         sys.exit(f"error: no model at {args.model} (run `make smollm2`)")
     final = args.out / "final"
     if args.skip_train and not final.is_dir():
         sys.exit(f"error: --skip-train needs an export at {final}; run the demo without it first")
     cfg = _config(args)
-    base = load_causal_lm(args.model)
+    base = load_causal_lm(args.model, progress=False)
     base[0].eval()
-    if not args.skip_train:
-        _retrofit(cfg, base)
-    model = CPDMTPForCausalLM.from_pretrained(final).eval()
-    tokenizer = base[1]
+    if args.skip_train:
+        model, _ = open_export(final, base_model=base[0])
+        measurement = json.loads((args.out / "measurement.json").read_text())
+    else:
+        head = cfg.head
+        print(
+            f"== retrofit: n={head.n_future}, r={head.rank}, draft vocabulary "
+            f"{head.draft_vocab_size}, the model's own answers to chat and code prompts, heads "
+            f"only, within {cfg.run.minutes:g} minutes (measurement included) ==",
+            flush=True,
+        )
+        trainer = RetrofitTrainer(cfg, base=base)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        model, measurement = trainer.model, trainer.measurement
     try:
-        prompts = held_out_prompt_ids(cfg, tokenizer, args.prompts, prompt_tokens=48)
-    except ValueError as err:
+        prompts = held_out_prompts(cfg, base[1], 1)
+    except (ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
+    for kind, title in (
+        ("chat", "a held-out chat prompt, answered"),
+        ("code", "held-out code, continued"),
+    ):
+        if kind in prompts:
+            _complete(model, base[1], prompts[kind][0], title, args.max_new_tokens)
+    if measurement is not None and args.skip_train:
+        print(format_report(measurement, args.max_new_tokens))
+    record = {
+        "settings": vars(args) | {"model": str(args.model), "out": str(args.out)},
+        "wall_s": time.perf_counter() - start,
+        "measurement": str(args.out / "measurement.json"),
+    }
+    from cpd_mtp.apps.results import environment, write_json
 
-    with torch.no_grad():
-        out = generate(model, prompts[0][None], args.max_new_tokens)
-    print("\n== a held-out prompt (standard-library code the head never saw), completed ==")
+    write_json(args.out / "demo.json", {"environment": environment("cpu"), **record})
     print(
-        tokenizer.decode(prompts[0])
-        + "⟨"
-        + tokenizer.decode(out.sequences[0, len(prompts[0]) :])
-        + "⟩"
+        f"\nThe drafter is in {final} (CPDMTPForCausalLM.from_pretrained attaches it to the model)."
     )
-    print(f"({out.stats.tokens_per_forward:.2f} tokens per forward; the completion is between ⟨ ⟩)")
-
-    measured = measure_retrofit(
-        model, base[0], prompts, args.max_new_tokens, repeats=args.repeats, temperature=0.7
+    print(
+        f"Demo: {record['wall_s'] / 60:.1f} minutes; {args.out / 'measurement.json'} holds the numbers."
     )
-    print(format_report(measured, len(prompts), args.max_new_tokens, args.repeats))
-    print(f"\nThe retrofitted model is in {final} (loads with CPDMTPForCausalLM.from_pretrained).")
     print("Next:")
-    print(f"  cpd-mtp generate --model {final} --prompt 'def parse(' --max-new-tokens 64")
+    print(f"  cpd-mtp generate --model {final} --chat --prompt 'Explain recursion briefly.'")
+    print(f"  cpd-mtp measure --model {final}   # more prompts, every decoder, with spreads")
     print(
-        f"  cpd-mtp retrofit --model {args.model} --out runs/my-retrofit --minutes 30 "
-        "--tokens 200000   # more time and data, more acceptance"
+        f"  cpd-mtp retrofit --model {args.model} --out runs/my-retrofit --minutes 30   "
+        "# more time, more acceptance"
     )
-    print("  docs/guides/retrofit.md: your own model, the options, what to expect")
+    print("  docs/guides/retrofit.md: your own model and prompts, the options, what to expect")
 
 
 def main(argv: list[str] | None = None) -> None:

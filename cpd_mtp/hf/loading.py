@@ -109,6 +109,37 @@ def transformers_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def load_tokenizer_only(source: str | os.PathLike[str]) -> Any:
+    """The tokenizer of a model folder or a ``.gguf`` file, without loading the model (so the
+    data can be checked first).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: no tokenizer can be read from it; one line.
+    """
+    transformers = require("transformers", "cpd_mtp.load_causal_lm")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model source does not exist: {path}")
+    try:
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            require("gguf", "loading a .gguf model")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True
+            )
+        elif path.is_dir():
+            if not any((path / name).is_file() for name in TOKENIZER_FILES):
+                raise ValueError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        else:
+            raise ValueError(f"{path} is neither a model folder nor a .gguf file")
+    except (OSError, struct.error, KeyError, EOFError) as err:
+        raise ValueError(f"cannot read the tokenizer of {path}: {_first_line(err)}") from err
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched prompts need a pad id
+    return tokenizer
+
+
 def load_causal_lm(
     source: str | os.PathLike[str],
     dtype: torch.dtype | str | None = None,

@@ -489,8 +489,16 @@ class CPDMTPForCausalLM(SpeculativeGenerationMixin, PreTrainedModel, GenerationM
                 module.gate.weight, mean=0.0, std=0.02 / math.sqrt(module.config.hidden_size)
             )
             hf_init.zeros_(module.gate.bias)
-            if module.token_proj is not None:  # f starts at zero (the unconditioned head)
-                module.token_proj.reset_parameters()
+            fusion = module.token_proj
+            if fusion is not None:  # f starts at zero (the unconditioned head)
+                if fusion.kind == "add":
+                    hf_init.zeros_(fusion.weight)
+                else:  # hf_init skips tensors a checkpoint already filled
+                    width = fusion.fc_in.weight.shape[1]
+                    hf_init.normal_(fusion.fc_in.weight, mean=0.0, std=width**-0.5)
+                    hf_init.zeros_(fusion.fc_in.bias)
+                    hf_init.zeros_(fusion.fc_out.weight)
+                    hf_init.zeros_(fusion.fc_out.bias)
             if not self.config.tie_word_embeddings:
                 std = getattr(self.config.text_config, "initializer_range", 0.02) or 0.02
                 hf_init.normal_(module.weight, mean=0.0, std=std)

@@ -30,6 +30,10 @@ RETROFIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--beta", "data.beta", "kl modes: weight of the KL against the NLL"),
     ("--gamma", "data.gamma", "kl modes: decay of the offsets' weights"),
     ("--temperature", "data.temperature", "generated modes: 0 greedy, > 0 samples"),
+    ("--chat-share", "data.chat_share", "generated modes: share of chat prompts (the rest code)"),
+    ("--prompts", "data.prompts", "generated modes: a JSONL of your own prompts or messages"),
+    ("--prompt-field", "data.prompt_field", "the text field of the prompts JSONL"),
+    ("--new-tokens", "data.new_tokens", "generated modes: most new tokens per answer"),
     ("--prompt-tokens", "data.prompt_tokens", "generated modes: corpus tokens per prompt"),
     ("--generate-batch-size", "data.generate_batch_size", "prompts per generate call"),
     ("--text-field", "data.text_field", "the text field of JSONL / Parquet / HF datasets"),
@@ -50,7 +54,11 @@ RETROFIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--lr", "optim.lr", "peak learning rate (AdamW)"),
     ("--warmup-steps", "optim.warmup_steps", "linear warmup; default: 5%% of the steps"),
     ("--weight-decay", "optim.weight_decay", "AdamW weight decay"),
-    ("--measure-prompts", "run.measure_prompts", "held-out prompts decoded at the end; 0: skip"),
+    (
+        "--measure-prompts",
+        "run.measure_prompts",
+        "held-out prompts of each kind decoded at the end; 0: skip",
+    ),
 )
 # (flag, config key, value it sets, help)
 RETROFIT_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
@@ -132,7 +140,7 @@ def _yaml_scalar(text: str) -> Any:
 
 
 # Keys whose value is a path: kept as text (YAML would read ``1e3`` or ``null`` otherwise).
-_PATH_KEYS = ("model.path", "run.out_dir", "data.cache_dir")
+_PATH_KEYS = ("model.path", "run.out_dir", "data.cache_dir", "data.prompts")
 
 
 def retrofit_overrides(args: argparse.Namespace) -> dict[str, Any]:

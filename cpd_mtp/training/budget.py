@@ -1,10 +1,13 @@
-"""A retrofit's wall-clock budget (``run.minutes``): how much data to make, how many steps to train.
+"""A retrofit's wall-clock budget (``run.minutes``): a bound on the whole command.
 
-The budget starts when the run does. Making data (the model's own continuations, or trunk
-states of corpus blocks) may run until ``data_share`` of it has passed; training gets what is
-left once the states are cached, sized by timing the head's own forward and backward on real
-batches before the first step. The plan is stored in every checkpoint, so a resumed run trains
-on the same data for the same number of steps whatever the clock says then.
+The budget starts when the run does; loading counts. Making data (the model's own answers and
+their states, or trunk states of corpus blocks) runs until ``data_share`` of it has passed:
+no batch starts after that, and the one running stops there. Training gets the time up to the
+end less the reserves for the export and the end-of-run measurement (``measure_share``): its
+steps are first sized by timing the head's forward and backward on a real batch, re-planned
+from the first real steps, and the step that ends past the training deadline is the last. The
+measurement stops starting prompts at the end. The plan (examples, steps) is stored in every
+checkpoint, so a resumed run trains on the same data for the same steps whatever the clock says.
 """
 
 from __future__ import annotations
@@ -25,27 +28,44 @@ EXPORT_RESERVE_S = 5.0
 
 @dataclass
 class TimeBudget:
-    """``minutes`` of wall clock from ``start`` (a ``time.monotonic()`` value)."""
+    """``minutes`` of wall clock from ``start`` (a ``clock()`` value; ``time.monotonic`` by
+    default, a test gives its own)."""
 
     minutes: float
     data_share: float
     start: float
+    measure_share: float = 0.0
+    clock: Callable[[], float] = time.monotonic
 
     @property
     def seconds(self) -> float:
         return 60.0 * self.minutes
 
     @property
+    def end(self) -> float:
+        return self.start + self.seconds
+
+    @property
     def data_deadline(self) -> float:
-        """The ``time.monotonic()`` after which no new data is made."""
+        """The ``clock()`` after which no new data is made."""
         return self.start + self.data_share * self.seconds
+
+    @property
+    def measure_deadline(self) -> float:
+        """When the end-of-run measurement must start: its share of the budget is left."""
+        return self.end - self.measure_share * self.seconds
+
+    @property
+    def train_deadline(self) -> float:
+        """The last step ends by then: the export and the measurement fit after it."""
+        return self.measure_deadline - EXPORT_RESERVE_S
 
     def left(self) -> float:
         """Seconds of the budget still unspent (negative when overrun)."""
-        return self.start + self.seconds - time.monotonic()
+        return self.end - self.clock()
 
     def used_minutes(self) -> float:
-        return (time.monotonic() - self.start) / 60.0
+        return (self.clock() - self.start) / 60.0
 
 
 def seconds_per_call(
@@ -83,3 +103,26 @@ def blocks_that_fit(seconds: float, seconds_per_block: float, at_most: int) -> i
     if seconds_per_block <= 0:
         return at_most
     return max(1, min(at_most, int(seconds / seconds_per_block)))
+
+
+# A head needs at least this many optimizer steps, and this many target tokens, to draft
+# better than chance (the retrofit study's shortest useful runs on SmolLM2: 100+ steps over
+# 10,000+ tokens); a budget that gives fewer is warned about, naming what would.
+MIN_USEFUL_STEPS = 60
+MIN_USEFUL_TOKENS = 5_000
+
+
+def minutes_for_a_useful_head(
+    setup_s: float,
+    tokens_per_s: float,
+    step_s: float,
+    data_share: float,
+    measure_share: float,
+) -> float:
+    """The budget, in minutes rounded up to a half, that would fit ``MIN_USEFUL_TOKENS`` of data
+    after ``setup_s`` of loading, and ``MIN_USEFUL_STEPS`` steps after the data and before the
+    export and measurement reserves."""
+    data_s = setup_s + MIN_USEFUL_TOKENS / max(tokens_per_s, 1e-9)
+    train_s = MIN_USEFUL_STEPS * STEP_OVERHEAD * step_s + EXPORT_RESERVE_S
+    seconds = max(data_s / data_share, train_s / max(1.0 - data_share - measure_share, 1e-3))
+    return math.ceil(seconds / 30.0) / 2.0

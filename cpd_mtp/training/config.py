@@ -84,6 +84,7 @@ RetrofitHeadSettings = _head_settings_class(
     rank=2,
     draft_vocab_size=DEFAULT_DRAFT_VOCAB,
     token_conditioned=True,
+    token_fusion="mlp",
 )
 RetrofitHeadSettings.__doc__ = "The retrofit's head: ``HeadSettings`` in ``next_token=base`` mode."
 
@@ -177,17 +178,28 @@ class BaseModelSettings:
 
 @dataclass
 class RetrofitDataSettings:
-    """The retrofit's training data: corpus blocks, self-distillation and the state cache."""
+    """The retrofit's training data: the model's own answers to chat and code prompts (or
+    corpus blocks, for the ``kl`` and ``none`` modes), and the caches."""
 
-    source: Any = "stdlib"
+    source: Any = "stdlib"  # the corpus: code prompts, held-out code, kl / none blocks
     text_field: str = "text"  # the text field of JSONL records, Parquet tables, HF datasets
-    tokens: int = 30_720  # with run.minutes: at most this many
+    # Target tokens to make: the generated answers' tokens in generated modes (with
+    # run.minutes: at most this many); the corpus blocks' otherwise.
+    tokens: int = 200_000
     distill: Literal["kl", "generated", "generated_kl", "none"] = "generated"
     beta: float = 0.9
     gamma: float = 0.8
     temperature: float = 0.0
-    prompt_tokens: int | None = None
-    generate_batch_size: int = 16
+    # Generated modes: the share of prompts that are chat turns through the model's chat
+    # template (0 without one); the rest are code cut from the corpus.
+    chat_share: float = 0.75
+    prompts: str | None = None  # a JSONL of your own prompts instead of ShareGPT's
+    prompt_field: str = "prompt"  # the text field of that JSONL
+    held_out: float = 0.03  # share of the chat prompts never trained on (measured on)
+    new_tokens: int = 192  # most new tokens per generated answer
+    prompt_tokens: int | None = None  # corpus tokens per code prompt (null: block_size // 4)
+    generate_batch_size: int = 32
+    max_positions: int = 512  # the longest training window of one answer
     max_files: int | None = None
     val_fraction: float = 0.03
     block_size: int = 128
@@ -219,15 +231,16 @@ class RetrofitRunSettings(RunSettings):
     dtype: str = "fp32"
     wandb_project: str | None = None
     merged: bool = False  # export the whole model, not the drafter alone
-    # At the end, decode this many held-out prompts with the export against the original
-    # model's own generate and report (and warn when decoding got slower); 0: skip.
-    measure_prompts: int = 4
+    # At the end, decode this many held-out prompts of each kind (chat, code) with the export,
+    # against the original model and the alternatives that need no training; 0: skip.
+    measure_prompts: int = 2
     measure_tokens: int = 48
-    # A wall-clock budget for data, state caching and training together (the measurement at
-    # the end is extra): data is made until data_share of it has passed, and the steps are
-    # what fits in the rest. null: data.tokens and data.epochs decide.
+    # A wall-clock budget for the whole command: loading, data, training, the export and the
+    # measurement. Data is made until data_share of it has passed; measure_share of it is kept
+    # for the measurement; training gets the rest. null: data.tokens and data.epochs decide.
     minutes: float | None = None
-    data_share: float = 0.5
+    data_share: float = 0.45
+    measure_share: float = 0.12
 
 
 @dataclass
@@ -271,7 +284,15 @@ def check_retrofit_config(cfg: RetrofitConfig) -> None:
     _at_least("run", cfg.run, ("measure_prompts",), 0)
     _at_least("run", cfg.run, ("measure_tokens",), 1)
     names = ("tokens", "generate_batch_size", "block_size", "eval_blocks", "state_batch_size")
-    _at_least("data", data, (*names, "prompt_tokens"), 1)
+    _at_least("data", data, (*names, "prompt_tokens", "new_tokens", "max_positions"), 1)
+    if not 0.0 <= data.chat_share <= 1.0:
+        raise ValueError(f"data.chat_share must lie in [0, 1], got {data.chat_share}")
+    if not 0.0 < data.held_out < 1.0:
+        raise ValueError(f"data.held_out must lie in (0, 1), got {data.held_out}")
+    if data.prompts is not None and not Path(data.prompts).expanduser().is_file():
+        raise FileNotFoundError(f"data.prompts (--prompts) {data.prompts} does not exist")
+    if data.prompts is not None and data.distill not in GENERATED_MODES:
+        raise ValueError("data.prompts (--prompts) applies to --distill generated or generated_kl")
     if data.distill not in DISTILL_MODES:
         raise ValueError(f"data.distill must be one of {DISTILL_MODES}, got {data.distill!r}")
     if not 0.0 <= data.beta <= 1.0:
@@ -299,6 +320,10 @@ def check_retrofit_config(cfg: RetrofitConfig) -> None:
         )
     if not 0.0 < cfg.run.data_share < 1.0:
         raise ValueError(f"run.data_share must lie in (0, 1), got {cfg.run.data_share}")
+    if not 0.0 <= cfg.run.measure_share < 1.0 - cfg.run.data_share:
+        raise ValueError(
+            f"run.measure_share must lie in [0, 1 - run.data_share), got {cfg.run.measure_share}"
+        )
     if data.block_size < 2:
         raise ValueError(
             f"data.block_size must be >= 2 (offset 1 needs a target), got {data.block_size}"

@@ -42,6 +42,9 @@ class LoopSettings:
     collapse_entropy: float = 0.5
     progress: bool = True
     desc: str = "train"
+    # A ``time.monotonic()`` value: the step that ends after it is the last (validated,
+    # checkpointed); None: ``steps`` alone decides.
+    deadline: float | None = None
 
     @classmethod
     def from_run(cls, run: Any, world: int, block_size: int, desc: str) -> LoopSettings:
@@ -128,11 +131,16 @@ def train_loop(
     device: torch.device,
     stop_after: int | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    replan: Callable[[int, float], int | None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> LoopResult:
     """Train from ``step`` to ``settings.steps`` (or ``stop_after`` steps, to simulate a kill).
 
     ``checkpoint_info()`` is stored in every checkpoint's sealed record (the run's config and
     LR schedule, compared on resume); ``on_record`` sees every metrics record (wandb).
+    ``replan(step, mean_step_seconds)`` is asked after every step and may return a new total
+    (a time budget sizing the run from its real steps); with ``settings.deadline`` the step
+    that ends past it becomes the last (``clock`` tells the time: a test gives its own).
     """
     rank = run_dir.rank
     bar = progress(
@@ -159,6 +167,14 @@ def train_loop(
         tokens += settings.tokens_per_step
         step_seconds = time.perf_counter() - step_start
         train_seconds += step_seconds
+        if replan is not None:
+            total = replan(step, train_seconds / done)
+            if total is not None and total != settings.steps:
+                settings.steps = max(step, total)
+                bar.total = settings.steps
+        if settings.deadline is not None and clock() > settings.deadline:
+            settings.steps = step  # the time is up: this step is the last
+            bar.total = step
         loss_total, calls = all_reduce_sum([loss_sum, settings.grad_accum], device)
         record: dict[str, Any] = {
             "step": step,

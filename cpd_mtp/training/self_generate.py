@@ -86,24 +86,26 @@ def _digest(*parts: Any) -> str:
 
 
 class _Deadline:
-    """A stopping criterion that ends every row once ``time.monotonic()`` passes ``deadline``."""
+    """A stopping criterion that ends every row once ``clock()`` passes ``deadline``."""
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, clock: Any = time.monotonic) -> None:
         self.deadline = deadline
+        self.clock = clock
         self.hit = False
 
     def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
-        self.hit = self.hit or time.monotonic() > self.deadline
+        self.hit = self.hit or self.clock() > self.deadline
         return torch.full((input_ids.shape[0],), self.hit, dtype=torch.bool)
 
 
-def _read_chunk(folder: Path, prompts_key: str) -> GeneratedExamples | None:
-    """A finished chunk of these prompts, or None (absent, damaged, other prompts, or cut)."""
+def _read_chunk(folder: Path, prompts_key: str, reuse_cut: bool) -> GeneratedExamples | None:
+    """A finished chunk of these prompts, or None (absent, damaged, other prompts, or cut
+    without ``reuse_cut``)."""
     if not (folder / RECORD).is_file():
         return None
     try:
         record = read_record(folder, RECORD)
-        if record.get("prompts") != prompts_key or record.get("cut"):
+        if record.get("prompts") != prompts_key or (record.get("cut") and not reuse_cut):
             return None
         check_files(folder, record, size_only=["states.npy"])
         ids = np.load(folder / "ids.npy")
@@ -145,7 +147,10 @@ def generate_examples(
     batch_size: int = 32,
     store_dtype: str = "float16",
     deadline: float | None = None,
+    max_tokens: int | None = None,
+    reuse_cut: bool = False,
     progress: Any = None,
+    clock: Any = time.monotonic,
 ) -> GeneratedExamples:
     """The model's greedy continuations of ``prompts``, with their trunk states.
 
@@ -157,13 +162,18 @@ def generate_examples(
             ``SORT_WINDOW`` batches is sorted by length (less padding in the prefill).
         new_tokens: most new tokens per prompt (a continuation stops after the model's EOS).
         cache_dir: the cache root; chunks go under ``self_generated/<key>/``.
-        eos_token_id, pad_token_id: the model's stop and padding ids.
+        eos_token_id: the model's stop id(s); ``[]`` for none.
+        pad_token_id: the padding id.
         batch_size: prompts per generation batch and per chunk.
         store_dtype: ``"float16"`` (half the disk and memory) or ``"float32"``.
         deadline: a ``time.monotonic()`` value: no batch starts after it, and the batch running
             then stops at it (its rows keep what they generated).
+        max_tokens: no batch starts once the examples hold this many new tokens.
+        reuse_cut: also reuse chunks a deadline cut short (a resumed run, which must train on
+            what the interrupted run made); else they are made again.
         progress: called after each batch with (examples done, examples in all, tokens made
             in this call, seconds spent in this call); None: silent.
+        clock: what ``deadline`` is read against (a test gives its own).
 
     Returns:
         The examples of the prompts done, in order.
@@ -203,11 +213,13 @@ def generate_examples(
         batch = ordered[first : first + batch_size]
         prompts_key = _digest(batch)
         folder = entry / f"chunk-{first // batch_size:06d}"
-        chunk = _read_chunk(folder, prompts_key)
+        if max_tokens is not None and out.generated_tokens >= max_tokens:
+            break
+        chunk = _read_chunk(folder, prompts_key, reuse_cut)
         if chunk is None:
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and clock() > deadline:
                 break
-            stop = _Deadline(deadline) if deadline is not None else None
+            stop = _Deadline(deadline, clock) if deadline is not None else None
             ids, mask = left_pad([torch.tensor(p) for p in batch], pad_token_id)
             result = generate(
                 model,

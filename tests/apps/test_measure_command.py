@@ -41,16 +41,19 @@ def exports(tiny_pretrained_folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("merged", [False, True])
-def test_measure_reports_identical_tokens_and_the_speedup(exports, merged, tmp_path, capsys):
+def test_measure_reports_identical_tokens_and_the_speedups(exports, merged, tmp_path, capsys):
     out = tmp_path / "m.json"
     argv = ["measure", "--model", str(exports[merged]), "--prompts", "1", "--repeats", "2"]
-    argv += ["--max-new-tokens", "8", "--temperature", "0.7", "--max-files", "40"]
+    argv += ["--max-new-tokens", "8", "--max-files", "40", "--head-only"]
     cli.main([*argv, "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert "identical tokens to HF        yes" in printed and "tokens per forward" in printed
+    printed = capsys.readouterr()
+    assert "identical tokens to the original model: yes" in printed.out
+    assert "over the best zero-training alternative" in printed.out
+    assert "measure code 1/1 (pass 2)" in printed.err  # a line per prompt
     result = json.loads(out.read_text())
-    assert result["greedy"]["identical"] is True and result["greedy"]["speedup"]["n"] == 2
-    assert result["sampled"]["temperature"] == 0.7
+    code = result["kinds"]["code"]
+    assert result["identical"] is True and code["vs_best_zero_training"]["n"] == 2
+    assert set(code["decoders"]) == {"hf", "hf_packed", "hf_lookup", "context", "cp", "default"}
     assert result["environment"]["device"]
 
 

@@ -9,7 +9,7 @@ import torch
 from decoding_builders import random_head_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_sources import context
+from test_draft_sources import context
 
 from cpd_mtp.decoding.builder import TreeBudget, TreeBuilder
 from cpd_mtp.decoding.calibration import AcceptanceCalibration

@@ -209,8 +209,14 @@ def test_kl_mode_trains_and_exports(tiny_model, tmp_path):
     assert model.head.draft_ids is None
 
 
-def test_generated_mode_trains_on_the_models_own_continuations(tiny_model, tmp_path):
+def test_generated_mode_trains_on_the_models_own_answers_with_their_states(tiny_model, tmp_path):
+    """The examples are the model's own greedy continuations (HF ``generate`` on the original
+    model, the reference), their states the trunk's own (a teacher-forced forward), and the
+    training labels the answers alone."""
+    from transformers import AutoModelForCausalLM
+
     from cpd_mtp.hf.modeling import CPDMTPForCausalLM
+    from cpd_mtp.training.retrofit import RetrofitTrainer
 
     cfg = config(
         tiny_model,
@@ -218,39 +224,59 @@ def test_generated_mode_trains_on_the_models_own_continuations(tiny_model, tmp_p
         data__distill="generated",
         data__tokens=512,
         data__prompt_tokens=8,
+        data__new_tokens=24,
         run__steps=4,
     )
-    retrofit(cfg)
+    trainer = RetrofitTrainer(cfg)
+    try:
+        examples = trainer.train_data.examples
+        assert trainer.training_tokens >= 512 - 24  # made until data.tokens
+        original = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        for i in (0, len(examples) - 1):
+            ids, prompt = torch.from_numpy(examples.ids[i]), examples.prompt_lengths[i]
+            with torch.no_grad():
+                want = original.generate(ids[None, :prompt], max_new_tokens=24, do_sample=False)
+                states = original.model(input_ids=ids[None]).last_hidden_state[0, :-1]
+            assert torch.equal(want[0, : len(ids)], ids)
+            torch.testing.assert_close(
+                torch.from_numpy(np.asarray(examples.states[i], dtype=np.float32)), states,
+                rtol=1e-4, atol=1e-4,
+            )  # fmt: skip
+        hidden, labels = trainer.train_data.batch(np.arange(2), trainer.device)
+        window = trainer.train_data.window(0)[1]
+        j = trainer.train_data.indices[0]
+        assert window[0] == -100 and list(window[1:]) == list(
+            examples.ids[j][examples.prompt_lengths[j] :]
+        )
+        assert hidden.shape[:2] == labels.shape
+        trainer.train()
+    finally:
+        trainer.close()
     records = metrics(tmp_path / "gen")
     assert [r["step"] for r in records] == list(range(cfg.run.steps + 1))
     assert all(np.isfinite(r["loss"]) for r in records[1:])
-    # 512 generated tokens at 24 per prompt: 22 prompts were continued by the model.
-    cache = Path(os.environ["CPD_MTP_CACHE"]) / "self_distill"
-    counts = [len(np.load(p)) for p in cache.glob("*/bounds.npy")]
-    assert -(-512 // (BLOCK - 8)) in counts
-    assert (
-        CPDMTPForCausalLM.from_pretrained(tmp_path / "gen" / "final").config.head_config[
-            "next_token"
-        ]
-        == "base"
-    )
+    model = CPDMTPForCausalLM.from_pretrained(tmp_path / "gen" / "final")
+    assert model.config.head_config["next_token"] == "base"
 
 
 def test_generated_kl_distils_the_models_own_continuations(tiny_model, tmp_path):
-    """``generated_kl``: the blocks of ``generated``, and a first step whose loss is the
+    """``generated_kl``: the data of ``generated``, and a first step whose loss is the
     untrained head's distillation objective (NLL + KL to the model's own next-token
     distributions) on the first micro-batch, recomputed here."""
     from cpd_mtp.training.loop import micro_batch_indices
     from cpd_mtp.training.retrofit import RetrofitTrainer
 
-    common = {"data__tokens": 512, "data__prompt_tokens": 8, "run__steps": 2}
+    common = {"data__tokens": 512, "data__prompt_tokens": 8, "data__new_tokens": 24,
+              "run__steps": 2}  # fmt: skip
     plain = RetrofitTrainer(config(tiny_model, tmp_path / "g", data__distill="generated", **common))
     plain.close()
     cfg = config(tiny_model, tmp_path / "s", data__distill="generated_kl", **common)
     soft = RetrofitTrainer(cfg)
     try:
-        np.testing.assert_array_equal(plain.train_data.labels, soft.train_data.labels)
-        assert (soft.train_data.labels == -100).any()  # the prompts are not targets
+        everything = np.arange(len(soft.train_data))
+        _, want = plain.train_data.batch(everything, plain.device)
+        _, got = soft.train_data.batch(everything, soft.device)
+        assert torch.equal(want, got) and (got == -100).any()  # the prompts are not targets
         run = soft.resolved.run
         index = micro_batch_indices(
             0, 0, 0, 1, run.micro_batch_size, run.grad_accum, len(soft.train_data), run.seed
@@ -277,7 +303,7 @@ def test_generated_kl_distils_the_models_own_continuations(tiny_model, tmp_path)
         (["--n-future", "40"], "must be < data.block_size"),
         (["--beta", "1.5"], "data.beta must lie in [0, 1]"),
         (["--balance-coef", "-0.1"], "head.balance_coef"),
-        (["--tokens", "10000000"], "lower --tokens"),
+        (["--distill", "none", "--tokens", "10000000"], "lower --tokens"),
         (["--draft-vocab", "100000"], "exceeds the model's vocabulary"),
         (["--n-future", "1"], "can never draft in base mode"),
         (["--draft-vocab", "1"], "leaves nothing to choose"),
@@ -442,28 +468,15 @@ def test_temporaries_of_killed_runs_are_swept_and_a_moved_export_is_put_back(tmp
         run_dir.close()
 
 
-def test_a_generated_budget_far_below_the_tokens_asked_for_is_warned_about(
-    tiny_model, tmp_path, monkeypatch
-):
-    """Continuations that end early (EOS) leave far fewer tokens than --tokens: say so."""
-    import dataclasses
-
-    from cpd_mtp.training import self_distill
-
-    real = self_distill.generate_continuations
-
-    def ending_early(*args, **kwargs):
-        out = real(*args, **kwargs)
-        ids = [row[: length + 2] for row, length in zip(out.ids, out.prompt_lengths)]
-        return dataclasses.replace(out, ids=ids)
-
-    monkeypatch.setattr(self_distill, "generate_continuations", ending_early)
+def test_data_too_small_for_a_useful_head_is_warned_about(tiny_model, tmp_path, capsys):
+    """--tokens 400 of answers: the run says the data is too small, and what to raise."""
     cfg = config(
-        tiny_model, tmp_path / "short", data__distill="generated", data__tokens=512,
-        data__prompt_tokens=8, run__steps=1, run__export=False,
+        tiny_model, tmp_path / "short", data__distill="generated", data__tokens=400,
+        data__prompt_tokens=8, data__new_tokens=16, run__steps=1, run__export=False,
     )  # fmt: skip
-    with pytest.warns(UserWarning, match=r"generated 44 tokens, far below data.tokens=512"):
-        retrofit(cfg)
+    retrofit(cfg)
+    err = capsys.readouterr().err
+    assert "too few for a useful head" in err and "raise --tokens" in err
 
 
 # ---------------------------------------------------------------------- what the run gives
@@ -471,7 +484,7 @@ def test_a_run_ends_by_measuring_its_drafter_export_against_the_original(
     tiny_model, tmp_path, capsys
 ):
     """The default export is the drafter alone; the run decodes held-out prompts with it against
-    the original model's own generate and reports tokens per forward and the speedup."""
+    the original model's own generate and the alternatives that need no training."""
     from cpd_mtp.hf.export import is_drafter_export
 
     out = tmp_path / "measured"
@@ -483,13 +496,15 @@ def test_a_run_ends_by_measuring_its_drafter_export_against_the_original(
     assert is_drafter_export(out / "final")
     assert not any((out / "final").glob("model*.safetensors"))  # no trunk copied
     measured = json.loads((out / "measurement.json").read_text())
-    greedy = measured["greedy"]
-    assert greedy["identical"] is True and greedy["speedup"]["n"] == 2
-    assert greedy["tokens_per_forward"] >= 1.0
+    assert measured["identical"] is True
+    code = measured["kinds"]["code"]
+    assert code["prompts"] == 2 and code["vs_best_zero_training"]["n"] == 2
+    assert set(code["decoders"]) == {"hf", "hf_packed", "hf_lookup", "context", "default"}
+    assert code["decoders"]["default"]["tokens_per_forward"] >= 1.0
     printed = capsys.readouterr()
-    assert "tokens per forward" in printed.out and "cpd-mtp measure --model" in printed.out
-    slower = greedy["speedup"]["median"] < 1.0
-    assert ("makes decoding SLOWER" in printed.err) == slower
+    assert "tokens/forward" in printed.out and "cpd-mtp measure --model" in printed.out
+    slower = code["vs_best_zero_training"]["median"] < 1.0
+    assert ("the head adds nothing" in printed.err) == slower
 
 
 def test_the_training_message_says_what_its_token_counts_count(tiny_model, tmp_path, capsys):
@@ -497,8 +512,8 @@ def test_the_training_message_says_what_its_token_counts_count(tiny_model, tmp_p
     retrofit(config(tiny_model, tmp_path / "counts", run__steps=2, run__export=False))
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("trained the head")]
     assert len(line) == 1
-    assert f"2 steps x 8 blocks of {BLOCK} positions = {2 * 8 * BLOCK:,} positions" in line[0]
-    assert "holding 2,048 target tokens (data.tokens=2,048)" in line[0]
+    assert f"2 steps, {2 * 8 * BLOCK:,} positions in" in line[0]
+    assert "holding 2,048 target tokens" in line[0]
 
 
 def test_help_shows_every_flags_key_and_its_default(capsys):

@@ -9,8 +9,7 @@ the clock says then, to the same weights as a straight run.
 
 from __future__ import annotations
 
-import json
-import re
+import time
 
 import pytest
 from hypothesis import given
@@ -117,33 +116,56 @@ def test_a_resume_trains_on_the_checkpoints_plan_whatever_the_clock_says(
             trainer.close()
         retrofit(_budget_config(tiny_pretrained_folder, killed), stop_after=3)
     record = read_record(straight / "checkpoints", resume_tag(straight / "checkpoints"))
-    assert record["budget"] == {"blocks": 5, "steps": 6}
+    assert record["budget"] == {"examples": 5, "steps": 6}
     with monkeypatch.context() as patch:
         _fix_the_clock(patch, blocks=9, steps=20)  # a different clock: ignored on resume
         retrofit(_budget_config(tiny_pretrained_folder, killed, run__resume=True))
     assert_same_run(straight, killed, steps=6)
 
 
-def test_a_spent_budget_keeps_the_first_batch_of_continuations_and_trains_one_step(
-    tiny_pretrained_folder, tmp_path, capsys
-):
-    out = tmp_path / "run"
+def test_a_budget_spent_before_any_data_is_a_one_line_error(tiny_pretrained_folder, tmp_path):
+    from cpd_mtp.cli import main
+
+    argv = ["retrofit", "--model", str(tiny_pretrained_folder), "--out", str(tmp_path / "run")]
+    argv += ["--minutes", "0.00001", "--max-files", "12", "--block-size", "32", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    text = str(exit_info.value.code)
+    assert "is spent before any data is made" in text and "give at least" in text
+    assert "\n" not in text
+
+
+class FastClock:
+    """A clock that runs ``speed`` times faster than real time: the budget's decisions (data,
+    steps, the training deadline, the measurement) all read it."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed, self.start = speed, time.monotonic()
+
+    def __call__(self) -> float:
+        return self.start + self.speed * (time.monotonic() - self.start)
+
+
+@pytest.mark.slow
+def test_minutes_bound_the_whole_command_on_a_clock_we_control(tiny_pretrained_folder, tmp_path):
+    """With a clock 20x faster than real time, a 3-minute budget (9 real seconds): the data
+    stops at its share, training stops at its deadline although far more steps were planned
+    than fit, and the export and the measurement end within 10 % of the budget."""
+    clock = FastClock(20.0)
     cfg = config(
-        tiny_pretrained_folder, out, run__minutes=1e-5, run__steps=None,
-        data__distill="generated", data__generate_batch_size=4, run__merged=False,
+        tiny_pretrained_folder, tmp_path / "run", run__minutes=3.0, run__steps=None,
+        data__distill="generated", data__new_tokens=24, data__prompt_tokens=8,
+        data__tokens=10**6, run__merged=False, run__measure_prompts=1, run__measure_tokens=8,
+        run__eval_every=10**6, run__save_every=10**6, data__val_fraction=0.25,
     )  # fmt: skip
-    trainer = RetrofitTrainer(cfg)
+    trainer = RetrofitTrainer(cfg, clock=clock)
     try:
-        # The budget was spent before generation began: one batch of prompts, one step.
-        assert len(trainer.train_data) == 4 and trainer.plan == {"blocks": 4, "steps": 1}
+        data_end = trainer.budget.data_deadline
+        assert trainer.train_data.examples.cut or clock() >= data_end - 5
         trainer.train()
     finally:
         trainer.close()
-    assert [r["step"] for r in metrics(out)] == [0, 1]
-    stored = json.loads((out / "final" / "retrofit_config.json").read_text())
-    assert stored["run"]["minutes"] == 1e-5 and stored["run"]["steps"] == 1
-    out = capsys.readouterr()
-    assert "budget: " in out.out
-    # Every run reports how its experts are used, beside the validation NLL.
-    shown = next(line for line in (out.out + out.err).splitlines() if "val joint NLL" in line)
-    assert re.search(r"expert usage \d\.\d\d/\d\.\d\d$", shown), shown
+    assert trainer.used_minutes <= 1.1 * cfg.run.minutes
+    records = metrics(tmp_path / "run")
+    assert records[-1]["step"] == trainer.step  # stopped where the deadline fell, exported there
+    assert (tmp_path / "run" / "final").is_dir() and trainer.measurement is not None

@@ -28,7 +28,7 @@ def test_the_option_is_a_dotted_key_of_the_retrofit_config_and_on_by_default():
     )
 
 
-def test_a_conditioned_retrofit_trains_c_and_decodes_as_the_original(
+def test_a_conditioned_retrofit_trains_its_fusion_and_decodes_as_the_original(
     tiny_pretrained_folder, tmp_path
 ):
     from transformers import AutoModelForCausalLM
@@ -48,12 +48,14 @@ def test_a_conditioned_retrofit_trains_c_and_decodes_as_the_original(
     )
     retrofit(cfg)
     final = Path(cfg.run.out_dir) / "final"
-    assert "head.token_embedding" not in load_file(str(final / DRAFTER_WEIGHTS))
-    assert "head.token_proj.weight" in load_file(str(final / DRAFTER_WEIGHTS))
+    saved = load_file(str(final / DRAFTER_WEIGHTS))
+    assert "head.token_embedding" not in saved
+    # The recipe's fusion (an MLP of h and e): its output map starts at zero and trained.
+    assert {"head.token_proj.fc_in.weight", "head.token_proj.fc_out.weight"} <= set(saved)
     model = CPDMTPForCausalLM.from_pretrained(final).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_pretrained_folder).eval()
-    assert model.head.config.token_conditioned is True
-    assert model.head.token_proj.weight.abs().sum() > 0  # C left zero, it trained
+    assert model.head.config.token_conditioned is True and model.head.config.token_fusion == "mlp"
+    assert model.head.token_proj.fc_out.weight.abs().sum() > 0
     assert model.head.token_embedding is model.trunk.get_input_embeddings().weight
 
     # The run's validation: offsets 2..n only, each better than the untrained head's.
