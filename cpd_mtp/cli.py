@@ -377,7 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_overrides(build_parser(), argv)
+    _quiet_accelerator_probe()
     args.run(args)
+
+
+def _quiet_accelerator_probe() -> None:
+    """DeepSpeed warns "Setting accelerator to CPU" whenever something imports it without
+    ``DS_ACCELERATOR`` on a machine without a GPU: say so up front, as the trainers do (a GPU
+    machine keeps DeepSpeed's own choice)."""
+    import os
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 if __name__ == "__main__":

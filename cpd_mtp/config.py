@@ -12,6 +12,9 @@ LossImpl = Literal["auto", "reference", "chunked", "triton"]
 NextToken = Literal["marginal", "base"]
 TokenFusionType = Literal["add", "mlp"]
 
+# Labels with this value are marginalised out (PyTorch's and Hugging Face's convention); the
+# default of ``CPDMTPConfig.ignore_index`` and of every data pipeline that builds labels.
+IGNORE_INDEX = -100
 EXPERT_TYPES = ("linear", "resblock", "lowrank")
 BALANCE_TYPES = ("switch", "importance", "none")
 LOSS_IMPLS = ("auto", "reference", "chunked", "triton")
@@ -73,7 +76,7 @@ class CPDMTPConfig:
     balance: BalanceType = "switch"
     balance_coef: float = 0.01
     router_z_coef: float = 0.0
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     loss_impl: LossImpl = "auto"
     chunk_bytes: int = 64 * 2**20
     grad_filter: bool = False

@@ -162,6 +162,7 @@ def _check_probe(result: subprocess.CompletedProcess, site_kernels: str) -> None
     assert Path(report["ours"]).resolve() == ROOT / "kernels" / "ops.py", report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("started_as", ["python -c", "python - (stdin)"])
 def test_python_started_from_the_repository_root_finds_the_pypi_kernels(started_as):
     site_kernels = _kernels_site_origin()

@@ -10,8 +10,9 @@ fixed number.
 
 ``TreeBuilder.update`` hears what was accepted: every tested node (its parent on the accepted
 path) counts for its source's calibration (``AcceptanceCalibration``), which lives for the whole
-call. A source whose drafts stop being accepted gets low scores, and so a smaller share of the
-tree, within the call; an untrained head's nodes are soon outscored by context drafts.
+call (``cpd_mtp.generate`` keeps it per model and decoding mode, so it carries over from call
+to call). A source whose drafts stop being accepted gets low scores, and so a smaller share of
+the tree; an untrained head's nodes are soon outscored by context drafts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from cpd_mtp.decoding.cost import ForwardCost
 from cpd_mtp.decoding.sources import Candidates, DraftContext, DraftSource, SourceLimit
 from cpd_mtp.decoding.tree import DraftTree, TreePath
 
-__all__ = ["Proposal", "TreeBudget", "TreeBuilder"]
+__all__ = ["CALIBRATED_DEPTH", "Proposal", "TreeBudget", "TreeBuilder"]
+
+# Depths calibrated apart; deeper drafts share the last depth's counts.
+CALIBRATED_DEPTH = 16
 
 
 @dataclass
@@ -125,6 +129,9 @@ class TreeBuilder:
             path is kept).
         depth_caps: the deepest draft of each source by its index (e.g. ``draft_positions`` for
             the CP head), on top of the source's own ``max_depth``.
+        calibration: what verification has shown of each source so far (one per source, in
+            order; ``cpd_mtp.generate`` keeps one per model and decoding mode, so it carries
+            over from call to call); None: a fresh one.
     """
 
     def __init__(
@@ -135,6 +142,7 @@ class TreeBuilder:
         cost: ForwardCost | None = None,
         chain: bool = False,
         depth_caps: dict[int, int] | None = None,
+        calibration: AcceptanceCalibration | None = None,
     ) -> None:
         if not sources:
             raise ValueError("TreeBuilder needs at least one draft source")
@@ -149,7 +157,9 @@ class TreeBuilder:
         self.cost = cost
         self.chain = chain
         self.depth_caps = dict(depth_caps or {})
-        self.calibration = AcceptanceCalibration(sources=len(self.sources), max_depth=16)
+        self.calibration = calibration or AcceptanceCalibration(
+            sources=len(self.sources), max_depth=CALIBRATED_DEPTH
+        )
 
     @property
     def max_depth(self) -> int | None:

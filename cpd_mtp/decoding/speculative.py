@@ -46,8 +46,9 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from cpd_mtp.decoding.builder import TreeBuilder
+from cpd_mtp.decoding.builder import CALIBRATED_DEPTH, TreeBuilder
 from cpd_mtp.decoding.cache import compact, decoding_cache, keep_slots
+from cpd_mtp.decoding.calibration import AcceptanceCalibration
 from cpd_mtp.decoding.cost import PROBE_SIZES, ForwardCost
 from cpd_mtp.decoding.forward import feed_chain, feed_tree, tree_attention_support
 from cpd_mtp.decoding.inputs import (
@@ -75,8 +76,10 @@ Warp = Callable[[torch.Tensor], torch.Tensor]
 # most tokens a timed probe forward feeds in all (rows x nodes).
 AUTO_MAX_NODES = 63
 MAX_PROBE_TOKENS = 4096
-# Each model's measured forward cost by fed tokens, kept across calls.
+# Each model's measured forward cost by fed tokens, and its sources' acceptance counts, kept
+# across calls.
 _FORWARD_COSTS: weakref.WeakKeyDictionary[Any, ForwardCost] = weakref.WeakKeyDictionary()
+_CALIBRATIONS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -373,6 +376,7 @@ def build_tree_builder(
     drafter: DraftSource | Sequence[DraftSource] | None,
     trees: bool,
     cost: ForwardCost | None,
+    sampling: bool = False,
 ) -> TreeBuilder:
     """The sources and the tree sizing of one call, from its options.
 
@@ -396,7 +400,29 @@ def build_tree_builder(
     if options.positions == 0:  # plain autoregressive decoding
         max_nodes = 0
     by_cost = cost if options.sized_by_cost and not chain else None
-    return TreeBuilder(sources, max_nodes, cost=by_cost, chain=chain, depth_caps=caps)
+    return TreeBuilder(
+        sources,
+        max_nodes,
+        cost=by_cost,
+        chain=chain,
+        depth_caps=caps,
+        calibration=_calibration(model, sampling, sources, caps),
+    )
+
+
+def _calibration(
+    model: Any, sampling: bool, sources: Sequence[DraftSource], caps: dict[int, int]
+) -> AcceptanceCalibration:
+    """The acceptance counts of these sources on this model, kept across calls: what every
+    earlier call verified (greedy and sampled apart: their q features differ)."""
+    kept = _CALIBRATIONS.get(model)
+    if kept is None:
+        kept = {}
+        _CALIBRATIONS[model] = kept
+    key = (sampling, tuple(source.name for source in sources), tuple(sorted(caps.items())))
+    if key not in kept:
+        kept[key] = AcceptanceCalibration(sources=len(sources), max_depth=CALIBRATED_DEPTH)
+    return kept[key]
 
 
 def _as_sources(drafter: DraftSource | Sequence[DraftSource]) -> list[DraftSource]:
@@ -531,7 +557,7 @@ def generate(
         raise ValueError(
             f"draft_positions must be an int in [0, {deepest}], got {options.positions!r}"
         )
-    builder = build_tree_builder(model, options, drafter, trees, cost)
+    builder = build_tree_builder(model, options, drafter, trees, cost, sampling=do_sample)
     max_depth = builder.max_depth if builder.max_depth is not None else AUTO_MAX_NODES
     if builder.cost is not None:  # no wider than what a probe may time
         builder.max_nodes = min(

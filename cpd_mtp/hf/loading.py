@@ -87,10 +87,14 @@ def _first_line(err: BaseException) -> str:
 @contextlib.contextmanager
 def transformers_progress(enabled: bool) -> Iterator[None]:
     """transformers' own progress bars (loading weights, reading a GGUF file, writing shards)
-    on or off for the duration, then as they were."""
+    on or off for the duration, then as they were; off whenever transformers' bars are off
+    (``transformers.utils.logging.disable_progress_bar()``)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
+    # transformers' own switch (``disable_progress_bar()``) silences the GGUF reader's bar too,
+    # which calls tqdm itself.
+    enabled = enabled and was_enabled
     gguf_utils, gguf_tqdm = None, None
     if not enabled:
         hf_logging.disable_progress_bar()

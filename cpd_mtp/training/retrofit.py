@@ -125,6 +125,8 @@ RETROFIT_RESUME_RULES = ResumeRules(
 REPLAN_AFTER = 8
 # One generated example in this many is held out for validation (at least one).
 VALIDATION_EVERY = 32
+# The most prompts listed for self-generation.
+MAX_PROMPTS = 2048
 
 
 def select_blocks(num_blocks: int, count: int, seed: int) -> np.ndarray:
@@ -414,8 +416,9 @@ class RetrofitTrainer:
         cfg, data = self.cfg, self.cfg.data
         blocks = np.asarray(self.corpus.train.blocks)
         code = self.corpus.held_out_prompts(cfg.run.measure_prompts or 1, prompt_tokens=48)
-        # Enough prompts for data.tokens at a short answer each; a budget stops before.
-        total = max(64, math.ceil(data.tokens / 48))
+        # Enough prompts for data.tokens at a short answer each (a budget stops before); at
+        # most 2,048 (answers average well over 48 tokens, and each chat prompt is templated).
+        total = min(max(64, math.ceil(data.tokens / 48)), MAX_PROMPTS)
         prompts = make_prompts(
             data,
             self.tokenizer,
@@ -433,7 +436,6 @@ class RetrofitTrainer:
         new_tokens = min(data.new_tokens, max(1, limit // 2))
         train_ids = [p for p in prompts.train if len(p) + new_tokens <= limit]
         planned = self.plan["examples"] if self.plan else None
-        ids = train_ids[:planned] if planned else train_ids
         budget = self.budget
         deadline = budget.data_deadline if budget is not None and planned is None else None
         if deadline is not None and self.clock() > deadline:
@@ -461,7 +463,7 @@ class RetrofitTrainer:
 
         examples = generate_examples(
             self.model,
-            ids,
+            train_ids,
             new_tokens,
             cache_root(data.cache_dir),
             eos_token_id=self.tokenizer.eos_token_id,
@@ -470,6 +472,7 @@ class RetrofitTrainer:
             store_dtype=data.store_dtype,
             deadline=deadline,
             max_tokens=None if planned else data.tokens,
+            max_examples=planned,
             reuse_cut=planned is not None,
             progress=progress,
             clock=self.clock,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpd_mtp.config import IGNORE_INDEX
 from cpd_mtp.training.prompts import (
     encode_chat,
     has_chat_template,
@@ -41,7 +42,6 @@ from cpd_mtp.training.self_generate import GeneratedExamples
 
 __all__ = ["BlockBatches", "ExampleBatches", "Prompts", "chat_prompts", "make_prompts"]
 
-IGNORE_INDEX = -100
 HELD_OUT_SALT = "cpd_mtp-retrofit-held-out"
 
 

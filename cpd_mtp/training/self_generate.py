@@ -148,6 +148,7 @@ def generate_examples(
     store_dtype: str = "float16",
     deadline: float | None = None,
     max_tokens: int | None = None,
+    max_examples: int | None = None,
     reuse_cut: bool = False,
     progress: Any = None,
     clock: Any = time.monotonic,
@@ -169,6 +170,8 @@ def generate_examples(
         deadline: a ``time.monotonic()`` value: no batch starts after it, and the batch running
             then stops at it (its rows keep what they generated).
         max_tokens: no batch starts once the examples hold this many new tokens.
+        max_examples: no batch starts once this many examples are made (the examples of an
+            earlier run, read back: the batches are the same whatever the limit).
         reuse_cut: also reuse chunks a deadline cut short (a resumed run, which must train on
             what the interrupted run made); else they are made again.
         progress: called after each batch with (examples done, examples in all, tokens made
@@ -214,6 +217,8 @@ def generate_examples(
         prompts_key = _digest(batch)
         folder = entry / f"chunk-{first // batch_size:06d}"
         if max_tokens is not None and out.generated_tokens >= max_tokens:
+            break
+        if max_examples is not None and len(out) >= max_examples:
             break
         chunk = _read_chunk(folder, prompts_key, reuse_cut)
         if chunk is None:

@@ -57,9 +57,13 @@ from cpd_mtp.utils.files import (
     remove_stale_temporaries,
     sha256_file,
 )
+from cpd_mtp.utils.records import check_files, seal
+from cpd_mtp.utils.records import read_record as read_sealed
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
-FORMAT = 2  # the record's layout: 2 has checksums, 1 (no "format" key) only shapes
+# The record's layout: 3 is sealed by ``cpd_mtp.utils.records`` (the files' sizes and SHA-256),
+# 2 had the same checksums and a checksum of its own, 1 (no "format" key) only shapes.
+FORMAT = 3
 # Room asked beyond the arrays' bytes: .npy headers and the record.
 SMALL_FILES_BYTES = 1 << 16
 # The caches ``sweep_stale_temporaries`` cleans, below the cache root.
@@ -329,24 +333,16 @@ def _build(model, blocks, entry: Path, batch_size: int, dtype: np.dtype, progres
                     _append(out, hidden, dtype, digest)
                     bar.update(len(hidden))
             bar.close()
-            files = {
-                path.name: {"bytes": path.stat().st_size, "sha256": sha}
-                for path, sha in (
-                    (tokens_path, sha256_file(tokens_path)),
-                    (hidden_path, digest.hexdigest()),
-                )
-            }
-            meta = {
+            shapes = {
                 "format": FORMAT,
                 "blocks": n_blocks,
                 "block_size": length,
                 "hidden_size": width,
                 "dtype": dtype.name,
-                "files": files,
             }
-            meta["record_sha256"] = record_sha256(meta)
             with write_errors(tmp / "meta.json", "trunk-state cache"):
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                seal(tmp, "meta.json", ["tokens.npy", "hidden.npy"], shapes,
+                     digests={"hidden.npy": digest.hexdigest()})  # fmt: skip
     finally:
         model.train(was_training)
 
@@ -365,21 +361,24 @@ def record_sha256(meta: dict[str, Any]) -> str:
 
 
 def read_record(entry: Path) -> dict[str, Any]:
-    """An entry's ``meta.json``, its own checksum checked when it has one; ``DamagedEntry`` if not."""
+    """An entry's ``meta.json``, checked (``cpd_mtp.utils.records``; an older record's own
+    checksum); ``DamagedEntry`` if it fails."""
     path = entry / "meta.json"
+    if not path.is_file():
+        raise DamagedEntry(f"{path} is missing")
     try:
         meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DamagedEntry(f"{path} is missing") from None
     except (OSError, ValueError) as err:
         raise DamagedEntry(f"{path} is unreadable: {err}") from None
     if not isinstance(meta, dict):
         raise DamagedEntry(f"{path} is not a record")
-    if "format" in meta:
-        if meta["format"] != FORMAT:
-            raise DamagedEntry(f"{path} has an unknown format {meta['format']!r}")
+    if meta.get("format") == FORMAT:
+        return read_sealed(entry, "meta.json", DamagedEntry, str(path))
+    if meta.get("format") == 2:
         if meta.get("record_sha256") != record_sha256(meta):
             raise DamagedEntry(f"{path} fails its checksum")
+    elif "format" in meta:
+        raise DamagedEntry(f"{path} has an unknown format {meta['format']!r}")
     return meta
 
 
@@ -441,9 +440,12 @@ def _open(entry: Path, blocks: np.ndarray | None, dtype: np.dtype | None) -> Tru
     width = meta.get("hidden_size") if "format" in meta else None
     tokens_path = entry / "tokens.npy"
     tokens = checked_npy(tokens_path, shape, np.dtype(np.int64), files.get("tokens.npy"))
-    if "format" in meta:
-        if sha256_file(tokens_path) != files.get("tokens.npy", {}).get("sha256"):
-            raise DamagedEntry(f"{tokens_path} fails its SHA-256")
+    if "format" in meta:  # the ids hashed (cheap), the states' size only (hundreds of MB)
+        try:
+            check_files(entry, meta, DamagedEntry, str(entry), size_only=["hidden.npy"])
+        except DamagedEntry as why:
+            raise DamagedEntry(str(why).replace("does not match its record (SHA-256)",
+                                                "fails its SHA-256")) from None  # fmt: skip
     elif blocks is not None and not np.array_equal(tokens, blocks):
         raise DamagedEntry(f"{tokens_path} holds other ids than the blocks")
     hidden = checked_npy(entry / "hidden.npy", (*shape, width), stored, files.get("hidden.npy"))

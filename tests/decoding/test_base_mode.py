@@ -158,6 +158,7 @@ def base_sampling_model(draft_ids: tuple[int, ...] | None) -> CPDMTPForCausalLM:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draft_tree", ["chain", 5])
 @pytest.mark.parametrize("draft_ids", [None, (0, 2, 3)])
 @pytest.mark.parametrize("warping", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 3}])

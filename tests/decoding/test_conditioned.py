@@ -215,6 +215,7 @@ def conditioned_sampling_model(draft_ids: tuple[int, ...] | None) -> CPDMTPForCa
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("draft_tree", "draft_ids"), [("chain", None), (5, None), (5, (0, 2, 3))])
 def test_sampling_is_distributed_as_the_original_model(draft_tree, draft_ids):
     """Chi-square goodness of fit of 24,000 sampled continuations against the exact

@@ -457,6 +457,7 @@ def sample_continuations(
         ({"temperature": 1.2, "top_p": 0.8}, "cp", 9),
     ],
 )
+@pytest.mark.slow
 def test_sampling_matches_exact_autoregressive_distribution(
     warping, drafter, draft_tree, sampling_model
 ):
@@ -496,6 +497,7 @@ def test_sampling_matches_exact_autoregressive_distribution(
         assert out.acceptance_rate[0] < 0.9
 
 
+@pytest.mark.slow
 def test_sampling_test_has_power(sampling_model):
     """The chi-square test rejects samples of the unverified CP joint (drafts kept as is)."""
     model = sampling_model
@@ -565,6 +567,7 @@ def test_seeded_sampling_is_a_function_of_the_seed_whatever_the_clock(monkeypatc
     assert torch.equal(via_hf, again)
 
 
+@pytest.mark.slow
 def test_sampling_is_exact_on_a_padded_batch_of_two_prompts(sampling_model):
     """Rows of two prompts of different lengths, left-padded in one batch under a tree: each
     prompt's 4-token continuations follow its own exact distribution (chi-square, 12,000 rows

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 PROBE = textwrap.dedent(
     """
     import warnings
@@ -53,6 +55,7 @@ PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_decoding_and_training_raise_no_deprecation_warning():
     result = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=600

@@ -168,6 +168,7 @@ def test_resume_after_a_kill_equals_a_straight_run(tmp_path):
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     out = tmp_path / "run"
     launch(out, "run.steps=2", "run.save_every=2", "run.export=false")
@@ -268,6 +269,7 @@ def test_build_model_passes_every_head_setting_to_the_head():
     assert (trunk.vocab_size, trunk.intermediate_size, trunk.num_key_value_heads) == (64, 128, 2)
 
 
+@pytest.mark.slow
 def test_vocab_mismatch_between_tokenizer_and_model_is_an_error(tmp_path):
     proc = launch(tmp_path, "trunk.vocab_size=999", wait=False)
     output, _ = proc.communicate(timeout=600)
@@ -451,6 +453,7 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path):
         lock_out_dir(unwritable)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_old_run(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     old_final = (out / "final" / "model.safetensors").read_bytes()
@@ -461,6 +464,7 @@ def test_overwrite_replaces_the_old_run(finished_run, tmp_path):
     assert (out / "final" / "model.safetensors").read_bytes() != old_final
 
 
+@pytest.mark.slow
 def test_resume_drops_a_torn_last_line_of_the_metrics(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     old = metrics(out)
@@ -623,6 +627,7 @@ def test_only_the_known_dependency_deprecations_are_silenced():
     ]
 
 
+@pytest.mark.slow
 def test_a_zero3_run_prints_no_future_warning(tmp_path):
     # Without the filter, this run prints the c10d FutureWarnings about 20 times.
     output = launch(tmp_path / "z3", "run.zero_stage=3", "run.steps=2", "run.export=false")
