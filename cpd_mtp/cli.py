@@ -74,6 +74,28 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="each prompt is a user message, put through the tokenizer's chat template",
     )
+    lossy = parser.add_argument_group(
+        "lossy decoding (opt-in: the text may differ from the original model's)"
+    )
+    lossy.add_argument(
+        "--acceptance",
+        choices=("exact", "typical", "confident"),
+        default=None,
+        help="which drafts to accept (default exact: the original model's output)",
+    )
+    lossy.add_argument("--typical-epsilon", type=float, default=None, help="typical: epsilon")
+    lossy.add_argument("--typical-delta", type=float, default=None, help="typical: delta")
+    lossy.add_argument(
+        "--confidence", type=float, default=None, help="confident: the head's threshold tau"
+    )
+    lossy.add_argument(
+        "--no-accept-verified",
+        dest="accept_verified",
+        action="store_const",
+        const=False,
+        default=None,
+        help="confident: accept only confident drafts, not the verifier's own choices",
+    )
 
 
 def _draft_tree(text: str) -> str | int:
@@ -96,6 +118,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from cpd_mtp.decoding import generate
     from cpd_mtp.decoding.inputs import special_token_ids
+    from cpd_mtp.decoding.options import DraftOptions
     from cpd_mtp.decoding.sampling import check_warping
 
     if args.sample:
@@ -103,6 +126,17 @@ def run_generate(args: argparse.Namespace) -> None:
             check_warping(args.temperature, args.top_k, args.top_p)
         except ValueError as error:
             args.parser.error(str(error))
+    lossy = {
+        "acceptance": args.acceptance,
+        "typical_epsilon": args.typical_epsilon,
+        "typical_delta": args.typical_delta,
+        "confidence": args.confidence,
+        "accept_verified": args.accept_verified,
+    }
+    try:  # before the model loads
+        DraftOptions.parse(args.draft_tree, None, None, **lossy)
+    except ValueError as error:
+        args.parser.error(str(error))
     from cpd_mtp.hf.saved import open_export
 
     try:
@@ -155,6 +189,7 @@ def run_generate(args: argparse.Namespace) -> None:
         streamer=streamer,
         draft_tree=args.draft_tree,
         context_drafts=False if args.no_context_drafts else None,
+        **lossy,
     )
     if not streaming:
         for row in tokenizer.batch_decode(out.sequences, skip_special_tokens=True):
@@ -162,8 +197,14 @@ def run_generate(args: argparse.Namespace) -> None:
     from cpd_mtp.decoding.output import format_rates
 
     rates = format_rates(out.acceptance_rate)
+    lossy_note = ""
+    if out.acceptance != "exact":
+        lossy_note = (
+            f"LOSSY {out.acceptance}: {out.unverified_tokens} tokens the original model would "
+            "not have produced there, "
+        )
     summary = (
-        f"{out.new_tokens} tokens, {out.forwards} forwards, "
+        f"{lossy_note}{out.new_tokens} tokens, {out.forwards} forwards, "
         f"{out.tokens_per_forward:.2f} tokens/forward, acceptance per draft depth: {rates}, "
         f"draft nodes per forward: {_sizes(out.tree_sizes)}, "
         f"{out.wall_time_s:.2f} s"

@@ -101,6 +101,35 @@ def test_generate_rejects_nonsense_sampling_arguments(saved_model, capsys):
         assert exit_info.value.code == 2 and name in capsys.readouterr().err
 
 
+def test_generate_lossy_acceptance_says_so_and_matches_the_library(saved_model, capsys):
+    path, model, tokenizer = saved_model
+    prompt = "def add(a, b):"
+    # A fixed tree: lossy output depends on the tree, and "auto" sizes it by the clock.
+    flags = ["--acceptance", "typical", "--typical-epsilon", "0.5", "--draft-tree", "6"]
+    flags += ["--max-new-tokens", "12"]
+    cli.main(["generate", "--model", str(path), "--prompt", prompt, *flags])
+    captured = capsys.readouterr()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    want = generate(
+        model, ids, 12, acceptance="typical", typical_epsilon=0.5, draft_tree=6,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    assert captured.out.startswith(prompt + tokenizer.decode(want.sequences[0, ids.shape[1] :]))
+    assert "LOSSY typical(epsilon=0.5, delta=0.3)" in captured.err
+
+
+def test_generate_rejects_bad_lossy_options_before_loading(tmp_path, capsys):
+    cases = [
+        (["--acceptance", "confident", "--confidence", "2"], "confidence must be"),
+        (["--typical-delta", "0.5"], "applies to acceptance='typical'"),
+        (["--acceptance", "typical", "--draft-tree", "0"], "draft_tree=0"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:  # the folder is empty: no load was tried
+            cli.main(["generate", "--model", str(tmp_path), "--prompt", "x", *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_generate_batch_prints_every_prompt(saved_model, capsys):
     path, _, _ = saved_model
     prompts = ["--prompt", "class", "--prompt", "def add(a"]

@@ -38,6 +38,7 @@ from cpd_mtp.utils.stats import percentiles
 __all__ = [
     "DECODERS",
     "ZERO_TRAINING",
+    "decoder_call",
     "format_report",
     "head_adds_nothing",
     "measure_decoders",
@@ -69,8 +70,9 @@ def summarise_speedup(ratios: Sequence[float]) -> dict[str, Any]:
     return summary
 
 
-def _decoder(name: str, model: Any, original: Any, max_new_tokens: int) -> Callable:
-    """A function of (1, T) ids -> (sequences, stats or None) for decoder ``name``."""
+def decoder_call(name: str, model: Any, original: Any, max_new_tokens: int) -> Callable:
+    """A function of (1, T) ids -> (sequences, stats or None) for decoder ``name`` (one of
+    :data:`DECODERS`), decoding ``max_new_tokens`` greedily with the model's EOS."""
     from cpd_mtp.ops.few_rows import few_row_linears
 
     config = model.generation_config
@@ -153,7 +155,7 @@ def measure_decoders(
     unknown = set(decoders) - set(DECODERS)
     if unknown:
         raise ValueError(f"unknown decoders {sorted(unknown)}; choose from {DECODERS}")
-    runs = {name: _decoder(name, model, original, max_new_tokens) for name in names}
+    runs = {name: decoder_call(name, model, original, max_new_tokens) for name in names}
     first = next(iter(p for kind in prompts.values() for p in kind), None)
     if first is None:
         raise ValueError("no prompt to measure on")

@@ -13,16 +13,30 @@ is an error, never silently ignored.
   continuation proposed; None: on (10 tokens) unless ``draft_tree="chain"``.
 - ``draft_positions``: the deepest draft of the model's own head, 0 <= m <= n_future - 1
   (checked against the head where the model is known); None: the head's full depth.
+- ``acceptance`` (``"exact"``, ``"typical"``, ``"confident"``) and its thresholds
+  ``typical_epsilon``, ``typical_delta``, ``confidence``, ``accept_verified``: which drafts
+  verification accepts (``cpd_mtp.decoding.acceptance``); the lossy rules need drafts, so
+  they refuse ``draft_tree=0`` and ``draft_positions=0``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cpd_mtp.decoding.acceptance import Acceptance
 from cpd_mtp.decoding.inputs import is_int
 
-__all__ = ["DEFAULT_CONTEXT_TOKENS", "DraftOptions"]
+__all__ = ["ACCEPTANCE_OPTIONS", "DEFAULT_CONTEXT_TOKENS", "DraftOptions"]
+
+# The acceptance rule's options, in ``Acceptance.parse``'s order.
+ACCEPTANCE_OPTIONS = (
+    "acceptance",
+    "typical_epsilon",
+    "typical_delta",
+    "confidence",
+    "accept_verified",
+)
 
 # The longest prompt-lookup continuation proposed by default (HF's prompt_lookup_num_tokens).
 DEFAULT_CONTEXT_TOKENS = 10
@@ -36,11 +50,13 @@ class DraftOptions:
         tree: ``"auto"``, ``"chain"`` or the most draft nodes per forward.
         context: the longest context-draft chain; 0 for none.
         positions: the deepest draft of the head; None for its full depth.
+        acceptance: which drafts verification accepts (exact unless a lossy rule is asked).
     """
 
     tree: str | int = "auto"
     context: int = DEFAULT_CONTEXT_TOKENS
     positions: int | None = None
+    acceptance: Acceptance = field(default_factory=Acceptance)
 
     @classmethod
     def parse(
@@ -48,6 +64,11 @@ class DraftOptions:
         draft_tree: Any = None,
         context_drafts: Any = None,
         draft_positions: Any = None,
+        acceptance: Any = None,
+        typical_epsilon: Any = None,
+        typical_delta: Any = None,
+        confidence: Any = None,
+        accept_verified: Any = None,
     ) -> DraftOptions:
         """The options of one call, or a ``ValueError`` of one line naming the bad one."""
         if draft_tree is None:
@@ -77,10 +98,20 @@ class DraftOptions:
             )
         if draft_positions is not None and (not is_int(draft_positions) or draft_positions < 0):
             raise ValueError(f"draft_positions must be an int >= 0, got {draft_positions!r}")
+        rule = Acceptance.parse(
+            acceptance, typical_epsilon, typical_delta, confidence, accept_verified
+        )
+        if rule.rule != "exact" and (draft_tree == 0 or draft_positions == 0):
+            which = "draft_tree=0" if draft_tree == 0 else "draft_positions=0"
+            raise ValueError(
+                f"acceptance={rule.rule!r} decides which drafts to accept, but {which} feeds "
+                "none: drop one of the two"
+            )
         return cls(
             tree=draft_tree,
             context=context,
             positions=None if draft_positions is None else int(draft_positions),
+            acceptance=rule,
         )
 
     @property

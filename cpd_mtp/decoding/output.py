@@ -54,6 +54,10 @@ class GenerationOutput:
         expected_tokens_per_step: 1 + sum_k prod_{j<=k} alpha_j, tokens per iteration implied by
             the rates (positions never verified count as 0).
         wall_time_s: wall-clock seconds of the whole call.
+        acceptance: the acceptance rule: ``"exact"``, or the lossy rule and its thresholds
+            (``cpd_mtp.decoding.acceptance``).
+        unverified_tokens: new tokens a lossy rule accepted against the verifier's choice; 0
+            when exact.
         states: with ``capture_states``: per row, the (P_i + L_i - 1, d) trunk hidden states of
             its P_i real prompt tokens and its L_i new tokens but the last, in order; else None.
     """
@@ -74,6 +78,8 @@ class GenerationOutput:
     tree_sizes: dict[int, int] = field(default_factory=dict)
     accepted_depths: list[int] = field(default_factory=list)
     forward_cost: dict[int, float] = field(default_factory=dict)
+    acceptance: str = "exact"
+    unverified_tokens: int = 0
     states: list[torch.Tensor] | None = None
 
     @classmethod
@@ -98,6 +104,8 @@ class GenerationOutput:
             tree_sizes=dict(stats.tree_sizes),
             accepted_depths=list(stats.accepted_depths),
             forward_cost=dict(stats.forward_cost),
+            acceptance=stats.acceptance,
+            unverified_tokens=stats.unverified_tokens,
         )
 
     @property
@@ -113,6 +121,8 @@ class GenerationOutput:
             tree_sizes=dict(self.tree_sizes),
             accepted_depths=list(self.accepted_depths),
             forward_cost=dict(self.forward_cost),
+            acceptance=self.acceptance,
+            unverified_tokens=self.unverified_tokens,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -131,6 +141,8 @@ class GenerationOutput:
             "tree_sizes": {str(k): v for k, v in self.tree_sizes.items()},
             "accepted_depths": self.accepted_depths,
             "forward_cost": {str(k): v for k, v in self.forward_cost.items()},
+            "acceptance": self.acceptance,
+            "unverified_tokens": self.unverified_tokens,
         }
 
 

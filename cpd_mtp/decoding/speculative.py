@@ -14,7 +14,10 @@ One trunk forward per iteration (``SpeculativeDecoder.step``), over a Hugging Fa
    token after it; the cache keeps the prefix and the accepted path, and the builder hears what
    was accepted (its calibration of each source).
 
-Greedy output equals autoregressive greedy decoding of the verifier token for token; sampled
+Verification is exact unless the call opts into a lossy rule (``acceptance="typical"`` or
+``"confident"``, ``cpd_mtp.decoding.acceptance``), which accepts drafts against the verifier's
+choice and says so in the output. Exact greedy output equals autoregressive greedy decoding of
+the verifier token for token; sampled
 output is distributed exactly as autoregressive sampling of the (warped) verifier, and is a
 function of the call's seed and inputs alone (``cpd_mtp.decoding.noise``). Exactness
 against Hugging Face greedy ``generate``: in float32 the tokens are identical (a flip would need
@@ -46,7 +49,8 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from cpd_mtp.decoding.builder import CALIBRATED_DEPTH, TreeBuilder
+from cpd_mtp.decoding.acceptance import Acceptance
+from cpd_mtp.decoding.builder import CALIBRATED_DEPTH, Proposal, TreeBuilder
 from cpd_mtp.decoding.cache import compact, decoding_cache, keep_slots
 from cpd_mtp.decoding.calibration import AcceptanceCalibration
 from cpd_mtp.decoding.cost import PROBE_SIZES, ForwardCost
@@ -127,6 +131,8 @@ class SpeculativeDecoder:
         capture_states: keep the trunk's final hidden state of every token fed (the prompt's
             and the accepted ones'), per row, for training a drafter on them
             (``GenerationOutput.states``).
+        acceptance: which drafts verification accepts (``cpd_mtp.decoding.acceptance``);
+            exact by default.
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class SpeculativeDecoder:
         min_new_tokens: int = 0,
         prompt_mask: torch.Tensor | None = None,
         capture_states: bool = False,
+        acceptance: Acceptance | None = None,
     ) -> None:
         if (warp is None) != (noise is None):
             raise ValueError("sampling needs both warp and noise; greedy decoding neither")
@@ -154,7 +161,15 @@ class SpeculativeDecoder:
         self.noise = noise
         self.min_new_tokens = min_new_tokens
         self.prompt_mask = prompt_mask
-        self.counter = DraftCounter(buffer.counts.shape[0], max_depth, buffer.counts.device)
+        self.acceptance = acceptance or Acceptance()
+        self.counter = DraftCounter(
+            buffer.counts.shape[0], max_depth, buffer.counts.device, self.acceptance.describe()
+        )
+        # Which sources are the CP head (the confident rule reads their draft probabilities).
+        self.head_sources = torch.tensor(
+            [isinstance(source, CPSource) for source in builder.sources],
+            device=buffer.counts.device,
+        )
         self.done = False
         batch = buffer.counts.shape[0]
         self.captured: list[list[torch.Tensor]] | None = (
@@ -248,7 +263,8 @@ class SpeculativeDecoder:
         # counts + depth(u) of its row.
         index = counts[:, None] + tree.depth
         target = self._target(scores, index)
-        path = verify(tree, self._choice(target, rows, index))
+        choice = self._choice(target, rows, index)
+        path = verify(tree, choice, self._acceptable(proposal, target, choice))
         self.builder.update(proposal, path)
         if self.captured is not None:  # the fed tokens that stay: the root and the drafts taken
             for i, row in enumerate(rows.tolist()):
@@ -357,6 +373,24 @@ class SpeculativeDecoder:
         noise = self.noise(rows, positions).to(target.device)
         return target + (noise if index.dim() == 2 else noise[:, 0])
 
+    def _acceptable(
+        self, proposal: Proposal, target: torch.Tensor, choice: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(b, N) the nodes a lossy rule accepts; None when exact (``verify``'s own match)."""
+        rule = self.acceptance
+        if not rule.lossy:
+            return None
+        tree = proposal.tree
+        log_p = head_log_q = None
+        if rule.rule == "typical":
+            # Greedy targets are raw scores (normalised by the rule: the model's distribution at
+            # temperature 1); sampled ones the warped log-probabilities.
+            log_p = target
+        else:
+            is_head = self.head_sources[proposal.source]  # (b, N)
+            head_log_q = torch.where(is_head, proposal.q.clamp(min=0).log(), -torch.inf)
+        return rule.acceptable(tree.tokens, tree.parents, choice.argmax(-1), log_p, head_log_q)
+
     def _drop(self, finished: torch.Tensor) -> None:
         """Remove the (b,) finished rows from the state and the cache."""
         if not bool(finished.any()):
@@ -406,7 +440,11 @@ def build_tree_builder(
         cost=by_cost,
         chain=chain,
         depth_caps=caps,
-        calibration=_calibration(model, sampling, sources, caps),
+        # A lossy rule's output depends on the tree, so its calibration starts afresh in each
+        # call: with a fixed draft_tree the output is a function of the inputs and the seed.
+        calibration=None
+        if options.acceptance.lossy
+        else _calibration(model, sampling, sources, caps),
     )
 
 
@@ -414,7 +452,7 @@ def _calibration(
     model: Any, sampling: bool, sources: Sequence[DraftSource], caps: dict[int, int]
 ) -> AcceptanceCalibration:
     """The acceptance counts of these sources on this model, kept across calls: what every
-    earlier call verified (greedy and sampled apart: their q features differ)."""
+    earlier exact call verified (greedy and sampled apart: their q features differ)."""
     kept = _CALIBRATIONS.get(model)
     if kept is None:
         kept = {}
@@ -461,6 +499,11 @@ def generate(
     min_new_tokens: int = 0,
     warpers: LogitsProcessorList | None = None,
     capture_states: bool = False,
+    acceptance: str | None = None,
+    typical_epsilon: float | None = None,
+    typical_delta: float | None = None,
+    confidence: float | None = None,
+    accept_verified: bool | None = None,
     **unsupported: Any,
 ) -> GenerationOutput:
     """Self-speculative decoding of a ``CPDMTPForCausalLM``.
@@ -516,6 +559,20 @@ def generate(
             prompt token and every new token but the last (``GenerationOutput.states``): what
             the decoding computed anyway, the inputs of a drafter trained on the model's own
             text, with no second pass.
+        acceptance: ``"exact"`` (default, None): the original model's output. ``"typical"``
+            (Medusa-2's typical acceptance) and ``"confident"`` (drafts the CP head is confident
+            of, after ConfAdapt) are lossy: faster, but the text may differ from the original
+            model's (``cpd_mtp.decoding.acceptance``; the output's ``acceptance`` and
+            ``unverified_tokens`` say so). Their output depends on the draft tree: with an int
+            ``draft_tree`` or ``"chain"`` it is a function of the inputs and the seed; with
+            ``"auto"`` the tree's size follows the measured forward cost, so it may vary.
+        typical_epsilon, typical_delta: ``"typical"`` accepts a draft whose verifier
+            probability exceeds min(epsilon, delta * exp(-entropy)); each in (0, 1], default
+            0.09 and 0.3.
+        confidence: ``"confident"`` accepts a head draft whose own conditional probability is
+            at least this, in (0, 1] (default 0.9; 1: exact decoding).
+        accept_verified: ``"confident"`` also accepts drafts the verifier chooses (default
+            True).
 
     Returns:
         ``GenerationOutput`` with ``sequences`` (B, T + L) and the statistics.
@@ -530,7 +587,16 @@ def generate(
     start_time = time.perf_counter()
     # Check every argument before any forward.
     reject_unsupported(unsupported)
-    options = DraftOptions.parse(draft_tree, context_drafts, draft_positions)
+    options = DraftOptions.parse(
+        draft_tree,
+        context_drafts,
+        draft_positions,
+        acceptance,
+        typical_epsilon,
+        typical_delta,
+        confidence,
+        accept_verified,
+    )
     vocab_size = model.head.config.vocab_size
     mask = check_inputs(input_ids, attention_mask, max_new_tokens, vocab_size)
     if not is_int(min_new_tokens) or min_new_tokens < 0:
@@ -558,6 +624,13 @@ def generate(
             f"draft_positions must be an int in [0, {deepest}], got {options.positions!r}"
         )
     builder = build_tree_builder(model, options, drafter, trees, cost, sampling=do_sample)
+    if options.acceptance.rule == "confident" and not any(
+        isinstance(source, CPSource) for source in builder.sources
+    ):
+        raise ValueError(
+            "acceptance='confident' reads the CP head's own draft probabilities, and this "
+            "call's drafter has no CPSource: use acceptance='typical' or the default sources"
+        )
     max_depth = builder.max_depth if builder.max_depth is not None else AUTO_MAX_NODES
     if builder.cost is not None:  # no wider than what a probe may time
         builder.max_nodes = min(
@@ -585,6 +658,7 @@ def generate(
         min_new_tokens=min_new_tokens,
         prompt_mask=mask,
         capture_states=capture_states,
+        acceptance=options.acceptance,
     )
     if streamer is not None:
         streamer.put(input_ids.cpu())  # the prompt first, as Hugging Face's generate does

@@ -49,6 +49,9 @@ class DecodingStats:
         accepted_depths: (m + 1,) how many iterations accepted 0, 1, ..., m drafts.
         forward_cost: fed tokens -> measured cost of such a forward against one token (runs
             with an automatic tree size), else empty.
+        acceptance: the acceptance rule (``Acceptance.describe``: ``"exact"`` unless lossy).
+        unverified_tokens: new tokens a lossy rule accepted against the verifier's choice (the
+            original model would not have emitted them there); 0 for exact decoding.
     """
 
     draft_positions: int = 0
@@ -60,6 +63,8 @@ class DecodingStats:
     tree_sizes: dict[int, int] = field(default_factory=dict)
     accepted_depths: list[int] = field(default_factory=list)
     forward_cost: dict[int, float] = field(default_factory=dict)
+    acceptance: str = "exact"
+    unverified_tokens: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -83,6 +88,7 @@ class DecodingStats:
     def combine(cls, parts: Iterable[DecodingStats]) -> DecodingStats:
         """The counts of several runs together: rows concatenated, counts summed."""
         total = cls()
+        rules: list[str] = []
         for part in parts:
             m = max(total.draft_positions, part.draft_positions)
             total.proposed_counts = _add(total.proposed_counts, part.proposed_counts, m)
@@ -96,6 +102,10 @@ class DecodingStats:
             depths = max(len(total.accepted_depths), len(part.accepted_depths))
             total.accepted_depths = _add(total.accepted_depths, part.accepted_depths, depths)
             total.forward_cost = dict(part.forward_cost or total.forward_cost)
+            total.unverified_tokens += part.unverified_tokens
+            rules.append(part.acceptance)
+        # Runs of different rules combined: every rule named, in order.
+        total.acceptance = " + ".join(dict.fromkeys(rules)) or "exact"
         return total
 
 
@@ -111,7 +121,11 @@ class DraftCounter:
     the counts grow with the deepest depth verified.
     """
 
-    def __init__(self, batch: int, draft_positions: int, device: torch.device) -> None:
+    def __init__(
+        self, batch: int, draft_positions: int, device: torch.device, acceptance: str = "exact"
+    ) -> None:
+        self.acceptance = acceptance
+        self.unverified = torch.zeros((), dtype=torch.long, device=device)
         self.draft_positions = draft_positions
         self.forwards = 0
         self.row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
@@ -168,7 +182,11 @@ class DraftCounter:
         counted = tried & (cols < remaining[:, None])
         counted = counted & (eos_before == 0)
         self.proposed[:depth] += counted.sum(dim=0)
-        self.accepted[:depth] += (counted & (cols < path.accepted[:, None])).sum(dim=0)
+        taken = counted & (cols < path.accepted[:, None])
+        self.accepted[:depth] += taken.sum(dim=0)
+        if path.unverified is not None and path.unverified.shape[1]:
+            lossy = torch.nn.functional.pad(path.unverified, (0, depth - path.unverified.shape[1]))
+            self.unverified += (taken & lossy).sum()
         self.accepted_depths.index_add_(0, path.accepted, torch.ones_like(path.accepted))
 
     def finish(self, new_tokens_per_row: torch.Tensor) -> DecodingStats:
@@ -182,4 +200,6 @@ class DraftCounter:
             accepted_counts=self.accepted.tolist(),
             tree_sizes=dict(sorted(self.tree_sizes.items())),
             accepted_depths=self.accepted_depths.tolist(),
+            acceptance=self.acceptance,
+            unverified_tokens=int(self.unverified),
         )

@@ -24,6 +24,10 @@ that follows it:
   coupled Gumbel noise G of that output position (``cpd_mtp.decoding.noise``): a draw from p,
   independent of the drafts, so the output is distributed exactly as autoregressive sampling
   and is the same for any tree.
+
+A lossy rule (``cpd_mtp.decoding.acceptance``) passes its own (b, N) acceptable nodes instead
+of "the token is the verifier's choice"; several siblings may then be acceptable, and the walk
+takes the child on the longest acceptable path below it.
 """
 
 from __future__ import annotations
@@ -162,12 +166,15 @@ class TreePath:
         next_token: (b,) the token that follows the path (correction or bonus).
         tried: (b, D_max) bool, whether the row's path reached depth j - 1 at a node with
             children (so depth j was verified); D_max = the trees' depth.
+        unverified: (b, D) bool, whether the path's node at depth j + 1 was accepted against the
+            verifier's choice (a lossy rule's; False past a row's path, always False when exact).
     """
 
     nodes: torch.Tensor
     accepted: torch.Tensor
     next_token: torch.Tensor
     tried: torch.Tensor
+    unverified: torch.Tensor | None = None
 
 
 def _children(tree: DraftTree) -> torch.Tensor:
@@ -184,7 +191,9 @@ def _children(tree: DraftTree) -> torch.Tensor:
     return torch.where(order < n, order, -1)
 
 
-def verify(tree: DraftTree, target: torch.Tensor) -> TreePath:
+def verify(
+    tree: DraftTree, target: torch.Tensor, acceptable: torch.Tensor | None = None
+) -> TreePath:
     """Follow the child whose token is the verifier's choice, the argmax of ``target``.
 
     Args:
@@ -192,6 +201,10 @@ def verify(tree: DraftTree, target: torch.Tensor) -> TreePath:
         target: (b, N, V) scores; row u scores the token after node u's path: the model's
             scores when greedy, the warped log-probabilities plus the coupled noise of that
             output position when sampling (module docstring). Ties go to the first maximum.
+        acceptable: (b, N) bool, the nodes a lossy rule accepts given their parent
+            (``Acceptance.acceptable``); None: exactly the verifier's choices. The walk then
+            takes, among acceptable children, the one on the longest acceptable path (ties: the
+            first).
 
     Returns:
         The accepted paths and the choice after each (``TreePath``).
@@ -199,9 +212,18 @@ def verify(tree: DraftTree, target: torch.Tensor) -> TreePath:
     best = torch.argmax(target, dim=-1)  # (b, N) the verifier's token after each node
     b = tree.tokens.shape[0]
     batch = torch.arange(b, device=best.device)
-    match = tree.valid & (tree.tokens == best.gather(1, tree.parents.clamp(min=0)))
+    exact = tree.tokens == best.gather(1, tree.parents.clamp(min=0))
+    match = tree.valid & (exact if acceptable is None else acceptable)
     match[:, 0] = True  # the root is always kept
     children = _children(tree)
+    # The longest acceptable path below each node, deepest level first (lossy rules only:
+    # under exact acceptance at most one child matches).
+    reach = torch.zeros_like(tree.tokens)
+    if acceptable is not None:
+        parents = tree.parents.clamp(min=0)
+        for level in range(int(tree.depth.max()), 0, -1):
+            below = torch.where(match & (tree.depth == level), reach + 1, 0)
+            reach.scatter_reduce_(1, parents, below, reduce="amax")
     current = torch.zeros(b, dtype=torch.long, device=best.device)
     done = torch.zeros(b, dtype=torch.bool, device=best.device)
     path = [current]
@@ -212,16 +234,20 @@ def verify(tree: DraftTree, target: torch.Tensor) -> TreePath:
         tried.append((kids >= 0).any(-1) & ~done)
         ok = (kids >= 0) & match.gather(1, kids.clamp(min=0)) & ~done[:, None]
         found = ok.any(-1)
-        step = kids.gather(1, ok.long().argmax(-1, keepdim=True)).squeeze(1)
+        rank = torch.where(ok, reach.gather(1, kids.clamp(min=0)), -1)  # first longest
+        step = kids.gather(1, rank.argmax(-1, keepdim=True)).squeeze(1)
         current = torch.where(found, step, current)
         done = done | ~found
         path.append(current)
     nodes = torch.stack(path, dim=1)  # (b, D_max + 1)
     accepted = tree.depth.gather(1, current[:, None]).squeeze(1)
     width = int(accepted.max()) + 1
+    nodes = nodes[:, :width]
+    on_path = torch.arange(1, width, device=best.device)[None] <= accepted[:, None]
     return TreePath(
-        nodes=nodes[:, :width],
+        nodes=nodes,
         accepted=accepted,
         next_token=best.gather(1, current[:, None]).squeeze(1),
         tried=torch.stack(tried, dim=1) if tried else best.new_zeros(b, 0, dtype=torch.bool),
+        unverified=~exact.gather(1, nodes[:, 1:]) & on_path,
     )

@@ -22,6 +22,11 @@ draft nodes), also read from ``generation_config.draft_tree``; ``context_drafts`
 Face's ``prompt_lookup_num_tokens`` add prompt-lookup branches to the tree (the speculative
 decoder serves them, instead of Hugging Face's assisted loop).
 
+Lossy decoding: ``acceptance="typical"`` or ``"confident"`` and their thresholds
+(``cpd_mtp.decoding.acceptance``), as keyword arguments or ``generation_config`` attributes. A
+call that would run Hugging Face's loop (``speculative=False``, beam search, ...) with a lossy
+rule is refused with a one-line ``ValueError``, never decoded exactly in silence.
+
 The switch: ``generate(..., speculative=False)``, or ``model.generation_config.speculative =
 False`` (saved with the generation config; a ``generation_config`` passed to the call may set it
 too). ``model.last_generation_stats`` holds the ``GenerationOutput`` statistics of the last
@@ -46,7 +51,7 @@ from transformers.generation.logits_process import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from cpd_mtp.decoding.inputs import SCORE_ONLY_WARPERS, is_left_padding
-from cpd_mtp.decoding.options import DraftOptions
+from cpd_mtp.decoding.options import ACCEPTANCE_OPTIONS, DraftOptions
 from cpd_mtp.decoding.output import GenerationOutput
 from cpd_mtp.hf.compat import generation_steps, special_token_tensors
 
@@ -62,7 +67,7 @@ _CHOSEN = ("speculative=False", "generation_config.speculative is False")
 _SERVED_MODEL_KWARGS = {"attention_mask", "use_cache"}
 _MIN_LENGTH = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
 # The speculative decoder's own options (``cpd_mtp.decoding.options``), never passed to HF.
-_OPTION_NAMES = ("draft_tree", "context_drafts", "draft_positions")
+_OPTION_NAMES = ("draft_tree", "context_drafts", "draft_positions", *ACCEPTANCE_OPTIONS)
 
 
 @dataclass
@@ -119,7 +124,9 @@ class SpeculativeGenerationMixin:
                 most draft nodes per forward, see ``cpd_mtp.decoding.generate``; None takes
                 ``generation_config.draft_tree``) and ``context_drafts`` (prompt-lookup
                 branches: True, False or their longest length; ``prompt_lookup_num_tokens``
-                sets it too).
+                sets it too), and the opt-in lossy ``acceptance`` (``"typical"``,
+                ``"confident"``) with ``typical_epsilon``, ``typical_delta``, ``confidence``,
+                ``accept_verified`` (``cpd_mtp.decoding.acceptance``).
 
         Returns:
             (B, T + L) sequences, or with ``return_dict_in_generate`` a
@@ -144,7 +151,7 @@ class SpeculativeGenerationMixin:
         # This decoder's own options, checked whichever loop then runs the call.
         options = {name: kwargs.pop(name, None) for name in _OPTION_NAMES}
         configs = (generation_config, getattr(self, "generation_config", None))
-        DraftOptions.parse(
+        parsed = DraftOptions.parse(
             **{
                 name: next(
                     (
@@ -160,6 +167,12 @@ class SpeculativeGenerationMixin:
         _check_prompt(inputs if inputs is not None else kwargs.get("input_ids"))
         request = _plan(self, speculative, hf_arguments, dict(kwargs), options)
         if isinstance(request, str):
+            if parsed.acceptance.rule != "exact":
+                # A lossy rule is never dropped silently: Hugging Face's loop is exact.
+                raise ValueError(
+                    f"acceptance={parsed.acceptance.rule!r} needs the speculative decoder, but "
+                    f"this call runs Hugging Face's loop ({request})"
+                )
             _log_fallback(request)
             return super().generate(**hf_arguments, **kwargs)  # type: ignore[misc]
 
@@ -332,6 +345,7 @@ def _plan(
             "draft_tree": draft_tree,
             "context_drafts": context_drafts,
             "draft_positions": options["draft_positions"],
+            **{name: options[name] for name in ACCEPTANCE_OPTIONS},
         },
         return_dict=bool(config.return_dict_in_generate),
     )
