@@ -13,6 +13,14 @@ path) counts for its source's calibration (``AcceptanceCalibration``), which liv
 call (``cpd_mtp.generate`` keeps it per model and decoding mode, so it carries over from call
 to call). A source whose drafts stop being accepted gets low scores, and so a smaller share of
 the tree; an untrained head's nodes are soon outscored by context drafts.
+
+A source costs time to ask even when none of its nodes is kept (the CP head runs its experts).
+So a source whose first drafts held the verifier's choice after the root in fewer than
+``REST_BELOW`` of the steps it was asked, over at least ``REST_AFTER`` of them, *rests*: it is
+asked only every ``PROBE_EVERY``-th step, enough to notice if it starts paying. (The count is
+the source's own, whichever source the merged tree credited a shared node to.) With an untrained head the default decoder
+then costs little more than context drafts alone. Resting changes which drafts are offered, never
+the output (verification is exact).
 """
 
 from __future__ import annotations
@@ -31,6 +39,11 @@ __all__ = ["CALIBRATED_DEPTH", "Proposal", "TreeBudget", "TreeBuilder"]
 
 # Depths calibrated apart; deeper drafts share the last depth's counts.
 CALIBRATED_DEPTH = 16
+# A source rests when, over at least REST_AFTER steps it was asked, its first drafts held the
+# verifier's choice in fewer than REST_BELOW of them; it is still asked every PROBE_EVERY-th step.
+REST_AFTER = 48
+REST_BELOW = 0.1
+PROBE_EVERY = 8
 
 
 @dataclass
@@ -44,12 +57,14 @@ class Proposal:
         source: (b, N) index of the source that proposed the node (the first one, when several
             proposed the same path).
         q: (b, N) that source's probability of the node's token given its parent.
+        first_drafts: per source asked this step, its (b, k) first-draft tokens (-1: none).
     """
 
     tree: DraftTree
     score: torch.Tensor
     source: torch.Tensor
     q: torch.Tensor
+    first_drafts: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +175,7 @@ class TreeBuilder:
         self.calibration = calibration or AcceptanceCalibration(
             sources=len(self.sources), max_depth=CALIBRATED_DEPTH
         )
+        self.steps = 0
 
     @property
     def max_depth(self) -> int | None:
@@ -180,8 +196,12 @@ class TreeBuilder:
         b = context.root.shape[0]
         budget = TreeBudget(self.max_nodes if context.max_depth > 0 else 0, self.cost, b)
         rows = [_Trie([int(t)], [-1], [0], [2.0], [1.0], [0]) for t in context.root.tolist()]
+        self.steps += 1
+        first_drafts: dict[int, torch.Tensor] = {}
         if budget.max_nodes > 0:
             for index, source in enumerate(self.sources):
+                if self.resting(index) and self.steps % PROBE_EVERY:
+                    continue
                 depth = context.max_depth
                 for cap in (source.max_depth, self.depth_caps.get(index)):
                     depth = depth if cap is None else min(depth, cap)
@@ -193,7 +213,10 @@ class TreeBuilder:
                     chain=self.chain,
                     acceptance=lambda d, q, s=index: self._acceptance(s, d, q),
                 )
-                self._merge(rows, index, source.propose(context, limit))
+                candidates = source.propose(context, limit)
+                first = candidates.valid & (candidates.depth == 1)
+                first_drafts[index] = torch.where(first, candidates.tokens, -1)
+                self._merge(rows, index, candidates)
         # The best nodes first (a child never scores above its parent), root kept at 0.
         orders = [
             sorted(range(1, len(r.tokens)), key=lambda j, r=r: (-r.score[j], r.depth[j], j))
@@ -205,7 +228,15 @@ class TreeBuilder:
         for i, order in enumerate(orders):
             sorted_scores[i, : len(order)] = torch.tensor([rows[i].score[j] for j in order])
         keep = budget.choose(sorted_scores)
-        return self._build(rows, orders, keep, context.root.device)
+        proposal = self._build(rows, orders, keep, context.root.device)
+        proposal.first_drafts = first_drafts
+        return proposal
+
+    def resting(self, source: int) -> bool:
+        """Whether ``source`` was asked often enough and its first drafts rarely held the
+        verifier's choice."""
+        asked, hits = self.calibration.first_draft_hits(source)
+        return asked >= REST_AFTER and hits < REST_BELOW * asked
 
     def _acceptance(self, source: int, depth: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return self.calibration(torch.full_like(depth, source), depth, q)
@@ -272,6 +303,15 @@ class TreeBuilder:
         self.calibration.update(
             proposal.source[tested], tree.depth[tested], proposal.q[tested], on_path[tested]
         )
+        # The verifier's choice after the root: the first accepted draft, else the token after.
+        has_first = path.accepted >= 1
+        first_node = path.nodes[:, min(1, path.nodes.shape[1] - 1)]
+        choice = torch.where(
+            has_first, tree.tokens.gather(1, first_node[:, None]).squeeze(1), path.next_token
+        )
+        for source, drafts in proposal.first_drafts.items():
+            hits = (drafts == choice[:, None].to(drafts.device)).any(dim=1)
+            self.calibration.count_first_drafts(source, b, int(hits.sum()))
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep the sources' per-row state of the rows at ``rows`` (the others finished)."""

@@ -42,6 +42,10 @@ class AcceptanceCalibration:
         shape = (sources, self.max_depth, bins)
         self.tested = torch.zeros(shape, dtype=torch.float64, device=device)
         self.accepted = torch.zeros(shape, dtype=torch.float64, device=device)
+        # Per source: steps it was asked, and steps one of its first drafts was the verifier's
+        # choice after the root (whichever source the tree credited that node to).
+        self.asked = torch.zeros(sources, dtype=torch.float64, device=device)
+        self.hits = torch.zeros(sources, dtype=torch.float64, device=device)
         edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64, device=device)
         self.centre = ((edges[:-1] + edges[1:]) / 2) ** 2  # the q at each bin's middle
 
@@ -59,6 +63,14 @@ class AcceptanceCalibration:
         prior = self.centre[b]
         value = (accepted + self.prior_weight * prior) / (tested + self.prior_weight)
         return value.to(torch.float32).to(q.device)
+
+    def first_draft_hits(self, source: int) -> tuple[float, float]:
+        """(steps asked, steps where one of its first drafts was the verifier's choice)."""
+        return float(self.asked[source]), float(self.hits[source])
+
+    def count_first_drafts(self, source: int, asked: int, hits: int) -> None:
+        self.asked[source] += asked
+        self.hits[source] += hits
 
     def update(
         self, source: torch.Tensor, depth: torch.Tensor, q: torch.Tensor, accepted: torch.Tensor

@@ -18,12 +18,14 @@ def test_arithmetic_questions_are_seeded_and_answered_by_their_sum():
     assert questions != bench_lossy.arithmetic_questions(20, seed=1)
     for text, answer in questions:
         a, b = (int(x) for x in text.split("What is ")[1].split("?")[0].split(" + "))
-        assert answer == a + b and 10 <= a <= 99 and 10 <= b <= 99
+        assert answer == a + b and 2 <= a <= 19 and 2 <= b <= 19
 
 
-def test_is_correct_reads_the_first_integer():
+def test_is_correct_reads_the_answer_after_the_equals_sign():
     assert bench_lossy.is_correct("The answer is 42.", 42)
     assert bench_lossy.is_correct("42", 42)
+    assert bench_lossy.is_correct("7 + 5 = 12.", 12)
+    assert not bench_lossy.is_correct("7 + 7 = 12, but 14", 14)
     assert not bench_lossy.is_correct("41, not 42", 42)
     assert not bench_lossy.is_correct("forty-two", 42)
 

@@ -98,6 +98,73 @@ def test_a_source_that_stops_paying_loses_its_share_of_the_tree():
     assert last.source[0, 1:].tolist() == [1, 1, 1]  # only the winner's chain is left
 
 
+class Counting(Fixed):
+    """A ``Fixed`` source that counts how often it is asked."""
+
+    asked = 0
+
+    def propose(self, context, limit):
+        self.asked += 1
+        return super().propose(context, limit)
+
+
+def _verify_against(builder, proposal, accepted_token):
+    """The path verification takes when only ``accepted_token`` chains are accepted."""
+    paths = paths_of(proposal.tree)
+    nodes = [0]
+    for k in (1, 2, 3):
+        if (accepted_token,) * k in paths:
+            nodes.append(paths.index((accepted_token,) * k))
+        else:
+            break
+    path = TreePath(
+        nodes=torch.tensor([nodes]),
+        accepted=torch.tensor([len(nodes) - 1]),
+        next_token=torch.tensor([3]),
+        tried=torch.ones(1, 3, dtype=torch.bool),
+    )
+    builder.update(proposal, path)
+
+
+def test_a_source_whose_drafts_are_never_accepted_rests_but_is_still_probed():
+    """Once REST_AFTER of its first drafts were tested and fewer than REST_BELOW accepted, a
+    source is asked only every PROBE_EVERY-th step; a source that pays is asked every step."""
+    from cpd_mtp.decoding.builder import PROBE_EVERY, REST_AFTER
+
+    loser, winner = Counting([1, 1, 1], name="loser"), Counting([2, 2, 2], name="winner")
+    builder = TreeBuilder([loser, winner], 6)
+    ctx = context(torch.zeros(1, 4), torch.tensor([0]), 3)
+    for _ in range(REST_AFTER):  # one tested first draft of each per step
+        _verify_against(builder, builder.propose(ctx), accepted_token=2)
+    assert builder.resting(0) and not builder.resting(1)
+    asked = loser.asked
+    steps = 4 * PROBE_EVERY
+    for _ in range(steps):
+        _verify_against(builder, builder.propose(ctx), accepted_token=2)
+    assert loser.asked - asked == steps // PROBE_EVERY
+    assert winner.asked == REST_AFTER + steps
+
+
+def test_a_resting_source_that_starts_paying_is_asked_again():
+    from cpd_mtp.decoding.builder import PROBE_EVERY, REST_AFTER
+
+    source = Counting([1, 1, 1], name="late")
+    builder = TreeBuilder([source, Fixed([2, 2, 2], name="other")], 6)
+    ctx = context(torch.zeros(1, 4), torch.tensor([0]), 3)
+    for _ in range(REST_AFTER):
+        _verify_against(builder, builder.propose(ctx), accepted_token=2)
+    assert builder.resting(0)
+    for _ in range(PROBE_EVERY * REST_AFTER):  # its probes are now accepted
+        _verify_against(builder, builder.propose(ctx), accepted_token=1)
+        if not builder.resting(0):
+            break
+    assert not builder.resting(0)
+    asked = source.asked
+    for _ in range(5):
+        _verify_against(builder, builder.propose(ctx), accepted_token=1)
+    assert source.asked - asked == 5
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     scores=st.lists(st.floats(0.0, 1.0), min_size=0, max_size=12),
