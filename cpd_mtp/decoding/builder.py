@@ -15,16 +15,19 @@ to call). A source whose drafts stop being accepted gets low scores, and so a sm
 the tree; an untrained head's nodes are soon outscored by context drafts.
 
 A source costs time to ask even when none of its nodes is kept (the CP head runs its experts).
-So a source whose first drafts held the verifier's choice after the root in fewer than
-``REST_BELOW`` of the steps it was asked, over at least ``REST_AFTER`` of them, *rests*: it is
-asked only every ``PROBE_EVERY``-th step, enough to notice if it starts paying. (The count is
-the source's own, whichever source the merged tree credited a shared node to.) With an untrained head the default decoder
+So when trees are sized by the measured cost, the builder also weighs each source: its share of
+a step's time (the seconds spent asking it and merging its candidates, against those plus a
+one-token forward) and its share of a step's tokens (the expected tokens its kept nodes add,
+the sum of their scores, against one plus every source's). A source whose token share is below
+its time share, over at least ``REST_AFTER`` steps, *rests*: it is asked only on the first step
+of a call and every ``PROBE_EVERY``-th step after, enough to notice if it starts paying. With an untrained head the default decoder
 then costs little more than context drafts alone. Resting changes which drafts are offered, never
 the output (verification is exact).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -39,10 +42,9 @@ __all__ = ["CALIBRATED_DEPTH", "Proposal", "TreeBudget", "TreeBuilder"]
 
 # Depths calibrated apart; deeper drafts share the last depth's counts.
 CALIBRATED_DEPTH = 16
-# A source rests when, over at least REST_AFTER steps it was asked, its first drafts held the
-# verifier's choice in fewer than REST_BELOW of them; it is still asked every PROBE_EVERY-th step.
-REST_AFTER = 48
-REST_BELOW = 0.1
+# A source is weighed after REST_AFTER steps that asked it; a resting one is still asked on a
+# call's first step and every PROBE_EVERY-th step after.
+REST_AFTER = 16
 PROBE_EVERY = 8
 
 
@@ -57,14 +59,12 @@ class Proposal:
         source: (b, N) index of the source that proposed the node (the first one, when several
             proposed the same path).
         q: (b, N) that source's probability of the node's token given its parent.
-        first_drafts: per source asked this step, its (b, k) first-draft tokens (-1: none).
     """
 
     tree: DraftTree
     score: torch.Tensor
     source: torch.Tensor
     q: torch.Tensor
-    first_drafts: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -176,6 +176,7 @@ class TreeBuilder:
             sources=len(self.sources), max_depth=CALIBRATED_DEPTH
         )
         self.steps = 0
+        self.clock = time.perf_counter
 
     @property
     def max_depth(self) -> int | None:
@@ -197,10 +198,10 @@ class TreeBuilder:
         budget = TreeBudget(self.max_nodes if context.max_depth > 0 else 0, self.cost, b)
         rows = [_Trie([int(t)], [-1], [0], [2.0], [1.0], [0]) for t in context.root.tolist()]
         self.steps += 1
-        first_drafts: dict[int, torch.Tensor] = {}
+        asked: dict[int, float] = {}
         if budget.max_nodes > 0:
             for index, source in enumerate(self.sources):
-                if self.resting(index) and self.steps % PROBE_EVERY:
+                if self.steps % PROBE_EVERY != 1 and self.resting(index, b):
                     continue
                 depth = context.max_depth
                 for cap in (source.max_depth, self.depth_caps.get(index)):
@@ -213,10 +214,9 @@ class TreeBuilder:
                     chain=self.chain,
                     acceptance=lambda d, q, s=index: self._acceptance(s, d, q),
                 )
-                candidates = source.propose(context, limit)
-                first = candidates.valid & (candidates.depth == 1)
-                first_drafts[index] = torch.where(first, candidates.tokens, -1)
-                self._merge(rows, index, candidates)
+                start = self.clock()
+                self._merge(rows, index, source.propose(context, limit))
+                asked[index] = self.clock() - start
         # The best nodes first (a child never scores above its parent), root kept at 0.
         orders = [
             sorted(range(1, len(r.tokens)), key=lambda j, r=r: (-r.score[j], r.depth[j], j))
@@ -229,14 +229,22 @@ class TreeBuilder:
             sorted_scores[i, : len(order)] = torch.tensor([rows[i].score[j] for j in order])
         keep = budget.choose(sorted_scores)
         proposal = self._build(rows, orders, keep, context.root.device)
-        proposal.first_drafts = first_drafts
+        kept = proposal.tree.valid.clone()
+        kept[:, 0] = False
+        for index, seconds in asked.items():
+            gain = (proposal.score * (kept & (proposal.source == index))).sum(1).mean()
+            self.calibration.record_source(index, seconds, float(gain))
         return proposal
 
-    def resting(self, source: int) -> bool:
-        """Whether ``source`` was asked often enough and its first drafts rarely held the
-        verifier's choice."""
-        asked, hits = self.calibration.first_draft_hits(source)
-        return asked >= REST_AFTER and hits < REST_BELOW * asked
+    def resting(self, source: int, batch: int = 1) -> bool:
+        """Whether ``source`` adds a smaller share of a step's tokens than of its time (only
+        when trees are sized by a measured cost, after ``REST_AFTER`` steps that asked it)."""
+        calibration = self.calibration
+        if self.cost is None or not self.cost.measured or calibration.asked[source] < REST_AFTER:
+            return False
+        step = self.cost(batch) + sum(calibration.seconds)
+        tokens = 1.0 + sum(calibration.gain)
+        return calibration.gain[source] / tokens < calibration.seconds[source] / step
 
     def _acceptance(self, source: int, depth: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return self.calibration(torch.full_like(depth, source), depth, q)
@@ -303,15 +311,6 @@ class TreeBuilder:
         self.calibration.update(
             proposal.source[tested], tree.depth[tested], proposal.q[tested], on_path[tested]
         )
-        # The verifier's choice after the root: the first accepted draft, else the token after.
-        has_first = path.accepted >= 1
-        first_node = path.nodes[:, min(1, path.nodes.shape[1] - 1)]
-        choice = torch.where(
-            has_first, tree.tokens.gather(1, first_node[:, None]).squeeze(1), path.next_token
-        )
-        for source, drafts in proposal.first_drafts.items():
-            hits = (drafts == choice[:, None].to(drafts.device)).any(dim=1)
-            self.calibration.count_first_drafts(source, b, int(hits.sum()))
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep the sources' per-row state of the rows at ``rows`` (the others finished)."""

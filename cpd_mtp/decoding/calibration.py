@@ -42,10 +42,11 @@ class AcceptanceCalibration:
         shape = (sources, self.max_depth, bins)
         self.tested = torch.zeros(shape, dtype=torch.float64, device=device)
         self.accepted = torch.zeros(shape, dtype=torch.float64, device=device)
-        # Per source: steps it was asked, and steps one of its first drafts was the verifier's
-        # choice after the root (whichever source the tree credited that node to).
-        self.asked = torch.zeros(sources, dtype=torch.float64, device=device)
-        self.hits = torch.zeros(sources, dtype=torch.float64, device=device)
+        # Per source, smoothed over the steps it was asked: seconds spent asking it (proposal
+        # and merge), and expected tokens its kept nodes add per step (their scores' sum).
+        self.asked = [0] * sources
+        self.seconds = [0.0] * sources
+        self.gain = [0.0] * sources
         edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64, device=device)
         self.centre = ((edges[:-1] + edges[1:]) / 2) ** 2  # the q at each bin's middle
 
@@ -64,13 +65,14 @@ class AcceptanceCalibration:
         value = (accepted + self.prior_weight * prior) / (tested + self.prior_weight)
         return value.to(torch.float32).to(q.device)
 
-    def first_draft_hits(self, source: int) -> tuple[float, float]:
-        """(steps asked, steps where one of its first drafts was the verifier's choice)."""
-        return float(self.asked[source]), float(self.hits[source])
-
-    def count_first_drafts(self, source: int, asked: int, hits: int) -> None:
-        self.asked[source] += asked
-        self.hits[source] += hits
+    def record_source(self, source: int, seconds: float, gain: float, smoothing: float = 0.1):
+        """One step that asked ``source``: the seconds it took and the tokens it added."""
+        if self.asked[source] == 0:
+            self.seconds[source], self.gain[source] = seconds, gain
+        else:
+            self.seconds[source] += smoothing * (seconds - self.seconds[source])
+            self.gain[source] += smoothing * (gain - self.gain[source])
+        self.asked[source] += 1
 
     def update(
         self, source: torch.Tensor, depth: torch.Tensor, q: torch.Tensor, accepted: torch.Tensor

@@ -98,13 +98,26 @@ def test_a_source_that_stops_paying_loses_its_share_of_the_tree():
     assert last.source[0, 1:].tolist() == [1, 1, 1]  # only the winner's chain is left
 
 
-class Counting(Fixed):
-    """A ``Fixed`` source that counts how often it is asked."""
+class FakeClock:
+    """A clock the sources advance: ``seconds`` of work per proposal."""
 
-    asked = 0
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Timed(Fixed):
+    """A ``Fixed`` source that counts how often it is asked and takes ``seconds`` each time."""
+
+    def __init__(self, tokens, clock: FakeClock, seconds: float, **kwargs) -> None:
+        super().__init__(tokens, **kwargs)
+        self.clock, self.seconds, self.asked = clock, seconds, 0
 
     def propose(self, context, limit):
         self.asked += 1
+        self.clock.now += self.seconds
         return super().propose(context, limit)
 
 
@@ -113,10 +126,9 @@ def _verify_against(builder, proposal, accepted_token):
     paths = paths_of(proposal.tree)
     nodes = [0]
     for k in (1, 2, 3):
-        if (accepted_token,) * k in paths:
-            nodes.append(paths.index((accepted_token,) * k))
-        else:
+        if (accepted_token,) * k not in paths:
             break
+        nodes.append(paths.index((accepted_token,) * k))
     path = TreePath(
         nodes=torch.tensor([nodes]),
         accepted=torch.tensor([len(nodes) - 1]),
@@ -126,15 +138,27 @@ def _verify_against(builder, proposal, accepted_token):
     builder.update(proposal, path)
 
 
-def test_a_source_whose_drafts_are_never_accepted_rests_but_is_still_probed():
-    """Once REST_AFTER of its first drafts were tested and fewer than REST_BELOW accepted, a
-    source is asked only every PROBE_EVERY-th step; a source that pays is asked every step."""
+def _timed_builder(loser_seconds: float, measured: bool = True):
+    clock = FakeClock()
+    loser = Timed([1, 1, 1], clock, loser_seconds, name="loser")
+    winner = Timed([2, 2, 2], clock, 1e-5, q=0.5, name="winner")
+    cost = ForwardCost()
+    if measured:
+        for fed in range(1, 8):
+            cost.record(fed, 0.010 + 0.001 * fed)  # a 10 ms forward
+    builder = TreeBuilder([loser, winner], 6, cost=cost)
+    builder.clock = clock
+    return builder, loser, winner
+
+
+def test_a_source_that_costs_more_time_than_it_adds_tokens_rests_but_is_probed():
+    """The loser takes 20 ms of a ~30 ms step and its drafts are always rejected: once weighed
+    (REST_AFTER steps) it is asked every PROBE_EVERY-th step only; the winner every step."""
     from cpd_mtp.decoding.builder import PROBE_EVERY, REST_AFTER
 
-    loser, winner = Counting([1, 1, 1], name="loser"), Counting([2, 2, 2], name="winner")
-    builder = TreeBuilder([loser, winner], 6)
+    builder, loser, winner = _timed_builder(0.02)
     ctx = context(torch.zeros(1, 4), torch.tensor([0]), 3)
-    for _ in range(REST_AFTER):  # one tested first draft of each per step
+    for _ in range(REST_AFTER):
         _verify_against(builder, builder.propose(ctx), accepted_token=2)
     assert builder.resting(0) and not builder.resting(1)
     asked = loser.asked
@@ -145,24 +169,32 @@ def test_a_source_whose_drafts_are_never_accepted_rests_but_is_still_probed():
     assert winner.asked == REST_AFTER + steps
 
 
+@pytest.mark.parametrize(("seconds", "measured"), [(1e-6, True), (0.02, False)])
+def test_a_cheap_source_or_an_unmeasured_cost_never_rests(seconds, measured):
+    """A source that costs next to nothing is worth asking even for few tokens; without a
+    measured cost (fixed tree sizes) no source rests."""
+    from cpd_mtp.decoding.builder import REST_AFTER
+
+    builder, loser, _ = _timed_builder(seconds, measured)
+    ctx = context(torch.zeros(1, 4), torch.tensor([0]), 3)
+    for _ in range(2 * REST_AFTER):
+        _verify_against(builder, builder.propose(ctx), accepted_token=2)
+    assert not builder.resting(0) and loser.asked == 2 * REST_AFTER
+
+
 def test_a_resting_source_that_starts_paying_is_asked_again():
     from cpd_mtp.decoding.builder import PROBE_EVERY, REST_AFTER
 
-    source = Counting([1, 1, 1], name="late")
-    builder = TreeBuilder([source, Fixed([2, 2, 2], name="other")], 6)
+    builder, _, _ = _timed_builder(0.02)
     ctx = context(torch.zeros(1, 4), torch.tensor([0]), 3)
     for _ in range(REST_AFTER):
         _verify_against(builder, builder.propose(ctx), accepted_token=2)
     assert builder.resting(0)
-    for _ in range(PROBE_EVERY * REST_AFTER):  # its probes are now accepted
+    for _ in range(PROBE_EVERY * 40):  # its probes are now accepted
         _verify_against(builder, builder.propose(ctx), accepted_token=1)
         if not builder.resting(0):
             break
     assert not builder.resting(0)
-    asked = source.asked
-    for _ in range(5):
-        _verify_against(builder, builder.propose(ctx), accepted_token=1)
-    assert source.asked - asked == 5
 
 
 @settings(max_examples=50, deadline=None)
