@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 from cpd_mtp.apps.models import model_path
+from cpd_mtp.apps.results import portable_path
 
 # (name, options): exact decoding and each lossy rule from strict to loose.
 SETTINGS = [
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     path = harness.write_results(
         args,
         {
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "config": {
+                k: portable_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            },
             "settings": dict(settings),
             "results": results,
         },

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 from cpd_mtp.apps.models import model_path
+from cpd_mtp.apps.results import portable_path
 
 # The targets of the retrofit (default decoder, median over prompts).
 TARGETS = {"chat": {"vs_best": 1.3, "tpf": 2.0}, "code": {"vs_best": 1.3, "tpf": 2.8}}
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     harness.write_results(
         args,
         {
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "config": {
+                k: portable_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            },
             "command": " ".join(["cpd-mtp", *command[4:]]),
             "command_wall_s": wall,
             "minutes": args.minutes,

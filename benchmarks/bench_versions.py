@@ -24,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
+from cpd_mtp.apps.results import portable_path
+
 WORKER = r"""
 import json, sys, sysconfig, time
 from pathlib import Path
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     harness.write_results(
         args,
         {
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "config": {
+                k: portable_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            },
             "old_commit": old_rev,
             "seconds_ratio_new_over_old": summary,
             "tokens_per_forward": {"new": tpf("new"), "old": tpf("old")},
