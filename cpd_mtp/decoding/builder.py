@@ -20,9 +20,8 @@ a step's time (the seconds spent asking it and merging its candidates, against t
 one-token forward) and its share of a step's tokens (the expected tokens its kept nodes add,
 the sum of their scores, against one plus every source's). A source whose token share is below
 its time share, over at least ``REST_AFTER`` steps, *rests*: it is asked only on the first step
-of a call and every ``PROBE_EVERY``-th step after, enough to notice if it starts paying. With an untrained head the default decoder
-then costs little more than context drafts alone. Resting changes which drafts are offered, never
-the output (verification is exact).
+of a call and every ``PROBE_EVERY``-th step after, enough to notice if it starts paying.
+Resting changes which drafts are offered, never the output (verification is exact).
 """
 
 from __future__ import annotations
@@ -198,6 +197,7 @@ class TreeBuilder:
         budget = TreeBudget(self.max_nodes if context.max_depth > 0 else 0, self.cost, b)
         rows = [_Trie([int(t)], [-1], [0], [2.0], [1.0], [0]) for t in context.root.tolist()]
         self.steps += 1
+        weigh = self.cost is not None  # sources are weighed only where they may rest
         asked: dict[int, float] = {}
         if budget.max_nodes > 0:
             for index, source in enumerate(self.sources):
@@ -214,9 +214,10 @@ class TreeBuilder:
                     chain=self.chain,
                     acceptance=lambda d, q, s=index: self._acceptance(s, d, q),
                 )
-                start = self.clock()
+                start = self.clock() if weigh else 0.0
                 self._merge(rows, index, source.propose(context, limit))
-                asked[index] = self.clock() - start
+                if weigh:
+                    asked[index] = self.clock() - start
         # The best nodes first (a child never scores above its parent), root kept at 0.
         orders = [
             sorted(range(1, len(r.tokens)), key=lambda j, r=r: (-r.score[j], r.depth[j], j))

@@ -65,7 +65,9 @@ class AcceptanceCalibration:
         value = (accepted + self.prior_weight * prior) / (tested + self.prior_weight)
         return value.to(torch.float32).to(q.device)
 
-    def record_source(self, source: int, seconds: float, gain: float, smoothing: float = 0.1):
+    def record_source(
+        self, source: int, seconds: float, gain: float, smoothing: float = 0.1
+    ) -> None:
         """One step that asked ``source``: the seconds it took and the tokens it added."""
         if self.asked[source] == 0:
             self.seconds[source], self.gain[source] = seconds, gain

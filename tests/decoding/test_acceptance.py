@@ -20,6 +20,7 @@ import torch
 from decoding_builders import prompt_tokens, trained_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_tree import trees
 
 from cpd_mtp.decoding import UniformSource, generate
 from cpd_mtp.decoding.acceptance import Acceptance
@@ -29,28 +30,13 @@ from cpd_mtp.decoding.tree import DraftTree, verify
 
 @st.composite
 def tree_batches(draw, vocab: int = 12, batch: int = 2, max_nodes: int = 10):
-    """(DraftTree, target (b, N, V)): random trees, distinct sibling tokens (V > N, so a
-    parent always has a free token), random scores."""
-    n = draw(st.integers(1, max_nodes))
-    rows = []
-    for _ in range(batch):
-        parents, tokens, depth = [-1], [draw(st.integers(0, vocab - 1))], [0]
-        for u in range(1, n):
-            parent = draw(st.integers(0, u - 1))
-            used = {tokens[v] for v in range(1, u) if parents[v] == parent}
-            parents.append(parent)
-            tokens.append(draw(st.sampled_from([t for t in range(vocab) if t not in used])))
-            depth.append(depth[parent] + 1)
-        rows.append((tokens, parents, depth))
-    tree = DraftTree(
-        tokens=torch.tensor([r[0] for r in rows]),
-        parents=torch.tensor([r[1] for r in rows]),
-        depth=torch.tensor([r[2] for r in rows]),
-        valid=torch.ones(batch, n, dtype=torch.bool),
-    )
+    """(DraftTree, target (b, N, V)): ``test_tree.trees`` (V > N, so siblings always get
+    distinct tokens) with random scores."""
+    tree = draw(trees(max_nodes=max_nodes, vocab=vocab, batch=batch))
     seed = draw(st.integers(0, 2**16))
     scale = draw(st.sampled_from([0.3, 1.0, 3.0]))
-    target = torch.randn(batch, n, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randn(batch, tree.size, vocab, generator=generator) * scale
     return tree, target
 
 
